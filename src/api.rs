@@ -1,0 +1,475 @@
+//! clupserver's HTTP interface, as a router that knows nothing of sockets.
+//!
+//! Two audiences share one port:
+//! - programs (cstlb, proxies, Prometheus) use `GET /<cluster>/get_lb_host`,
+//!   `GET /health`, authenticated by `http_token` (query `token=` or header
+//!   `X-Clup-Token`);
+//! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
+//!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
+//!
+//! Every answer is JSON. Wrong or missing credentials get 401 and nothing else
+//! happens; bodies over [`MAX_BODY`] get 413.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::config::{constant_time_eq, Config};
+use crate::meta::{self, Clusters, CLUSTER_FROZEN, CLUSTER_NORMAL};
+use crate::store::{update, MetaStore, UpdateError};
+
+/// Largest request body accepted (change_meta of a large installation fits).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// A request, as the router sees it.
+pub struct Req<'a> {
+    pub method: &'a str,
+    /// Path and query, e.g. `/cluster01/get_lb_host?token=x`.
+    pub url: &'a str,
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+    pub body: &'a [u8],
+}
+
+/// A response: status and JSON body.
+#[derive(Debug, PartialEq)]
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn ok(data: Value) -> Resp {
+        Resp {
+            status: 200,
+            body: json!({"ok": true, "data": data}),
+        }
+    }
+    pub fn err(status: u16, msg: impl Into<String>) -> Resp {
+        Resp {
+            status,
+            body: json!({"ok": false, "error": msg.into()}),
+        }
+    }
+}
+
+/// What the router needs from the running server.
+pub struct Ctx {
+    pub cfg: Config,
+    pub store: Arc<dyn MetaStore>,
+}
+
+pub fn split_url(url: &str) -> (&str, BTreeMap<String, String>) {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut q = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        q.insert(percent_decode(k), percent_decode(v));
+    }
+    (path, q)
+}
+
+/// Decode `%XX` and `+` in a query component; bad escapes stay as they are.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn route(ctx: &Ctx, req: &Req) -> Resp {
+    if req.body.len() > MAX_BODY {
+        return Resp::err(413, format!("request body over {MAX_BODY} bytes"));
+    }
+    let (path, query) = split_url(req.url);
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method, parts.as_slice()) {
+        ("POST", ["admin", cmd]) => {
+            let pass = (req.header)("x-clup-pass").unwrap_or_default();
+            if !constant_time_eq(pass.as_bytes(), ctx.cfg.ha_rpc_pass.expose().as_bytes()) {
+                return Resp::err(401, "wrong or missing ha_rpc_pass");
+            }
+            let args: Value = if req.body.is_empty() {
+                json!({})
+            } else {
+                match serde_json::from_slice(req.body) {
+                    Ok(v @ Value::Object(_)) => v,
+                    _ => return Resp::err(400, "request body must be a JSON object"),
+                }
+            };
+            admin(ctx, cmd, &args)
+        }
+        ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
+        ("GET", [cluster, "get_lb_host"]) => {
+            if let Some(r) = check_token(ctx, req, &query) {
+                return r;
+            }
+            let clusters = match load(ctx) {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            let Some(c) = clusters.get(*cluster) else {
+                return Resp::err(404, format!("no cluster named '{cluster}'"));
+            };
+            let backends: Vec<String> = c.normal_standbys().map(|d| d.addr()).collect();
+            Resp::ok(json!({
+                "cluster": cluster,
+                "backends": backends,
+                "cstlb_token": ctx.cfg.cstlb_token.expose(),
+            }))
+        }
+        _ => Resp::err(404, format!("no such endpoint: {} {path}", req.method)),
+    }
+}
+
+fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
+    let given = (req.header)("x-clup-token")
+        .or_else(|| query.get("token").cloned())
+        .unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), ctx.cfg.http_token.expose().as_bytes()) {
+        None
+    } else {
+        Some(Resp::err(401, "wrong or missing token"))
+    }
+}
+
+fn load(ctx: &Ctx) -> Result<Clusters, Resp> {
+    ctx.store
+        .load()
+        .map(|d| d.clusters)
+        .map_err(|e| Resp::err(500, e.to_string()))
+}
+
+fn arg_str<'a>(args: &'a Value, name: &str) -> Option<&'a str> {
+    args.get(name).and_then(Value::as_str)
+}
+
+/// The cluster an admin command is about: `cluster` if given, else the only one.
+fn pick_cluster(clusters: &Clusters, args: &Value) -> Result<String, Resp> {
+    match arg_str(args, "cluster") {
+        Some(c) if clusters.contains_key(c) => Ok(c.to_string()),
+        Some(c) => Err(Resp::err(404, format!("no cluster named '{c}'"))),
+        None if clusters.len() == 1 => Ok(clusters.keys().next().cloned().unwrap_or_default()),
+        None => Err(Resp::err(
+            400,
+            format!(
+                "several clusters ({}): name one with -c",
+                clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+fn refused(e: UpdateError) -> Resp {
+    match e {
+        UpdateError::Refused(m) => Resp::err(409, m),
+        UpdateError::Store(e) => Resp::err(500, e.to_string()),
+    }
+}
+
+fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
+    let clusters = match load(ctx) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match cmd {
+        "show" | "get_meta" => match arg_str(args, "cluster") {
+            None => Resp::ok(json!({ "clusters": clusters })),
+            Some(_) => match pick_cluster(&clusters, args) {
+                Ok(name) => Resp::ok(json!({ "clusters": { name.clone(): clusters[&name] } })),
+                Err(r) => r,
+            },
+        },
+        "froze" | "unfroze" => {
+            let name = match pick_cluster(&clusters, args) {
+                Ok(n) => n,
+                Err(r) => return r,
+            };
+            let (from, to, verb) = if cmd == "froze" {
+                (None, CLUSTER_FROZEN, "frozen")
+            } else {
+                (Some(CLUSTER_FROZEN), CLUSTER_NORMAL, "unfrozen")
+            };
+            let res = update(&*ctx.store, |doc| {
+                let c = doc.clusters.get_mut(&name).ok_or("cluster vanished")?;
+                if let Some(f) = from {
+                    if c.state != f {
+                        return Err(format!("cluster '{name}' is not frozen"));
+                    }
+                }
+                if c.state == to {
+                    return Err(format!("cluster '{name}' is already {verb}"));
+                }
+                c.state = to;
+                Ok(())
+            });
+            match res {
+                Ok(_) => {
+                    log::info!("Cluster({name}) {verb} by clupadm.");
+                    Resp::ok(json!({ "cluster": name, "state": meta::cluster_state_name(to) }))
+                }
+                Err(e) => refused(e),
+            }
+        }
+        "change_meta" => {
+            let Some(name) = arg_str(args, "cluster").map(str::to_string) else {
+                return Resp::err(400, "change_meta needs a cluster name (-c)");
+            };
+            let Some(new) = args.get("meta") else {
+                return Resp::err(400, "change_meta needs the new meta");
+            };
+            let parsed = match meta::clusters_from_value(&json!({ name.clone(): new })) {
+                Ok(mut c) => c.remove(&name).expect("just inserted"),
+                Err(e) => return Resp::err(400, e.to_string()),
+            };
+            let res = update(&*ctx.store, |doc| {
+                let slot = doc
+                    .clusters
+                    .get_mut(&name)
+                    .ok_or_else(|| format!("no cluster named '{name}'"))?;
+                if slot.lock_time > crate::now_secs() && parsed.lock_time == 0 {
+                    return Err(format!(
+                        "cluster '{name}' is locked by {}; wait for it to finish",
+                        if slot.lock_holder.is_empty() {
+                            "an operation"
+                        } else {
+                            &slot.lock_holder
+                        }
+                    ));
+                }
+                *slot = parsed.clone();
+                Ok(())
+            });
+            match res {
+                Ok(_) => {
+                    log::info!("Cluster({name}) meta changed by clupadm change_meta.");
+                    Resp::ok(json!({ "cluster": name }))
+                }
+                Err(e) => refused(e),
+            }
+        }
+        _ => Resp::err(404, format!("unknown command '{cmd}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SAMPLE;
+    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::store::{FileStore, MetaDoc};
+    use std::path::Path;
+
+    fn ctx(tag: &str) -> Ctx {
+        let dir = std::env::temp_dir().join(format!("clup-api-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = FileStore::new(&dir);
+        store
+            .save(&MetaDoc {
+                clusters: parse_clusters(SAMPLE_INIT).unwrap(),
+                ..Default::default()
+            })
+            .unwrap();
+        Ctx {
+            cfg: Config::parse(SAMPLE, Path::new("clup.conf")).unwrap(),
+            store: Arc::new(store),
+        }
+    }
+
+    fn call(ctx: &Ctx, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+        let h: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let header = move |name: &str| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        route(
+            ctx,
+            &Req {
+                method,
+                url,
+                header: &header,
+                body: body.as_bytes(),
+            },
+        )
+    }
+
+    const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
+    const PASS: (&str, &str) = ("X-Clup-Pass", "csha_cluster_pass");
+
+    #[test]
+    fn get_lb_host_lists_normal_standbys() {
+        let c = ctx("lb");
+        let r = call(
+            &c,
+            "GET",
+            &format!("/cluster01/get_lb_host?token={TOKEN}"),
+            &[],
+            "",
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body["data"]["backends"],
+            json!([
+                "192.168.56.42:5432",
+                "192.168.56.43:5432",
+                "192.168.56.44:5432"
+            ])
+        );
+        let r = call(
+            &c,
+            "GET",
+            "/cluster01/get_lb_host",
+            &[("X-Clup-Token", TOKEN)],
+            "",
+        );
+        assert_eq!(r.status, 200);
+    }
+
+    #[test]
+    fn wrong_token_unknown_cluster_and_route() {
+        let c = ctx("tok");
+        assert_eq!(
+            call(&c, "GET", "/cluster01/get_lb_host?token=nope", &[], "").status,
+            401
+        );
+        assert_eq!(
+            call(&c, "GET", "/cluster01/get_lb_host", &[], "").status,
+            401
+        );
+        let r = call(
+            &c,
+            "GET",
+            &format!("/clusterX/get_lb_host?token={TOKEN}"),
+            &[],
+            "",
+        );
+        assert_eq!(r.status, 404);
+        assert_eq!(call(&c, "GET", "/nothing/here/at/all", &[], "").status, 404);
+        // 401 comes before 404: no cluster names leak to the unauthenticated.
+        assert_eq!(
+            call(&c, "GET", "/clusterX/get_lb_host", &[], "").status,
+            401
+        );
+    }
+
+    #[test]
+    fn admin_needs_password_in_header() {
+        let c = ctx("pass");
+        assert_eq!(call(&c, "POST", "/admin/show", &[], "{}").status, 401);
+        assert_eq!(
+            call(&c, "POST", "/admin/show?pass=csha_cluster_pass", &[], "{}").status,
+            401
+        );
+        assert_eq!(
+            call(&c, "POST", "/admin/show", &[("X-Clup-Pass", "bad")], "{}").status,
+            401
+        );
+        let r = call(&c, "POST", "/admin/show", &[PASS], "{}");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body["data"]["clusters"]["cluster01"]["write_vip"],
+            "192.168.56.40"
+        );
+        assert_eq!(call(&c, "POST", "/admin/show", &[PASS], "[1]").status, 400);
+        assert_eq!(call(&c, "POST", "/admin/nope", &[PASS], "{}").status, 404);
+    }
+
+    #[test]
+    fn huge_body_is_413() {
+        let c = ctx("huge");
+        let big = "x".repeat(MAX_BODY + 1);
+        assert_eq!(call(&c, "POST", "/admin/show", &[PASS], &big).status, 413);
+    }
+
+    #[test]
+    fn froze_and_unfroze() {
+        let c = ctx("froze");
+        let r = call(
+            &c,
+            "POST",
+            "/admin/froze",
+            &[PASS],
+            "{\"cluster\":\"cluster01\"}",
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(
+            c.store.load().unwrap().clusters["cluster01"].state,
+            CLUSTER_FROZEN
+        );
+        let r = call(&c, "POST", "/admin/froze", &[PASS], "{}");
+        assert_eq!(r.status, 409);
+        assert!(r.body["error"].as_str().unwrap().contains("already frozen"));
+        assert_eq!(
+            call(&c, "POST", "/admin/unfroze", &[PASS], "{}").status,
+            200
+        );
+        assert_eq!(
+            c.store.load().unwrap().clusters["cluster01"].state,
+            CLUSTER_NORMAL
+        );
+        assert_eq!(
+            call(&c, "POST", "/admin/unfroze", &[PASS], "{}").status,
+            409
+        );
+        let r = call(&c, "POST", "/admin/froze", &[PASS], "{\"cluster\":\"x\"}");
+        assert_eq!(r.status, 404);
+    }
+
+    #[test]
+    fn change_meta_validates() {
+        let c = ctx("change");
+        let mut m = serde_json::to_value(&c.store.load().unwrap().clusters["cluster01"]).unwrap();
+        m["db_list"][1]["is_primary"] = json!(1);
+        let body = json!({"cluster": "cluster01", "meta": m}).to_string();
+        let r = call(&c, "POST", "/admin/change_meta", &[PASS], &body);
+        assert_eq!(r.status, 400);
+        assert!(
+            r.body["error"]
+                .as_str()
+                .unwrap()
+                .contains("exactly one database"),
+            "{r:?}"
+        );
+        assert_eq!(c.store.load().unwrap().version, 1);
+
+        m["db_list"][1]["is_primary"] = json!(0);
+        m["db_list"][3]["state"] = json!(2);
+        let body = json!({"cluster": "cluster01", "meta": m}).to_string();
+        let r = call(&c, "POST", "/admin/change_meta", &[PASS], &body);
+        assert_eq!(r.status, 200, "{r:?}");
+        let doc = c.store.load().unwrap();
+        assert_eq!(doc.version, 2);
+        assert_eq!(doc.clusters["cluster01"].db_list[3].state, 2);
+    }
+
+    #[test]
+    fn query_decoding() {
+        let (p, q) = split_url("/a/b?token=a%2Bb+c&x&bad=%zz%");
+        assert_eq!(p, "/a/b");
+        assert_eq!(q["token"], "a+b c");
+        assert_eq!(q["x"], "");
+        assert_eq!(q["bad"], "%zz%");
+    }
+}

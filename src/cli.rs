@@ -1,0 +1,577 @@
+//! clupadm: the operator's tool. It talks to a running clupserver over HTTP
+//! (`POST /admin/<command>`, password in a header) except for `init`, which
+//! writes the meta store directly, and `log`, which follows the local log.
+//!
+//! Exit codes (also in clupadm(8)): 0 done; 1 refused or failed; 2 usage or
+//! configuration error; 3 clupserver cannot be reached. Data goes to stdout,
+//! the banner and errors to stderr, so scripts can parse stdout as is.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::home::Home;
+use crate::meta::{self, Cluster, Clusters};
+use crate::store::{FileStore, MetaDoc, MetaStore, StoreError};
+use crate::table::{self, col, Align};
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// Every command, with the manual's one-line description, in the manual's order.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("init", " initialize cluster"),
+    ("show", "list all database."),
+    ("get_last_lsn", "get all database lsn."),
+    ("repl_delay", "show replication delay."),
+    ("log", "display log."),
+    ("froze", "froze the HA."),
+    ("repair", "repair fault node."),
+    ("unfroze", "unfroze the HA."),
+    ("switch", "switch primary database to another node"),
+    (
+        "change_meta",
+        "change cluster meta data, it is dangerous, be careful!!!",
+    ),
+    ("get_meta", "get cluster meta info."),
+    ("show_task", "show task information."),
+    ("task_log", "show task log."),
+];
+
+pub fn usage() -> String {
+    let mut s = String::from(
+        "usage: clupadm <command> [options]\n    command can be one of the following:\n",
+    );
+    for (name, desc) in COMMANDS {
+        s.push_str(&format!("      {name:<15} : {desc}\n"));
+    }
+    s.push_str(
+        "    common options: -c CLUSTER, --json (machine-readable output), -h (help of a command)\n",
+    );
+    s
+}
+
+/// A failed command: what to print and how to exit.
+pub struct Failure {
+    pub code: u8,
+    pub msg: String,
+}
+
+fn fail(code: u8, msg: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        msg: msg.into(),
+    }
+}
+
+impl From<lexopt::Error> for Failure {
+    fn from(e: lexopt::Error) -> Failure {
+        fail(EXIT_USAGE, e.to_string())
+    }
+}
+
+/// Options shared by the commands; each command accepts only its own.
+#[derive(Default)]
+struct Opts {
+    cluster: Option<String>,
+    json: bool,
+    file: Option<PathBuf>,
+    force: bool,
+    lines: Option<usize>,
+    no_follow: bool,
+}
+
+fn parse_opts(p: &mut lexopt::Parser, allowed: &[&str]) -> Result<Opts, Failure> {
+    use lexopt::prelude::*;
+    let mut o = Opts::default();
+    while let Some(arg) = p.next()? {
+        let name = match &arg {
+            Short(c) => format!("-{c}"),
+            Long(l) => format!("--{l}"),
+            Value(v) => {
+                return Err(fail(
+                    EXIT_USAGE,
+                    format!("unexpected argument '{}'", v.to_string_lossy()),
+                ))
+            }
+        };
+        let canonical = match name.as_str() {
+            "-c" | "--cluster" => "-c",
+            "--json" => "--json",
+            "-f" | "--file" => "-f",
+            "--force" => "--force",
+            "-n" | "--lines" => "-n",
+            "--no-follow" => "--no-follow",
+            "-h" | "--help" => "-h",
+            _ => "",
+        };
+        if canonical == "-h" {
+            return Err(fail(0, usage()));
+        }
+        if canonical.is_empty() || !allowed.contains(&canonical) {
+            return Err(fail(
+                EXIT_USAGE,
+                format!("invalid option '{name}' for this command"),
+            ));
+        }
+        match canonical {
+            "-c" => o.cluster = Some(p.value()?.string()?),
+            "--json" => o.json = true,
+            "-f" => o.file = Some(PathBuf::from(p.value()?)),
+            "--force" => o.force = true,
+            "-n" => {
+                let v: String = p.value()?.string()?;
+                o.lines = Some(
+                    v.parse()
+                        .map_err(|_| fail(EXIT_USAGE, format!("invalid line count '{v}'")))?,
+                );
+            }
+            "--no-follow" => o.no_follow = true,
+            _ => unreachable!(),
+        }
+    }
+    Ok(o)
+}
+
+pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let mut p = lexopt::Parser::from_args(args);
+    let cmd = match p.next() {
+        Ok(Some(lexopt::Arg::Value(v))) => v.to_string_lossy().into_owned(),
+        Ok(Some(lexopt::Arg::Long("version") | lexopt::Arg::Short('V'))) => {
+            println!("clup {}", crate::VERSION);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Some(lexopt::Arg::Long("help") | lexopt::Arg::Short('h'))) => {
+            eprintln!("{}", crate::banner());
+            print!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("{}", crate::banner());
+            eprint!("{}", usage());
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let home = Home::discover();
+    // The manual's banner heads every command; on stderr, so stdout stays data.
+    if !std::env::args().any(|a| a == "--json") {
+        eprintln!("{}", crate::banner());
+    }
+    let res = run(&home, &cmd, &mut p);
+    match res {
+        Ok(out) => emit(&out),
+        Err(f) if f.code == 0 => emit(&f.msg),
+        Err(f) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("clupadm: {}", f.msg.trim_end());
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Print to stdout; a closed pipe (`clupadm show | head -1`) is not an error.
+fn emit(s: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|_| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clupadm: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure> {
+    match cmd {
+        "init" => {
+            let o = parse_opts(p, &["-f", "--force"])?;
+            init(home, o.file.unwrap_or_else(|| home.init_json()), o.force)
+        }
+        "log" => {
+            let o = parse_opts(p, &["-n", "--no-follow"])?;
+            follow_log(&home.log_file(), o.lines.unwrap_or(10), !o.no_follow)?;
+            Ok(String::new())
+        }
+        "show" => {
+            let o = parse_opts(p, &["-c", "--json"])?;
+            let clusters = fetch_clusters(home, o.cluster.as_deref(), "show")?;
+            Ok(if o.json {
+                show_json(&clusters)
+            } else {
+                show_text(&clusters)
+            })
+        }
+        "get_meta" => {
+            let o = parse_opts(p, &["-c", "--json"])?;
+            let clusters = fetch_clusters(home, o.cluster.as_deref(), "get_meta")?;
+            let v = match &o.cluster {
+                Some(c) => json!(clusters.get(c)),
+                None => json!(clusters),
+            };
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&v).expect("json")
+            ))
+        }
+        "change_meta" => {
+            let o = parse_opts(p, &["-c", "-f"])?;
+            let cluster = o
+                .cluster
+                .ok_or_else(|| fail(EXIT_USAGE, "change_meta needs -c CLUSTER"))?;
+            let text = read_input(o.file.as_deref())?;
+            let new: Value = serde_json::from_str(&text)
+                .map_err(|e| fail(EXIT_USAGE, format!("the new meta is not valid JSON: {e}")))?;
+            call(
+                home,
+                "change_meta",
+                json!({"cluster": cluster, "meta": new}),
+            )?;
+            Ok(format!("Cluster({cluster}) meta changed.\n"))
+        }
+        "froze" | "unfroze" => {
+            let o = parse_opts(p, &["-c"])?;
+            let d = call(home, cmd, json!({"cluster": o.cluster}))?;
+            Ok(format!(
+                "Cluster({}) {}.\n",
+                d["cluster"].as_str().unwrap_or("?"),
+                if cmd == "froze" { "frozen" } else { "unfrozen" }
+            ))
+        }
+        c if COMMANDS.iter().any(|(n, _)| *n == c) => Err(fail(
+            EXIT_FAILED,
+            format!("'{c}' is not available in this build yet"),
+        )),
+        other => Err(fail(
+            EXIT_USAGE,
+            format!("unknown command '{other}'\n{}", usage()),
+        )),
+    }
+}
+
+fn read_input(file: Option<&Path>) -> Result<String, Failure> {
+    let mut s = String::new();
+    match file {
+        None => std::io::stdin().read_to_string(&mut s).map(|_| ()),
+        Some(p) if p == Path::new("-") => std::io::stdin().read_to_string(&mut s).map(|_| ()),
+        Some(p) => std::fs::read_to_string(p).map(|t| s = t),
+    }
+    .map_err(|e| fail(EXIT_USAGE, format!("cannot read the new meta: {e}")))?;
+    Ok(s)
+}
+
+fn init(home: &Home, file: PathBuf, force: bool) -> Result<String, Failure> {
+    let clusters = meta::load_init_json(&file).map_err(|m| fail(EXIT_USAGE, m))?;
+    home.ensure_dirs()
+        .map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
+    let store = FileStore::new(&home.data_dir());
+    let base = match store.load() {
+        Ok(existing) if !force => {
+            return Err(fail(
+                EXIT_FAILED,
+                format!(
+                    "cluster meta already exists ({}, version {}); use --force to overwrite it",
+                    store.path().display(),
+                    existing.version
+                ),
+            ))
+        }
+        Ok(existing) => existing,
+        Err(StoreError::Missing(_)) => MetaDoc::default(),
+        Err(e @ StoreError::Corrupt(..)) if !force => {
+            return Err(fail(EXIT_FAILED, format!("{e}; use --force to replace it")))
+        }
+        Err(StoreError::Corrupt(..)) => {
+            // Replacing a corrupt file: keep it aside, never delete it.
+            let aside = store
+                .path()
+                .with_extension(format!("corrupt.{}", crate::now_secs()));
+            std::fs::rename(store.path(), &aside).map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
+            MetaDoc::default()
+        }
+        Err(e) => return Err(fail(EXIT_FAILED, e.to_string())),
+    };
+    let n = clusters.len();
+    let doc = MetaDoc { clusters, ..base };
+    let v = store
+        .save(&doc)
+        .map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
+    Ok(format!(
+        "Initialized {n} cluster(s) from {} into {} (version {v}).\n",
+        file.display(),
+        store.path().display()
+    ))
+}
+
+/// POST an admin command to the local clupserver; the `data` of its answer.
+pub fn call(home: &Home, cmd: &str, args: Value) -> Result<Value, Failure> {
+    let cfg = Config::load(&home.conf_file()).map_err(|e| fail(EXIT_USAGE, e.to_string()))?;
+    call_with(&cfg, cmd, args)
+}
+
+pub fn call_with(cfg: &Config, cmd: &str, args: Value) -> Result<Value, Failure> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(3)))
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://127.0.0.1:{}/admin/{cmd}", cfg.http_port);
+    let mut resp = agent
+        .post(&url)
+        .header("X-Clup-Pass", cfg.ha_rpc_pass.expose())
+        .content_type("application/json")
+        .send(args.to_string())
+        .map_err(|e| {
+            fail(
+                EXIT_UNREACHABLE,
+                format!("Can not connect clupserver: {}", reason(&e)),
+            )
+        })?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| fail(EXIT_UNREACHABLE, format!("Can not connect clupserver: {e}")))?;
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if status == 200 && v["ok"] == json!(true) {
+        return Ok(v["data"].clone());
+    }
+    let msg = v["error"].as_str().unwrap_or("no reason given").to_string();
+    Err(match status {
+        401 => fail(
+            EXIT_FAILED,
+            format!("clupserver refused: {msg} (check ha_rpc_pass in clup.conf)"),
+        ),
+        400 => fail(EXIT_USAGE, msg),
+        _ => fail(EXIT_FAILED, msg),
+    })
+}
+
+fn reason(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => {
+            let errno = io
+                .raw_os_error()
+                .map(|n| format!("[Errno {n}] "))
+                .unwrap_or_default();
+            format!("{errno}{io}")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn fetch_clusters(home: &Home, cluster: Option<&str>, cmd: &str) -> Result<Clusters, Failure> {
+    let d = call(home, cmd, json!({ "cluster": cluster }))?;
+    serde_json::from_value(d["clusters"].clone()).map_err(|e| {
+        fail(
+            EXIT_FAILED,
+            format!("unexpected answer from clupserver: {e}"),
+        )
+    })
+}
+
+/// `clupadm show` in the manual's layout.
+pub fn show_text(clusters: &Clusters) -> String {
+    let mut out = table::title("cluster list", '=');
+    let cols = [
+        col("cluster_name", 12, Align::Left),
+        col("state", 9, Align::Right),
+        col("write_vip", 17, Align::Left),
+        col("read_vip", 17, Align::Left),
+        col("read_vip_host", 17, Align::Left),
+        col("cstlb_list", 40, Align::Left),
+    ];
+    let rows: Vec<Vec<String>> = clusters
+        .iter()
+        .map(|(name, c)| {
+            vec![
+                name.clone(),
+                meta::cluster_state_name(c.state).to_string(),
+                c.write_vip.clone(),
+                c.read_vip.clone(),
+                c.read_vip_host.clone(),
+                table::py_list(&c.cstlb_list),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(&cols, &rows));
+    out.push('\n');
+    out.push_str(&table::title("db list", '='));
+    let cols = [
+        col("cluster_name", 12, Align::Left),
+        col("id", 2, Align::Right),
+        col("state", 10, Align::Left),
+        col("primary", 7, Align::Right),
+        col("host", 17, Align::Left),
+        col("port", 4, Align::Left),
+        col("switch_to", 17, Align::Left),
+        col("os_user", 10, Align::Left),
+        col("pgdata", 30, Align::Left),
+    ];
+    let rows: Vec<Vec<String>> = clusters
+        .iter()
+        .flat_map(|(name, c)| c.db_list.iter().map(move |d| (name, d)))
+        .map(|(name, d)| {
+            vec![
+                name.clone(),
+                d.id.to_string(),
+                meta::db_state_name(d.state).to_string(),
+                d.is_primary.to_string(),
+                d.host.clone(),
+                d.port.to_string(),
+                d.switch_host.clone(),
+                d.os_user.clone(),
+                d.pgdata.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(&cols, &rows));
+    out
+}
+
+/// `clupadm show --json`: the same facts, state names spelled out.
+pub fn show_json(clusters: &Clusters) -> String {
+    let cl: Vec<Value> = clusters
+        .iter()
+        .map(|(name, c): (&String, &Cluster)| {
+            json!({
+                "cluster_name": name,
+                "state": meta::cluster_state_name(c.state),
+                "write_vip": c.write_vip,
+                "read_vip": c.read_vip,
+                "read_vip_host": c.read_vip_host,
+                "cstlb_list": c.cstlb_list,
+                "locked_by": if c.lock_time > crate::now_secs() { json!(c.lock_holder) } else { Value::Null },
+            })
+        })
+        .collect();
+    let dbs: Vec<Value> = clusters
+        .iter()
+        .flat_map(|(name, c)| c.db_list.iter().map(move |d| (name, d)))
+        .map(|(name, d)| {
+            json!({
+                "cluster_name": name,
+                "id": d.id,
+                "state": meta::db_state_name(d.state),
+                "primary": d.is_primary,
+                "host": d.host,
+                "port": d.port,
+                "switch_to": d.switch_host,
+                "os_user": d.os_user,
+                "pgdata": d.pgdata,
+                "repl_app_name": d.repl_app_name,
+            })
+        })
+        .collect();
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&json!({"clusters": cl, "dbs": dbs})).expect("json")
+    )
+}
+
+/// Print the last `lines` lines of the log, then follow it like `tail -f`
+/// (surviving truncation and replacement) until interrupted.
+fn follow_log(path: &Path, lines: usize, follow: bool) -> Result<(), Failure> {
+    let open = || std::fs::File::open(path);
+    let mut f = open().map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
+    eprintln!("tail -f {}", path.display());
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        if writeln!(out, "{l}").is_err() {
+            return Ok(());
+        }
+    }
+    let _ = out.flush();
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = text.len() as u64;
+    let mut buf = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Truncated or replaced: start over from its beginning.
+            if let Ok(nf) = open() {
+                f = nf;
+            }
+            pos = 0;
+        }
+        if f.seek(SeekFrom::Start(pos)).is_err() {
+            continue;
+        }
+        buf.clear();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            pos += n as u64;
+            if n > 0 && (out.write_all(&buf).is_err() || out.flush().is_err()) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{parse_clusters, SAMPLE_INIT};
+
+    /// The manual's `clupadm show` after pg04 failed (§3.2.2), with the
+    /// trailing spaces it really has on every line but the last ones.
+    #[test]
+    fn show_matches_manual_layout() {
+        let mut c = parse_clusters(SAMPLE_INIT).unwrap();
+        let c1 = c.get_mut("cluster01").unwrap();
+        c1.cstlb_list = vec!["192.168.56.41:8082".into(), "192.168.56.42:8082".into()];
+        c1.db_list[0].is_primary = 0;
+        c1.db_list[1].is_primary = 1;
+        c1.db_list[3].state = meta::DB_FAULT;
+        let want = "                   cluster list
+==================================================
+cluster_name   state       write_vip          read_vip       read_vip_host                  cstlb_list               
+------------ --------- ----------------- ----------------- ----------------- ----------------------------------------
+cluster01       Normal 192.168.56.40     192.168.56.45     192.168.56.41     ['192.168.56.41:8082', '192.168.56.42:8082']
+
+                   db list
+==================================================
+cluster_name id   state    primary        host       port     switch_to      os_user               pgdata            
+------------ -- ---------- ------- ----------------- ---- ----------------- ---------- ------------------------------
+cluster01     1 Normal           0 192.168.56.41     5432 192.168.56.41     postgres   /home/postgres/pgdata         
+cluster01     2 Normal           1 192.168.56.42     5432 192.168.56.42     postgres   /home/postgres/pgdata         
+cluster01     3 Normal           0 192.168.56.43     5432 192.168.56.43     postgres   /home/postgres/pgdata         
+cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     postgres   /home/postgres/pgdata         
+";
+        assert_eq!(show_text(&c), want);
+    }
+
+    #[test]
+    fn show_json_is_parseable_with_names() {
+        let c = parse_clusters(SAMPLE_INIT).unwrap();
+        let v: Value = serde_json::from_str(&show_json(&c)).unwrap();
+        assert_eq!(v["clusters"][0]["state"], "Normal");
+        assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
+        assert_eq!(v["dbs"][0]["primary"], 1);
+        assert_eq!(v["dbs"][3]["host"], "192.168.56.44");
+    }
+
+    #[test]
+    fn usage_lists_all_13_commands() {
+        let u = usage();
+        assert_eq!(COMMANDS.len(), 13);
+        for (name, _) in COMMANDS {
+            assert!(u.contains(&format!("      {name:<15} : ")), "{name}");
+        }
+        assert!(u.contains(
+            "      change_meta     : change cluster meta data, it is dangerous, be careful!!!"
+        ));
+    }
+}

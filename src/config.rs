@@ -1,0 +1,584 @@
+//! clup.conf: the one place where every key, its default and its meaning live.
+//!
+//! The file is `key = value` lines with `#` comments. Parsing is strict: an
+//! unknown key, a duplicate, a missing required key or a bad value is an error
+//! naming the file, the line and the key, and nothing starts. Secret values are
+//! kept in [`Secret`], whose `Debug`/`Display` never show them, and no error
+//! message ever echoes a value of a secret key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A password or token. Printing it shows `******`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+    /// The real value, for the one place that must send it somewhere.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("******")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("******")
+    }
+}
+
+/// Compare two secrets in time independent of where they first differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// What kind of value a key takes; drives validation and the man page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    Secret,
+    Ipv4,
+    /// Whole seconds, at least 1.
+    Seconds,
+    Port,
+    /// A byte count; accepts kB, MB, GB suffixes (powers of 1024).
+    Bytes,
+    Count,
+    LogLevel,
+    MetaStore,
+}
+
+/// One clup.conf key. `default: None` means the key is required.
+pub struct Key {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub default: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+/// Every key clup.conf accepts. The man page clup.conf(5) is checked against
+/// this table by a test, so add a key here and there together.
+pub const KEYS: &[Key] = &[
+    Key { name: "network", kind: Kind::Ipv4, default: None,
+          doc: "Network of the database hosts, e.g. 192.168.0.0. A VIP is added on the interface whose address lies in this network (the prefix length is read from that interface)." },
+    Key { name: "ha_rpc_pass", kind: Kind::Secret, default: None,
+          doc: "Password between clupadm and clupserver." },
+    Key { name: "probe_db_name", kind: Kind::Text, default: Some("cs_sys_ha"),
+          doc: "Database holding cs_sys_heartbeat, updated on the primary by the write probe." },
+    Key { name: "probe_user", kind: Kind::Text, default: None,
+          doc: "Database user of the write probe." },
+    Key { name: "probe_password", kind: Kind::Secret, default: None,
+          doc: "Password of probe_user." },
+    Key { name: "ha_db_user", kind: Kind::Text, default: None,
+          doc: "Database user for reading status (LSNs, replication views); a superuser if pg_rewind is used." },
+    Key { name: "ha_db_pass", kind: Kind::Secret, default: None,
+          doc: "Password of ha_db_user." },
+    Key { name: "db_repl_user", kind: Kind::Text, default: None,
+          doc: "Replication user written into primary_conninfo." },
+    Key { name: "db_repl_pass", kind: Kind::Secret, default: None,
+          doc: "Password of db_repl_user." },
+    Key { name: "probe_interval", kind: Kind::Seconds, default: Some("10"),
+          doc: "Seconds between two health checks of every database." },
+    Key { name: "lock_ttl", kind: Kind::Seconds, default: Some("30"),
+          doc: "Longest time, in seconds, an operation such as a failover holds the cluster lock." },
+    Key { name: "http_token", kind: Kind::Secret, default: None,
+          doc: "Token required by clupserver's HTTP interface (get_lb_host, health and metrics endpoints)." },
+    Key { name: "cstlb_token", kind: Kind::Secret, default: None,
+          doc: "Token clupserver presents to the management port of every cstlb." },
+    Key { name: "http_listen", kind: Kind::Ipv4, default: Some("0.0.0.0"),
+          doc: "Address the HTTP and admin interface listens on." },
+    Key { name: "http_port", kind: Kind::Port, default: Some("8080"),
+          doc: "Port of the HTTP and admin interface; clupadm connects to it on 127.0.0.1." },
+    Key { name: "probe_timeout", kind: Kind::Seconds, default: Some("3"),
+          doc: "Seconds a probe may take (connect plus query) before it counts as failed." },
+    Key { name: "probe_retries", kind: Kind::Count, default: Some("1"),
+          doc: "Extra attempts, within the interval, before a failed probe counts." },
+    Key { name: "ssh_connect_timeout", kind: Kind::Seconds, default: Some("3"),
+          doc: "ssh ConnectTimeout, in seconds, when checking or acting on a database host." },
+    Key { name: "ssh_user", kind: Kind::Text, default: Some("root"),
+          doc: "User clupserver logs in as on the database hosts." },
+    Key { name: "ssh_options", kind: Kind::Text, default: Some(""),
+          doc: "Extra ssh options, split on white space (e.g. -i /opt/clup/conf/id_ed25519 -o UserKnownHostsFile=/opt/clup/conf/known_hosts)." },
+    Key { name: "pg_bin_dir", kind: Kind::Text, default: Some(""),
+          doc: "Directory of pg_ctl on the database hosts when it is not on os_user's PATH." },
+    Key { name: "failover_max_lag", kind: Kind::Bytes, default: Some("16MB"),
+          doc: "A standby further behind the primary's last known LSN than this is never promoted; 0 means no limit." },
+    Key { name: "restart_tries", kind: Kind::Count, default: Some("3"),
+          doc: "How often a database whose host is up is restarted in place before giving up." },
+    Key { name: "cstlb_timeout", kind: Kind::Seconds, default: Some("2"),
+          doc: "Seconds a request to a cstlb management port may take." },
+    Key { name: "log_level", kind: Kind::LogLevel, default: Some("info"),
+          doc: "debug, info, warn or error." },
+    Key { name: "meta_store", kind: Kind::MetaStore, default: Some("file"),
+          doc: "Where the cluster meta lives: file (data/meta.json under the home)." },
+];
+
+/// The parsed clup.conf.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub network: Ipv4Addr,
+    pub ha_rpc_pass: Secret,
+    pub probe_db_name: String,
+    pub probe_user: String,
+    pub probe_password: Secret,
+    pub ha_db_user: String,
+    pub ha_db_pass: Secret,
+    pub db_repl_user: String,
+    pub db_repl_pass: Secret,
+    pub probe_interval: Duration,
+    pub lock_ttl: Duration,
+    pub http_token: Secret,
+    pub cstlb_token: Secret,
+    pub http_listen: Ipv4Addr,
+    pub http_port: u16,
+    pub probe_timeout: Duration,
+    pub probe_retries: u32,
+    pub ssh_connect_timeout: Duration,
+    pub ssh_user: String,
+    pub ssh_options: Vec<String>,
+    pub pg_bin_dir: String,
+    pub failover_max_lag: u64,
+    pub restart_tries: u32,
+    pub cstlb_timeout: Duration,
+    pub log_level: log::LevelFilter,
+}
+
+/// A problem in clup.conf, with enough context to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub msg: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key '{key}'")?;
+        }
+        write!(f, ": {}", self.msg)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Read and parse a clup.conf file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: None,
+            msg: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parse clup.conf text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |line: Option<usize>, key: Option<&str>, msg: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key: key.map(str::to_string),
+            msg,
+        };
+        // key -> (line, raw value)
+        let mut seen: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
+        for (idx, raw) in text.lines().enumerate() {
+            let lineno = idx + 1;
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(err(
+                    Some(lineno),
+                    None,
+                    "expected 'key = value'".to_string(),
+                ));
+            };
+            let k = k.trim();
+            let Some(def) = KEYS.iter().find(|d| d.name == k) else {
+                return Err(err(Some(lineno), Some(k), "unknown key".to_string()));
+            };
+            if let Some((first, _)) = seen.get(def.name) {
+                return Err(err(
+                    Some(lineno),
+                    Some(k),
+                    format!("duplicate key (first set on line {first})"),
+                ));
+            }
+            seen.insert(def.name, (lineno, unquote(v.trim()).to_string()));
+        }
+
+        // Resolve every key to (line, value), applying defaults.
+        let mut values: BTreeMap<&'static str, (Option<usize>, String)> = BTreeMap::new();
+        for def in KEYS {
+            match (seen.remove(def.name), def.default) {
+                (Some((line, v)), _) => {
+                    values.insert(def.name, (Some(line), v));
+                }
+                (None, Some(d)) => {
+                    values.insert(def.name, (None, d.to_string()));
+                }
+                (None, None) => {
+                    return Err(err(
+                        None,
+                        Some(def.name),
+                        "required key is missing".to_string(),
+                    ))
+                }
+            }
+        }
+        for def in KEYS {
+            let (line, v) = &values[def.name];
+            check_value(def, v).map_err(|m| err(*line, Some(def.name), m))?;
+        }
+        let get = |k: &str| values[k].1.clone();
+        let secs = |k: &str| Duration::from_secs(get(k).parse::<u64>().unwrap_or(1));
+        let count = |k: &str| get(k).parse::<u32>().unwrap_or(0);
+        Ok(Config {
+            path: path.to_path_buf(),
+            network: get("network").parse().expect("checked"),
+            ha_rpc_pass: Secret(get("ha_rpc_pass")),
+            probe_db_name: get("probe_db_name"),
+            probe_user: get("probe_user"),
+            probe_password: Secret(get("probe_password")),
+            ha_db_user: get("ha_db_user"),
+            ha_db_pass: Secret(get("ha_db_pass")),
+            db_repl_user: get("db_repl_user"),
+            db_repl_pass: Secret(get("db_repl_pass")),
+            probe_interval: secs("probe_interval"),
+            lock_ttl: secs("lock_ttl"),
+            http_token: Secret(get("http_token")),
+            cstlb_token: Secret(get("cstlb_token")),
+            http_listen: get("http_listen").parse().expect("checked"),
+            http_port: get("http_port").parse().expect("checked"),
+            probe_timeout: secs("probe_timeout"),
+            probe_retries: count("probe_retries"),
+            ssh_connect_timeout: secs("ssh_connect_timeout"),
+            ssh_user: get("ssh_user"),
+            ssh_options: get("ssh_options")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            pg_bin_dir: get("pg_bin_dir"),
+            failover_max_lag: parse_bytes(&get("failover_max_lag")).expect("checked"),
+            restart_tries: count("restart_tries"),
+            cstlb_timeout: secs("cstlb_timeout"),
+            log_level: get("log_level").parse().expect("checked"),
+        })
+    }
+}
+
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if v.len() >= 2 && v.starts_with(q) && v.ends_with(q) {
+            return &v[1..v.len() - 1];
+        }
+    }
+    v
+}
+
+/// Check one value against its kind. The message never repeats a secret.
+fn check_value(def: &Key, v: &str) -> Result<(), String> {
+    let shown = |v: &str| {
+        if def.kind == Kind::Secret {
+            "(hidden)".to_string()
+        } else {
+            format!("'{v}'")
+        }
+    };
+    match def.kind {
+        Kind::Text => {
+            if def.default.is_none() && v.is_empty() {
+                return Err("must not be empty".to_string());
+            }
+            if v.chars().any(char::is_control) {
+                return Err("must not contain control characters".to_string());
+            }
+            if matches!(
+                def.name,
+                "probe_db_name" | "probe_user" | "ha_db_user" | "db_repl_user" | "ssh_user"
+            ) && !is_plain_name(v)
+            {
+                return Err(format!(
+                    "invalid value {}: use letters, digits, '_' and '-' only",
+                    shown(v)
+                ));
+            }
+            if def.name == "pg_bin_dir" && !v.is_empty() && !is_safe_path(v) {
+                return Err(format!(
+                    "invalid value {}: must be an absolute path of letters, digits, '/', '.', '_' and '-'",
+                    shown(v)
+                ));
+            }
+            Ok(())
+        }
+        Kind::Secret => {
+            if v.is_empty() {
+                return Err("must not be empty".to_string());
+            }
+            if v.chars().any(char::is_control) {
+                return Err("must not contain control characters".to_string());
+            }
+            Ok(())
+        }
+        Kind::Ipv4 => v
+            .parse::<Ipv4Addr>()
+            .map(|_| ())
+            .map_err(|_| format!("invalid value {}: expected an IPv4 address", shown(v))),
+        Kind::Seconds => match v.parse::<u64>() {
+            Ok(n) if (1..=86_400).contains(&n) => Ok(()),
+            _ => Err(format!(
+                "invalid value {}: expected whole seconds from 1 to 86400",
+                shown(v)
+            )),
+        },
+        Kind::Port => match v.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(()),
+            _ => Err(format!(
+                "invalid value {}: expected a port from 1 to 65535",
+                shown(v)
+            )),
+        },
+        Kind::Count => match v.parse::<u32>() {
+            Ok(n) if n <= 100 => Ok(()),
+            _ => Err(format!(
+                "invalid value {}: expected a whole number from 0 to 100",
+                shown(v)
+            )),
+        },
+        Kind::Bytes => parse_bytes(v).map(|_| ()).ok_or_else(|| {
+            format!(
+                "invalid value {}: expected a byte count such as 16777216, 512kB, 16MB or 1GB",
+                shown(v)
+            )
+        }),
+        Kind::LogLevel => match v {
+            "debug" | "info" | "warn" | "error" => Ok(()),
+            _ => Err(format!(
+                "invalid value {}: expected debug, info, warn or error",
+                shown(v)
+            )),
+        },
+        Kind::MetaStore => match v {
+            "file" => Ok(()),
+            _ => Err(format!("invalid value {}: expected file", shown(v))),
+        },
+    }
+}
+
+/// `16777216`, `512kB`, `16MB`, `1GB` (powers of 1024, as PostgreSQL counts).
+pub fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Names that go into SQL identifiers or shell words: no quoting needed.
+pub fn is_plain_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// An absolute path with no character a shell would treat specially.
+pub fn is_safe_path(v: &str) -> bool {
+    v.starts_with('/')
+        && !v.contains("..")
+        && v.len() <= 1024
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+pub(crate) const SAMPLE: &str = "\
+# format: key = value
+network=192.168.0.0
+ha_rpc_pass = csha_cluster_pass
+probe_db_name = cs_sys_ha
+probe_user = postgres
+probe_password = postgres
+ha_db_user = postgres
+ha_db_pass = postgres
+db_repl_user = postgres
+db_repl_pass = postgres
+probe_interval = 10
+lock_ttl = 30
+http_token = 540cd628-d74e-11e7-992e-60f81dd129c2
+cstlb_token = 8e722522-d733-11e7-93e8-60f81dd129c2
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/opt/clup/conf/clup.conf"))
+    }
+
+    #[test]
+    fn manual_sample_parses_with_defaults() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.network, Ipv4Addr::new(192, 168, 0, 0));
+        assert_eq!(c.probe_interval, Duration::from_secs(10));
+        assert_eq!(c.lock_ttl, Duration::from_secs(30));
+        assert_eq!(c.http_port, 8080);
+        assert_eq!(c.ssh_user, "root");
+        assert_eq!(c.failover_max_lag, 16 << 20);
+        assert_eq!(c.probe_retries, 1);
+        assert_eq!(c.ha_rpc_pass.expose(), "csha_cluster_pass");
+        assert!(c.ssh_options.is_empty());
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = parse(SAMPLE).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("csha_cluster_pass"), "{dbg}");
+        assert!(!dbg.contains("540cd628"), "{dbg}");
+        assert!(dbg.contains("******"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse(&format!("{SAMPLE}\nprobe_intervall = 5\n")).unwrap_err();
+        assert_eq!(e.line, Some(16));
+        assert_eq!(e.key.as_deref(), Some("probe_intervall"));
+        assert_eq!(
+            e.to_string(),
+            "/opt/clup/conf/clup.conf:16: key 'probe_intervall': unknown key"
+        );
+    }
+
+    #[test]
+    fn duplicate_key_is_an_error() {
+        let e = parse(&format!("{SAMPLE}lock_ttl = 40\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("lock_ttl"));
+        assert!(
+            e.msg.contains("duplicate key (first set on line 12)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let text = SAMPLE.replace("cstlb_token = 8e722522-d733-11e7-93e8-60f81dd129c2\n", "");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cstlb_token"));
+        assert_eq!(e.line, None);
+        assert!(e.to_string().ends_with("required key is missing"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (line, key) in [
+            ("probe_interval = ten", "probe_interval"),
+            ("probe_interval = 0", "probe_interval"),
+            ("http_port = 70000", "http_port"),
+            ("log_level = loud", "log_level"),
+            ("failover_max_lag = 5XB", "failover_max_lag"),
+            ("probe_user = a;rm -rf /", "probe_user"),
+            ("pg_bin_dir = usr/bin", "pg_bin_dir"),
+            ("pg_bin_dir = /usr/$(id)/bin", "pg_bin_dir"),
+        ] {
+            let text = SAMPLE
+                .lines()
+                .filter(|l| !l.starts_with(key))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let e = parse(&format!("{text}\n{line}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{line}: {e}");
+            assert!(e.line.is_some(), "{line}: {e}");
+        }
+        let e = parse(&SAMPLE.replace("network=192.168.0.0", "network=192.168.0")).unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.msg.contains("expected an IPv4 address"), "{e}");
+    }
+
+    #[test]
+    fn secret_values_never_appear_in_errors() {
+        let text = SAMPLE.replace(
+            "ha_rpc_pass = csha_cluster_pass",
+            "ha_rpc_pass = secret\u{7}bell",
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert_eq!(e.key.as_deref(), Some("ha_rpc_pass"));
+    }
+
+    #[test]
+    fn line_without_equals() {
+        let e = parse(&format!("{SAMPLE}just words\n")).unwrap_err();
+        assert_eq!(e.line, Some(15));
+        assert!(e.msg.contains("expected 'key = value'"));
+    }
+
+    #[test]
+    fn quoted_values_and_ssh_options() {
+        let c = parse(&format!(
+            "{SAMPLE}ssh_options = \"-i /k -o ConnectionAttempts=1\"\nfailover_max_lag = 1GB\n"
+        ))
+        .unwrap();
+        assert_eq!(c.ssh_options, ["-i", "/k", "-o", "ConnectionAttempts=1"]);
+        assert_eq!(c.failover_max_lag, 1 << 30);
+    }
+
+    #[test]
+    fn bytes_and_constant_time_eq() {
+        assert_eq!(parse_bytes("512kB"), Some(512 * 1024));
+        assert_eq!(parse_bytes("0"), Some(0));
+        assert_eq!(parse_bytes("MB"), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn every_key_has_docs_and_valid_default() {
+        for k in KEYS {
+            assert!(!k.doc.is_empty(), "{}", k.name);
+            if let Some(d) = k.default {
+                if k.kind != Kind::Text {
+                    check_value(k, d).unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                }
+            }
+        }
+    }
+}

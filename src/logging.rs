@@ -1,0 +1,139 @@
+//! The log: `2017-12-08 09:07:40,136 INFO message` lines, as in the manual,
+//! to logs/clupserver.log (daemon) or stderr (foreground too).
+//!
+//! Callers must never pass a secret into a log line; config values that are
+//! secrets are [`crate::config::Secret`] and print as `******`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Local time as `YYYY-MM-DD HH:MM:SS,mmm`.
+pub fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (date, time) = local_time(now.as_secs() as i64);
+    format!("{date} {time},{:03}", now.subsec_millis())
+}
+
+/// Local time as `YYYY-MM-DD HH:MM:SS` for an epoch second.
+pub fn format_epoch(secs: u64) -> String {
+    let (date, time) = local_time(secs as i64);
+    format!("{date} {time}")
+}
+
+fn local_time(secs: i64) -> (String, String) {
+    // SAFETY: localtime_r writes into the zeroed struct we own.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let t = secs as libc::time_t;
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    (
+        format!(
+            "{:04}-{:02}-{:02}",
+            tm.tm_year + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday
+        ),
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec),
+    )
+}
+
+fn level_name(l: Level) -> &'static str {
+    match l {
+        Level::Error => "ERROR",
+        Level::Warn => "WARNING",
+        Level::Info => "INFO",
+        Level::Debug => "DEBUG",
+        Level::Trace => "TRACE",
+    }
+}
+
+/// One formatted log line (without the newline).
+pub fn format_line(level: Level, msg: &str) -> String {
+    format!("{} {} {}", timestamp(), level_name(level), msg)
+}
+
+struct Logger {
+    file: Option<Mutex<File>>,
+    stderr: bool,
+    level: LevelFilter,
+}
+
+impl Log for Logger {
+    fn enabled(&self, m: &Metadata) -> bool {
+        m.level() <= self.level && !m.target().starts_with("tiny_http")
+    }
+
+    fn log(&self, r: &Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let mut line = format_line(r.level(), &r.args().to_string());
+        line.push('\n');
+        if let Some(f) = &self.file {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = f.write_all(line.as_bytes());
+        }
+        if self.stderr {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Install the global logger: to `file` if given, and to stderr if asked.
+pub fn init(file: Option<&Path>, stderr: bool, level: LevelFilter) -> std::io::Result<()> {
+    let file = match file {
+        Some(p) => Some(Mutex::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?,
+        )),
+        None => None,
+    };
+    let logger = Logger {
+        file,
+        stderr,
+        level,
+    };
+    // A second init (tests) keeps the first logger.
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(level);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_has_manual_format() {
+        let l = format_line(Level::Info, "Start ha checking thread...");
+        // 2017-12-08 09:07:40,136 INFO Start ha checking thread...
+        let (stamp, rest) = l.split_at(23);
+        assert_eq!(rest, " INFO Start ha checking thread...");
+        let b = stamp.as_bytes();
+        for (i, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b' '),
+            (13, b':'),
+            (16, b':'),
+            (19, b','),
+        ] {
+            assert_eq!(b[i], c, "{stamp}");
+        }
+        assert!(
+            stamp.chars().filter(char::is_ascii_digit).count() == 17,
+            "{stamp}"
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! clupserver: `start [-f] [-l LEVEL]`, `stop`, `status`.
+//!
+//! `start` checks everything it can while still attached to the terminal
+//! (config, meta, pid lock), then double-forks; the terminal waits until the
+//! daemon reports that its web server listens, so a failed start is a
+//! non-zero exit with the reason, not a silent death. Signals are blocked
+//! before any thread starts and received by the main thread with sigwait.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::api::{self, Ctx, Req, MAX_BODY};
+use crate::config::Config;
+use crate::daemon::{self, Ready};
+use crate::home::Home;
+use crate::store::{FileStore, MetaStore};
+
+const USAGE: &str = "\
+usage: clupserver <command> [options]
+    command can be one of the following:
+      start           : start the monitor (daemonizes)
+          -f              stay in the foreground, log to stderr too
+          -l LEVEL        log level: debug, info, warn or error
+      stop            : stop the running monitor gracefully
+      status          : tell whether the monitor is running
+    clupserver --version | --help
+";
+
+/// HTTP worker threads; requests are short (a meta read or one update).
+const HTTP_WORKERS: usize = 4;
+
+pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let mut cmd: Option<String> = None;
+    let mut foreground = false;
+    let mut level: Option<log::LevelFilter> = None;
+    let res: Result<(), lexopt::Error> = (|| {
+        while let Some(arg) = p.next()? {
+            match arg {
+                Short('f') | Long("foreground") => foreground = true,
+                Short('l') | Long("log-level") => {
+                    let v: String = p.value()?.string()?;
+                    level = Some(match v.as_str() {
+                        "debug" | "info" | "warn" | "error" => v.parse().expect("valid level"),
+                        _ => return Err(format!("invalid log level '{v}'").into()),
+                    });
+                }
+                Short('h') | Long("help") => {
+                    print!("{USAGE}");
+                    std::process::exit(0);
+                }
+                Short('V') | Long("version") => {
+                    println!("clup {}", crate::VERSION);
+                    std::process::exit(0);
+                }
+                Value(v) if cmd.is_none() => cmd = Some(v.string()?),
+                _ => return Err(arg.unexpected()),
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        eprintln!("clupserver: {e}\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let home = Home::discover();
+    match cmd.as_deref() {
+        Some("start") => start(&home, foreground, level),
+        Some("stop") => stop(&home),
+        Some("status") => status(&home),
+        Some(other) => {
+            eprintln!("clupserver: unknown command '{other}'\n{USAGE}");
+            ExitCode::from(2)
+        }
+        None => {
+            eprint!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn status(home: &Home) -> ExitCode {
+    match daemon::running_pid(&home.pid_file()) {
+        Some(pid) => {
+            println!("Program({pid}) is running.");
+            ExitCode::SUCCESS
+        }
+        None => {
+            println!("Program is not running.");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// How long `stop` waits for a graceful exit before giving up.
+const STOP_WAIT_SECS: u64 = 60;
+
+fn stop(home: &Home) -> ExitCode {
+    let Some(pid) = daemon::running_pid(&home.pid_file()) else {
+        println!("Program is not running.");
+        return ExitCode::SUCCESS;
+    };
+    if !daemon::signal(pid, libc::SIGTERM) {
+        println!("Program stopped.");
+        return ExitCode::SUCCESS;
+    }
+    for i in 0..STOP_WAIT_SECS * 10 {
+        thread::sleep(Duration::from_millis(100));
+        if daemon::running_pid(&home.pid_file()).is_none() {
+            println!("Program stopped.");
+            return ExitCode::SUCCESS;
+        }
+        if i % 10 == 9 {
+            println!(
+                "Wait {} second for program({pid}) stopped...",
+                STOP_WAIT_SECS - (i + 1) / 10
+            );
+        }
+    }
+    eprintln!("clupserver: program({pid}) did not stop within {STOP_WAIT_SECS} s");
+    ExitCode::from(1)
+}
+
+fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> ExitCode {
+    // Everything that can fail for a reason the operator can fix is checked
+    // here, before detaching, so the reason reaches the terminal.
+    let cfg = match Config::load(&home.conf_file()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clupserver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = home.ensure_dirs() {
+        eprintln!("clupserver: {e}");
+        return ExitCode::from(1);
+    }
+    if let Some(pid) = daemon::running_pid(&home.pid_file()) {
+        eprintln!("Program({pid}) is already running.");
+        return ExitCode::from(1);
+    }
+    let store = FileStore::new(&home.data_dir());
+    if let Err(e) = store.load() {
+        eprintln!("clupserver: {e}");
+        return ExitCode::from(1);
+    }
+    let mut ready = if foreground {
+        Ready::none()
+    } else {
+        match daemon::daemonize(&home.log_file()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("clupserver: cannot daemonize: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    let _pid_lock = match daemon::lock_pid_file(&home.pid_file()) {
+        Ok(l) => l,
+        Err(m) => {
+            ready.fail(&m);
+            eprintln!("{m}");
+            return ExitCode::from(1);
+        }
+    };
+    let level = level.unwrap_or(cfg.log_level);
+    if let Err(e) = crate::logging::init(Some(&home.log_file()), foreground, level) {
+        ready.fail(&format!("clupserver: cannot open log: {e}"));
+        return ExitCode::from(1);
+    }
+    let sigset = daemon::block_signals();
+    match run(home, cfg, Arc::new(store), &mut ready, &sigset) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(m) => {
+            log::error!("{m}");
+            ready.fail(&format!("clupserver: {m}"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(
+    _home: &Home,
+    cfg: Config,
+    store: Arc<dyn MetaStore>,
+    ready: &mut Ready,
+    sigset: &libc::sigset_t,
+) -> Result<(), String> {
+    log::info!("{}", crate::banner());
+    log::info!("Start loading configuration ...");
+    log::info!("Complete configuration loading.");
+    log::info!("========== clup for PostgreSQL starting ==========");
+    log::info!("Meta store: {}", store.describe());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    log::info!("Start ha checking thread... ");
+    log::info!("Start health checking thread... ");
+    log::info!("Complete the startup of health checking thread.");
+
+    log::info!("Starting web server...");
+    let addr = (cfg.http_listen, cfg.http_port);
+    let http = tiny_http::Server::http(addr)
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", addr.0, addr.1))?;
+    let http = Arc::new(http);
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        store: store.clone(),
+    });
+    let mut workers = Vec::new();
+    for i in 0..HTTP_WORKERS {
+        let (http, ctx, stop) = (http.clone(), ctx.clone(), stop.clone());
+        workers.push(
+            thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || serve(&http, &ctx, &stop))
+                .map_err(|e| format!("cannot start web server thread: {e}"))?,
+        );
+    }
+    log::info!("Complete the startup of web server.");
+    log::info!("Web Server at port {} ...", cfg.http_port);
+    ready.ok();
+
+    loop {
+        let sig = daemon::wait_signal(sigset);
+        if sig == libc::SIGHUP {
+            log::info!("Received SIGHUP; ignored (restart to reload clup.conf).");
+            continue;
+        }
+        log::info!("Received signal {sig}, stopping ...");
+        break;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for _ in 0..HTTP_WORKERS {
+        http.unblock();
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    log::info!("Program stopped.");
+    Ok(())
+}
+
+fn serve(http: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        let mut req = match http.recv_timeout(Duration::from_millis(500)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("web server: {e}");
+                continue;
+            }
+        };
+        let resp = if req.body_length().is_some_and(|n| n > MAX_BODY) {
+            api::Resp::err(413, format!("request body over {MAX_BODY} bytes"))
+        } else {
+            let mut body = Vec::new();
+            let read = req
+                .as_reader()
+                .take(MAX_BODY as u64 + 1)
+                .read_to_end(&mut body);
+            match read {
+                Err(e) => api::Resp::err(400, format!("cannot read request body: {e}")),
+                Ok(_) => {
+                    let headers: Vec<(String, String)> = req
+                        .headers()
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.field.as_str().as_str().to_string(),
+                                h.value.as_str().to_string(),
+                            )
+                        })
+                        .collect();
+                    let header = |name: &str| {
+                        headers
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.clone())
+                    };
+                    let method = req.method().as_str().to_string();
+                    let url = req.url().to_string();
+                    api::route(
+                        ctx,
+                        &Req {
+                            method: &method,
+                            url: &url,
+                            header: &header,
+                            body: &body,
+                        },
+                    )
+                }
+            }
+        };
+        let text = resp.body.to_string();
+        let r = tiny_http::Response::from_string(text)
+            .with_status_code(resp.status)
+            .with_header(
+                tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                    .expect("static header"),
+            );
+        let _ = req.respond(r);
+    }
+}
