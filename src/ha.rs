@@ -1,0 +1,1190 @@
+//! The HA decisions, as pure functions: cluster meta + what was observed +
+//! now -> a plan of actions and a human-readable reason.
+//!
+//! Nothing here does I/O, reads a clock or starts a thread. When a decision
+//! needs a fact it does not have (is that host up? can the standbys still
+//! reach the primary?), it returns a plan of *gather* actions; the monitor
+//! runs them, adds the answers to [`Facts`] and asks again. The reasons are
+//! the manual's log lines where the manual has one.
+//!
+//! Safety rules encoded here (each has a unit test):
+//! - never fail over while any standby can still reach the primary (the
+//!   monitor alone being cut off is not a primary failure);
+//! - never act when the monitor reaches none of the cluster's hosts;
+//! - promote only a Normal standby that is in recovery, has the most WAL, and
+//!   is within `failover_max_lag` of the primary's last known LSN;
+//! - a Fault node found running as a primary is fenced, never given the VIP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
+
+/// What one probe round saw of one database.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// It answered (the write probe, on the primary).
+    pub ok: bool,
+    pub in_recovery: Option<bool>,
+    pub timeline: Option<u32>,
+    /// Primary: current WAL LSN; standby: last received LSN.
+    pub receive_lsn: Option<u64>,
+    pub replay_lsn: Option<u64>,
+    /// A standby's WAL receiver: the host it streams from and its status.
+    pub upstream_host: Option<String>,
+    pub upstream_status: Option<String>,
+}
+
+/// Everything known when deciding. Filled by the monitor; plain data.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    /// This round's probes, by db id. A db missing here was not probed.
+    pub seen: BTreeMap<u32, Seen>,
+    /// ssh checks made in this round: host -> up.
+    pub hosts: BTreeMap<String, bool>,
+    /// Asked from a standby's host: can it open the primary's port?
+    /// via host -> reachable; a failed check is absent.
+    pub peer_sees_primary: BTreeMap<String, bool>,
+    /// The peer checks of this round were made (some may have failed).
+    pub peers_asked: bool,
+    /// Restarts already tried for a database in its current incident.
+    pub restarts: BTreeMap<u32, u32>,
+    /// The highest LSN the primary was last seen at.
+    pub primary_last_lsn: Option<u64>,
+    /// The primary's synchronous_standby_names, as last seen.
+    pub sync_names: Option<String>,
+    /// Standbys (repl_app_name) last seen with sync_state sync or quorum.
+    pub sync_standbys: BTreeSet<String>,
+}
+
+/// Tunables from clup.conf.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// 0 = no limit.
+    pub failover_max_lag: u64,
+    pub restart_tries: u32,
+}
+
+/// One step of a plan. Gather steps only add facts; the rest act.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Gather: is the host up (ssh answers)?
+    CheckHost {
+        host: String,
+    },
+    /// Gather: from `via`, can the primary's postgres port be opened?
+    CheckPeer {
+        via: String,
+        host: String,
+        port: u16,
+    },
+    /// Start the database again in place, as its os_user.
+    RestartDb {
+        id: u32,
+    },
+    /// Stop a database that must not run as a primary.
+    Fence {
+        id: u32,
+    },
+    /// Remove a backend from every cstlb of the cluster.
+    CstlbDelete {
+        backend: String,
+    },
+    /// Add a backend to every cstlb of the cluster.
+    CstlbAdd {
+        backend: String,
+    },
+    /// Best effort: drop the write VIP from a host.
+    DeleteWriteVip {
+        host: String,
+    },
+    /// Abort the plan if anybody answers ARP for the write VIP (from `id`'s host).
+    EnsureWriteVipFree {
+        id: u32,
+    },
+    Promote {
+        id: u32,
+    },
+    AddWriteVip {
+        id: u32,
+    },
+    /// Rewrite a standby's recovery settings to stream from `to`.
+    Repoint {
+        id: u32,
+        to: u32,
+    },
+    SetSyncNames {
+        id: u32,
+        names: String,
+    },
+    MoveReadVip {
+        from: String,
+        to: String,
+    },
+    /// Meta: `id` becomes the primary, the old one Fault.
+    MetaPrimary {
+        id: u32,
+        old: u32,
+    },
+    MetaDbState {
+        id: u32,
+        state: u8,
+    },
+    MetaClusterState {
+        state: u8,
+    },
+}
+
+impl Action {
+    pub fn is_gather(&self) -> bool {
+        matches!(self, Action::CheckHost { .. } | Action::CheckPeer { .. })
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Action::CheckHost { host } => write!(f, "check host {host}"),
+            Action::CheckPeer { via, host, port } => {
+                write!(f, "check from {via} whether {host}:{port} answers")
+            }
+            Action::RestartDb { id } => write!(f, "restart db {id}"),
+            Action::Fence { id } => write!(f, "fence (stop) db {id}"),
+            Action::CstlbDelete { backend } => write!(f, "remove {backend} from cstlb"),
+            Action::CstlbAdd { backend } => write!(f, "add {backend} to cstlb"),
+            Action::DeleteWriteVip { host } => write!(f, "delete write vip from {host}"),
+            Action::EnsureWriteVipFree { id } => {
+                write!(f, "check write vip is free (from db {id})")
+            }
+            Action::Promote { id } => write!(f, "promote db {id}"),
+            Action::AddWriteVip { id } => write!(f, "add write vip on db {id}"),
+            Action::Repoint { id, to } => write!(f, "repoint db {id} to db {to}"),
+            Action::SetSyncNames { id, names } => {
+                write!(f, "set synchronous_standby_names on db {id} to '{names}'")
+            }
+            Action::MoveReadVip { from, to } => write!(f, "move read vip from {from} to {to}"),
+            Action::MetaPrimary { id, old } => write!(f, "meta: db {id} primary, db {old} Fault"),
+            Action::MetaDbState { id, state } => write!(f, "meta: db {id} state {state}"),
+            Action::MetaClusterState { state } => write!(f, "meta: cluster state {state}"),
+        }
+    }
+}
+
+/// What a decision is about; the monitor runs acting kinds as tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// Nothing to do (healthy, frozen, locked, or refusing to act).
+    Nothing,
+    /// Only gather actions: run them and decide again.
+    Gather,
+    Restart,
+    StandbyFault,
+    Failover,
+    Fence,
+    /// A standby streams from the wrong upstream.
+    Repoint,
+    /// The primary is gone and no standby is safe to promote.
+    NoCandidate,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub kind: Kind,
+    pub plan: Vec<Action>,
+    pub reason: String,
+    /// The db the incident is about, if any.
+    pub subject: Option<u32>,
+}
+
+impl Decision {
+    fn nothing(reason: impl Into<String>) -> Decision {
+        Decision {
+            kind: Kind::Nothing,
+            plan: vec![],
+            reason: reason.into(),
+            subject: None,
+        }
+    }
+    fn gather(subject: u32, plan: Vec<Action>, reason: impl Into<String>) -> Decision {
+        Decision {
+            kind: Kind::Gather,
+            plan,
+            reason: reason.into(),
+            subject: Some(subject),
+        }
+    }
+}
+
+/// Decide what to do for one cluster.
+pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decision {
+    if cluster.is_frozen() {
+        return Decision::nothing("no action: cluster is frozen");
+    }
+    if cluster.lock_time > now {
+        let who = if cluster.lock_holder.is_empty() {
+            "an operation"
+        } else {
+            &cluster.lock_holder
+        };
+        return Decision::nothing(format!(
+            "no action: cluster is locked by {who} for {} more s",
+            cluster.lock_time - now
+        ));
+    }
+    let Some(primary) = cluster.primary() else {
+        return Decision::nothing("no action: the meta names no primary");
+    };
+
+    // A Fault node that runs as a primary while another node is the
+    // primary: the returning old primary. Fence it before anything else.
+    for d in cluster
+        .db_list
+        .iter()
+        .filter(|d| !d.is_normal() && !d.is_primary())
+    {
+        if let Some(s) = facts.seen.get(&d.id) {
+            if s.ok && s.in_recovery == Some(false) {
+                return Decision {
+                    kind: Kind::Fence,
+                    plan: vec![Action::Fence { id: d.id }],
+                    reason: format!(
+                        "database({}) is Fault but runs as a primary while database({}) is the primary: fencing it (stop), it keeps no VIP and stays Fault until repaired",
+                        d.addr(),
+                        primary.addr()
+                    ),
+                    subject: Some(d.id),
+                };
+            }
+        }
+    }
+
+    let failed = |d: &Db| facts.seen.get(&d.id).is_some_and(|s| !s.ok);
+
+    if primary.is_normal() && failed(primary) {
+        return primary_failed(cluster, primary, facts, p);
+    }
+    if !primary.is_normal() {
+        // A previous failover found no candidate; look again each round.
+        return failover(cluster, primary, facts, p, "primary is Fault".to_string());
+    }
+
+    for d in cluster.normal_standbys() {
+        if failed(d) {
+            return standby_failed(cluster, d, facts, p);
+        }
+    }
+
+    // Standbys that stream from somebody other than the primary.
+    for d in cluster.normal_standbys() {
+        if let Some(s) = facts.seen.get(&d.id) {
+            if let Some(up) = &s.upstream_host {
+                if s.ok && up != &primary.host {
+                    return Decision {
+                        kind: Kind::Repoint,
+                        plan: vec![Action::Repoint { id: d.id, to: primary.id }],
+                        reason: format!(
+                            "standby database({}) streams from {up}, not from the primary {}: repointing it",
+                            d.addr(),
+                            primary.host
+                        ),
+                        subject: Some(d.id),
+                    };
+                }
+            }
+        }
+    }
+
+    let ok = cluster.normal_standbys().filter(|d| !failed(d)).count();
+    Decision::nothing(format!(
+        "no action: primary database({}) ok, {ok} standby(s) ok",
+        primary.addr()
+    ))
+}
+
+fn find_msg(d: &Db) -> String {
+    format!("Find database({}) failed, repair it ....", d.addr())
+}
+
+fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) -> Decision {
+    match facts.hosts.get(&primary.host) {
+        None => Decision::gather(
+            primary.id,
+            vec![Action::CheckHost {
+                host: primary.host.clone(),
+            }],
+            find_msg(primary),
+        ),
+        Some(true) => {
+            let tried = facts.restarts.get(&primary.id).copied().unwrap_or(0);
+            if tried < p.restart_tries {
+                Decision {
+                    kind: Kind::Restart,
+                    plan: vec![Action::RestartDb { id: primary.id }],
+                    reason: format!(
+                        "Host({}) is ok, only database({}) failed, restart database ....",
+                        primary.host,
+                        primary.addr()
+                    ),
+                    subject: Some(primary.id),
+                }
+            } else {
+                failover(
+                    cluster,
+                    primary,
+                    facts,
+                    p,
+                    format!(
+                        "database({}) did not come back after {tried} restart(s)",
+                        primary.addr()
+                    ),
+                )
+            }
+        }
+        Some(false) => failover(
+            cluster,
+            primary,
+            facts,
+            p,
+            format!(
+                "Host({}) is not ok, switch database({})...",
+                primary.host,
+                primary.addr()
+            ),
+        ),
+    }
+}
+
+fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decision {
+    match facts.hosts.get(&d.host) {
+        None => Decision::gather(
+            d.id,
+            vec![Action::CheckHost {
+                host: d.host.clone(),
+            }],
+            find_msg(d),
+        ),
+        Some(true) if facts.restarts.get(&d.id).copied().unwrap_or(0) < p.restart_tries => {
+            Decision {
+                kind: Kind::Restart,
+                plan: vec![Action::RestartDb { id: d.id }],
+                reason: format!(
+                    "Host({}) is ok, only database({}) failed, restart database ....",
+                    d.host,
+                    d.addr()
+                ),
+                subject: Some(d.id),
+            }
+        }
+        Some(up) => {
+            let mut plan = vec![Action::CstlbDelete { backend: d.addr() }];
+            if cluster.read_vip_host == d.host {
+                if let Some(to) = read_vip_target(cluster, facts, &[d.id]) {
+                    plan.push(Action::MoveReadVip {
+                        from: d.host.clone(),
+                        to,
+                    });
+                }
+            }
+            plan.push(Action::MetaDbState {
+                id: d.id,
+                state: DB_FAULT,
+            });
+            let why = if *up {
+                format!("database({}) did not come back after restarts", d.addr())
+            } else {
+                format!("Host({}) is not ok", d.host)
+            };
+            Decision {
+                kind: Kind::StandbyFault,
+                plan,
+                reason: format!("{why}, switch database({})...", d.addr()),
+                subject: Some(d.id),
+            }
+        }
+    }
+}
+
+/// Where the read VIP should go: the first healthy Normal standby (by id)
+/// not in `exclude`, else the primary's host if it is healthy.
+pub fn read_vip_target(cluster: &Cluster, facts: &Facts, exclude: &[u32]) -> Option<String> {
+    let healthy = |d: &&Db| facts.seen.get(&d.id).is_some_and(|s| s.ok);
+    cluster
+        .normal_standbys()
+        .filter(|d| !exclude.contains(&d.id))
+        .find(healthy)
+        .or_else(|| {
+            cluster
+                .primary()
+                .filter(|d| d.is_normal() && !exclude.contains(&d.id))
+                .filter(healthy)
+        })
+        .map(|d| d.host.clone())
+}
+
+/// The standby to promote, or why there is none.
+pub fn choose_candidate<'a>(
+    cluster: &'a Cluster,
+    facts: &Facts,
+    p: &Params,
+) -> Result<&'a Db, String> {
+    let mut skipped = Vec::new();
+    // Most WAL received, then synchronous, then most replayed, then lowest id.
+    type Rank = (u64, bool, u64, std::cmp::Reverse<u32>);
+    let mut best: Option<(&Db, Rank)> = None;
+    for d in cluster.normal_standbys() {
+        let Some(s) = facts.seen.get(&d.id).filter(|s| s.ok) else {
+            skipped.push(format!("{} unreachable", d.addr()));
+            continue;
+        };
+        if s.in_recovery != Some(true) {
+            skipped.push(format!("{} is not in recovery", d.addr()));
+            continue;
+        }
+        let recv = s.receive_lsn.or(s.replay_lsn).unwrap_or(0);
+        if let Some(last) = facts.primary_last_lsn {
+            if p.failover_max_lag > 0 && last.saturating_sub(recv) > p.failover_max_lag {
+                skipped.push(format!(
+                    "{} is {} bytes behind the primary (limit {})",
+                    d.addr(),
+                    last - recv,
+                    p.failover_max_lag
+                ));
+                continue;
+            }
+        }
+        let key = (
+            recv,
+            facts.sync_standbys.contains(&d.repl_app_name),
+            s.replay_lsn.unwrap_or(0),
+            std::cmp::Reverse(d.id),
+        );
+        if best.as_ref().is_none_or(|(_, k)| key > *k) {
+            best = Some((d, key));
+        }
+    }
+    best.map(|(d, _)| d).ok_or_else(|| {
+        if skipped.is_empty() {
+            "no Normal standby".to_string()
+        } else {
+            skipped.join("; ")
+        }
+    })
+}
+
+/// synchronous_standby_names after `new` becomes the primary: the same
+/// method and count, naming the surviving standbys and then the old primary
+/// (which may come back as a standby), so commits neither block forever
+/// while a standby can acknowledge them nor get acknowledged by nobody.
+/// `None` when the cluster does not use synchronous replication.
+pub fn sync_names_after(
+    cluster: &Cluster,
+    old: &Db,
+    new: &Db,
+    current: Option<&str>,
+) -> Option<String> {
+    let current = current?.trim();
+    if current.is_empty() {
+        return None;
+    }
+    let (method, num) = parse_sync_method(current);
+    let mut names: Vec<&str> = cluster
+        .normal_standbys()
+        .filter(|d| d.id != new.id)
+        .map(|d| d.repl_app_name.as_str())
+        .collect();
+    names.push(old.repl_app_name.as_str());
+    let n = num.clamp(1, names.len().max(1));
+    Some(format!("{method} {n} ({})", names.join(",")))
+}
+
+/// `ANY 2 (a,b)` -> ("ANY", 2); `FIRST 1 (a)`, `2 (a,b)` and `a,b` -> ("FIRST", n).
+fn parse_sync_method(s: &str) -> (&'static str, usize) {
+    let upper = s.to_ascii_uppercase();
+    let (method, rest) = if let Some(r) = upper.strip_prefix("ANY ") {
+        ("ANY", r)
+    } else if let Some(r) = upper.strip_prefix("FIRST ") {
+        ("FIRST", r)
+    } else {
+        ("FIRST", upper.as_str())
+    };
+    let num = rest
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(1);
+    (method, num)
+}
+
+fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: String) -> Decision {
+    let standbys: Vec<&Db> = cluster.normal_standbys().collect();
+    let reachable = |d: &&Db| facts.seen.get(&d.id).is_some_and(|s| s.ok);
+
+    // Is the monitor the one cut off? If no standby answers, look at their
+    // hosts; if none of the cluster's hosts answers, do nothing.
+    if primary.is_normal() && !standbys.iter().any(reachable) {
+        let unchecked: Vec<Action> = standbys
+            .iter()
+            .filter(|d| !facts.hosts.contains_key(&d.host))
+            .map(|d| Action::CheckHost {
+                host: d.host.clone(),
+            })
+            .collect();
+        if !unchecked.is_empty() {
+            return Decision::gather(
+                primary.id,
+                unchecked,
+                format!("{why} no standby answers either: checking their hosts"),
+            );
+        }
+        if standbys
+            .iter()
+            .all(|d| facts.hosts.get(&d.host) == Some(&false))
+        {
+            return Decision::nothing(format!(
+                "no action: {why} and the monitor reaches none of the cluster's hosts; it may be the isolated one"
+            ));
+        }
+    }
+
+    // Split-brain guard: can the standbys still reach the primary?
+    if primary.is_normal() {
+        let via: Vec<&Db> = standbys.iter().copied().filter(reachable).collect();
+        let unchecked: Vec<Action> = via
+            .iter()
+            .filter(|d| !facts.peer_sees_primary.contains_key(&d.host))
+            .filter(|d| !facts.hosts.get(&d.host).is_some_and(|up| !up))
+            .map(|d| Action::CheckPeer {
+                via: d.host.clone(),
+                host: primary.host.clone(),
+                port: primary.port,
+            })
+            .collect();
+        // Ask once per round: a check that failed stays absent.
+        if !unchecked.is_empty() && !facts.peers_asked {
+            return Decision::gather(
+                primary.id,
+                unchecked,
+                format!("{why} confirming with the standbys that the primary is gone"),
+            );
+        }
+        if let Some((via, _)) = facts.peer_sees_primary.iter().find(|(_, seen)| **seen) {
+            return Decision::nothing(format!(
+                "no failover: {why} but standby host {via} still reaches database({}); the monitor alone is cut off from it",
+                primary.addr()
+            ));
+        }
+        if facts.peer_sees_primary.is_empty() {
+            // No standby could be asked: fall back to their WAL receivers.
+            if let Some(d) = via.iter().find(|d| {
+                facts.seen.get(&d.id).is_some_and(|s| {
+                    s.upstream_host.as_deref() == Some(primary.host.as_str())
+                        && s.upstream_status.as_deref() == Some("streaming")
+                })
+            }) {
+                return Decision::nothing(format!(
+                    "no failover: {why} but standby database({}) still streams from it",
+                    d.addr()
+                ));
+            }
+        }
+    }
+
+    let cand = match choose_candidate(cluster, facts, p) {
+        Ok(c) => c,
+        Err(e) => {
+            let plan = if cluster.state == CLUSTER_FAULT {
+                vec![]
+            } else {
+                vec![Action::MetaClusterState {
+                    state: CLUSTER_FAULT,
+                }]
+            };
+            return Decision {
+                kind: Kind::NoCandidate,
+                plan,
+                reason: format!(
+                    "{why} NO STANDBY IS SAFE TO PROMOTE, cluster left without a primary: {e}"
+                ),
+                subject: Some(primary.id),
+            };
+        }
+    };
+
+    let mut plan = Vec::new();
+    if facts.hosts.get(&primary.host) == Some(&true) {
+        plan.push(Action::DeleteWriteVip {
+            host: primary.host.clone(),
+        });
+    }
+    plan.push(Action::EnsureWriteVipFree { id: cand.id });
+    plan.push(Action::Promote { id: cand.id });
+    plan.push(Action::AddWriteVip { id: cand.id });
+    plan.push(Action::MetaPrimary {
+        id: cand.id,
+        old: primary.id,
+    });
+    if let Some(names) = sync_names_after(cluster, primary, cand, facts.sync_names.as_deref()) {
+        plan.push(Action::SetSyncNames { id: cand.id, names });
+    }
+    for d in cluster.normal_standbys().filter(|d| d.id != cand.id) {
+        plan.push(Action::Repoint {
+            id: d.id,
+            to: cand.id,
+        });
+    }
+    plan.push(Action::CstlbDelete {
+        backend: cand.addr(),
+    });
+    plan.push(Action::CstlbDelete {
+        backend: primary.addr(),
+    });
+    if cluster.read_vip_host == cand.host || cluster.read_vip_host == primary.host {
+        if let Some(to) = read_vip_target(cluster, facts, &[cand.id, primary.id]) {
+            if to != cluster.read_vip_host {
+                plan.push(Action::MoveReadVip {
+                    from: cluster.read_vip_host.clone(),
+                    to,
+                });
+            }
+        }
+    }
+    if cluster.state == CLUSTER_FAULT {
+        plan.push(Action::MetaClusterState {
+            state: crate::meta::CLUSTER_NORMAL,
+        });
+    }
+    Decision {
+        kind: Kind::Failover,
+        plan,
+        reason: format!(
+            "{why} Failover primary database({}): switch to new host({})...",
+            primary.addr(),
+            cand.host
+        ),
+        subject: Some(primary.id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::{parse_clusters, CLUSTER_FROZEN, SAMPLE_INIT};
+
+    const P: Params = Params {
+        failover_max_lag: 16 << 20,
+        restart_tries: 2,
+    };
+
+    fn cluster() -> Cluster {
+        parse_clusters(SAMPLE_INIT)
+            .unwrap()
+            .remove("cluster01")
+            .unwrap()
+    }
+
+    fn ok_primary(lsn: u64) -> Seen {
+        Seen {
+            ok: true,
+            in_recovery: Some(false),
+            receive_lsn: Some(lsn),
+            ..Default::default()
+        }
+    }
+
+    fn ok_standby(recv: u64, replay: u64) -> Seen {
+        Seen {
+            ok: true,
+            in_recovery: Some(true),
+            receive_lsn: Some(recv),
+            replay_lsn: Some(replay),
+            upstream_host: Some("192.168.56.41".into()),
+            upstream_status: Some("streaming".into()),
+            ..Default::default()
+        }
+    }
+
+    fn down() -> Seen {
+        Seen::default()
+    }
+
+    /// All healthy, then `edit` applied.
+    fn facts(edit: impl FnOnce(&mut Facts)) -> Facts {
+        let mut f = Facts::default();
+        f.seen.insert(1, ok_primary(1000));
+        for id in 2..=4 {
+            f.seen.insert(id, ok_standby(1000, 1000));
+        }
+        f.primary_last_lsn = Some(1000);
+        edit(&mut f);
+        f
+    }
+
+    #[test]
+    fn healthy_cluster_does_nothing() {
+        let d = decide(&cluster(), &facts(|_| {}), &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(d.plan.is_empty());
+        assert_eq!(
+            d.reason,
+            "no action: primary database(192.168.56.41:5432) ok, 3 standby(s) ok"
+        );
+    }
+
+    #[test]
+    fn frozen_cluster_is_not_acted_on() {
+        let mut c = cluster();
+        c.state = CLUSTER_FROZEN;
+        let d = decide(
+            &c,
+            &facts(|f| {
+                f.seen.insert(1, down());
+            }),
+            &P,
+            0,
+        );
+        assert_eq!(d.kind, Kind::Nothing);
+        assert_eq!(d.reason, "no action: cluster is frozen");
+    }
+
+    #[test]
+    fn lock_held_means_no_action_until_it_expires() {
+        let mut c = cluster();
+        c.lock_time = 130;
+        c.lock_holder = "switch task 7".into();
+        let f = facts(|f| {
+            f.seen.insert(1, down());
+        });
+        let d = decide(&c, &f, &P, 100);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert_eq!(
+            d.reason,
+            "no action: cluster is locked by switch task 7 for 30 more s"
+        );
+        // Expired lock: acting again.
+        assert_eq!(decide(&c, &f, &P, 131).kind, Kind::Gather);
+    }
+
+    #[test]
+    fn failed_db_first_checks_its_host() {
+        let d = decide(
+            &cluster(),
+            &facts(|f| {
+                f.seen.insert(4, down());
+            }),
+            &P,
+            0,
+        );
+        assert_eq!(d.kind, Kind::Gather);
+        assert_eq!(
+            d.plan,
+            [Action::CheckHost {
+                host: "192.168.56.44".into()
+            }]
+        );
+        assert_eq!(
+            d.reason,
+            "Find database(192.168.56.44:5432) failed, repair it ...."
+        );
+    }
+
+    #[test]
+    fn db_down_host_up_is_restarted_in_place() {
+        for id in [1, 4] {
+            let f = facts(|f| {
+                f.seen.insert(id, down());
+                f.hosts.insert(format!("192.168.56.4{id}"), true);
+            });
+            let d = decide(&cluster(), &f, &P, 0);
+            assert_eq!(d.kind, Kind::Restart, "db {id}");
+            assert_eq!(d.plan, [Action::RestartDb { id }]);
+            assert_eq!(
+                d.reason,
+                format!("Host(192.168.56.4{id}) is ok, only database(192.168.56.4{id}:5432) failed, restart database ....")
+            );
+        }
+    }
+
+    #[test]
+    fn standby_host_down_is_marked_fault_and_leaves_cstlb() {
+        let f = facts(|f| {
+            f.seen.insert(4, down());
+            f.hosts.insert("192.168.56.44".into(), false);
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::StandbyFault);
+        assert_eq!(
+            d.plan,
+            [
+                Action::CstlbDelete {
+                    backend: "192.168.56.44:5432".into()
+                },
+                Action::MetaDbState {
+                    id: 4,
+                    state: DB_FAULT
+                },
+            ]
+        );
+        assert_eq!(
+            d.reason,
+            "Host(192.168.56.44) is not ok, switch database(192.168.56.44:5432)..."
+        );
+    }
+
+    #[test]
+    fn standby_fault_moves_read_vip_off_its_host() {
+        let mut c = cluster();
+        c.read_vip_host = "192.168.56.42".into();
+        let f = facts(|f| {
+            f.seen.insert(2, down());
+            f.hosts.insert("192.168.56.42".into(), false);
+        });
+        let d = decide(&c, &f, &P, 0);
+        assert!(
+            d.plan.contains(&Action::MoveReadVip {
+                from: "192.168.56.42".into(),
+                to: "192.168.56.43".into()
+            }),
+            "{:?}",
+            d.plan
+        );
+    }
+
+    #[test]
+    fn standby_that_will_not_restart_becomes_fault() {
+        let f = facts(|f| {
+            f.seen.insert(3, down());
+            f.hosts.insert("192.168.56.43".into(), true);
+            f.restarts.insert(3, 2);
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::StandbyFault);
+        assert!(
+            d.reason
+                .starts_with("database(192.168.56.43:5432) did not come back"),
+            "{}",
+            d.reason
+        );
+    }
+
+    fn primary_down(edit: impl FnOnce(&mut Facts)) -> Facts {
+        facts(|f| {
+            f.seen.insert(1, down());
+            f.hosts.insert("192.168.56.41".into(), false);
+            edit(f);
+        })
+    }
+
+    #[test]
+    fn primary_host_down_asks_the_standbys_first() {
+        let d = decide(&cluster(), &primary_down(|_| {}), &P, 0);
+        assert_eq!(d.kind, Kind::Gather);
+        assert_eq!(d.plan.len(), 3);
+        assert_eq!(
+            d.plan[0],
+            Action::CheckPeer {
+                via: "192.168.56.42".into(),
+                host: "192.168.56.41".into(),
+                port: 5432
+            }
+        );
+    }
+
+    fn peers(f: &mut Facts, seen: bool) {
+        f.peers_asked = true;
+        for h in ["192.168.56.42", "192.168.56.43", "192.168.56.44"] {
+            f.peer_sees_primary.insert(h.into(), seen);
+        }
+    }
+
+    #[test]
+    fn primary_unreachable_from_monitor_only_is_no_failover() {
+        let f = primary_down(|f| {
+            peers(f, false);
+            f.peer_sees_primary.insert("192.168.56.43".into(), true);
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(
+            d.reason
+                .contains("standby host 192.168.56.43 still reaches database(192.168.56.41:5432)"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn without_peer_answers_a_streaming_receiver_blocks_failover() {
+        let f = primary_down(|f| {
+            f.peers_asked = true;
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(d.reason.contains("still streams from it"), "{}", d.reason);
+    }
+
+    #[test]
+    fn monitor_isolated_does_nothing() {
+        let f = Facts {
+            seen: (1..=4).map(|id| (id, down())).collect(),
+            hosts: (1..=4)
+                .map(|i| (format!("192.168.56.4{i}"), false))
+                .collect(),
+            ..Default::default()
+        };
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(
+            d.reason.contains("reaches none of the cluster's hosts"),
+            "{}",
+            d.reason
+        );
+        // Before the standby hosts are checked, it asks.
+        let mut f2 = f.clone();
+        f2.hosts.retain(|h, _| h == "192.168.56.41");
+        let d = decide(&cluster(), &f2, &P, 0);
+        assert_eq!(d.kind, Kind::Gather);
+        assert_eq!(d.plan.len(), 3);
+    }
+
+    #[test]
+    fn failover_promotes_the_standby_with_most_wal_then_reconfigures() {
+        let f = primary_down(|f| {
+            peers(f, false);
+            f.seen.insert(2, ok_standby(900, 900));
+            f.seen.insert(3, ok_standby(1000, 950));
+            f.seen.insert(4, ok_standby(1000, 990));
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert_eq!(
+            d.plan,
+            [
+                Action::EnsureWriteVipFree { id: 4 },
+                Action::Promote { id: 4 },
+                Action::AddWriteVip { id: 4 },
+                Action::MetaPrimary { id: 4, old: 1 },
+                Action::Repoint { id: 2, to: 4 },
+                Action::Repoint { id: 3, to: 4 },
+                Action::CstlbDelete {
+                    backend: "192.168.56.44:5432".into()
+                },
+                Action::CstlbDelete {
+                    backend: "192.168.56.41:5432".into()
+                },
+                Action::MoveReadVip {
+                    from: "192.168.56.41".into(),
+                    to: "192.168.56.42".into()
+                },
+            ]
+        );
+        assert_eq!(
+            d.reason,
+            "Host(192.168.56.41) is not ok, switch database(192.168.56.41:5432)... Failover primary database(192.168.56.41:5432): switch to new host(192.168.56.44)..."
+        );
+    }
+
+    #[test]
+    fn level_candidates_prefer_sync_then_replay_then_lowest_id() {
+        let c = cluster();
+        let mut f = primary_down(|f| peers(f, false));
+        assert_eq!(choose_candidate(&c, &f, &P).unwrap().id, 2);
+        f.sync_standbys.insert("stb43".into());
+        assert_eq!(choose_candidate(&c, &f, &P).unwrap().id, 3);
+        f.sync_standbys.clear();
+        f.seen.insert(4, ok_standby(1000, 1001));
+        assert_eq!(choose_candidate(&c, &f, &P).unwrap().id, 4);
+    }
+
+    #[test]
+    fn restart_that_fails_on_primary_turns_into_failover_with_vip_delete() {
+        let f = facts(|f| {
+            f.seen.insert(1, down());
+            f.hosts.insert("192.168.56.41".into(), true);
+            f.restarts.insert(1, 2);
+            peers(f, false);
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert_eq!(
+            d.plan[0],
+            Action::DeleteWriteVip {
+                host: "192.168.56.41".into()
+            }
+        );
+    }
+
+    #[test]
+    fn candidate_too_far_behind_is_skipped_and_none_left_is_fault() {
+        let f = primary_down(|f| {
+            peers(f, false);
+            f.primary_last_lsn = Some(100 << 20);
+            f.seen.insert(2, ok_standby(10 << 20, 10 << 20));
+            f.seen.insert(3, ok_standby(90 << 20, 90 << 20));
+            f.seen.insert(4, down());
+        });
+        let c = cluster();
+        assert_eq!(choose_candidate(&c, &f, &P).unwrap().id, 3);
+        let mut f2 = f.clone();
+        f2.seen.insert(3, ok_standby(80 << 20, 80 << 20));
+        let d = decide(&c, &f2, &P, 0);
+        assert_eq!(d.kind, Kind::NoCandidate);
+        assert_eq!(
+            d.plan,
+            [Action::MetaClusterState {
+                state: CLUSTER_FAULT
+            }]
+        );
+        assert!(
+            d.reason.contains("NO STANDBY IS SAFE TO PROMOTE"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason
+                .contains("192.168.56.42:5432 is 94371840 bytes behind"),
+            "{}",
+            d.reason
+        );
+        assert!(
+            d.reason.contains("192.168.56.44:5432 unreachable"),
+            "{}",
+            d.reason
+        );
+        // Limit 0 means no limit.
+        let p0 = Params {
+            failover_max_lag: 0,
+            ..P
+        };
+        assert_eq!(decide(&c, &f2, &p0, 0).kind, Kind::Failover);
+    }
+
+    #[test]
+    fn standby_not_in_recovery_is_never_a_candidate() {
+        let f = primary_down(|f| {
+            peers(f, false);
+            for id in 2..=4 {
+                f.seen.insert(
+                    id,
+                    Seen {
+                        in_recovery: Some(false),
+                        ..ok_standby(2000, 2000)
+                    },
+                );
+            }
+        });
+        assert_eq!(decide(&cluster(), &f, &P, 0).kind, Kind::NoCandidate);
+    }
+
+    #[test]
+    fn sync_names_after_failover_name_survivors_then_old_primary() {
+        let c = cluster();
+        let (old, new) = (c.db(1).unwrap(), c.db(3).unwrap());
+        assert_eq!(
+            sync_names_after(&c, old, new, Some("ANY 1 (stb42,stb43,stb44)")).as_deref(),
+            Some("ANY 1 (stb42,stb44,stb41)")
+        );
+        assert_eq!(
+            sync_names_after(&c, old, new, Some("FIRST 2 (stb42, stb43)")).as_deref(),
+            Some("FIRST 2 (stb42,stb44,stb41)")
+        );
+        assert_eq!(
+            sync_names_after(&c, old, new, Some("stb43")).as_deref(),
+            Some("FIRST 1 (stb42,stb44,stb41)")
+        );
+        assert_eq!(sync_names_after(&c, old, new, Some("")), None);
+        assert_eq!(sync_names_after(&c, old, new, None), None);
+        let mut small = c.clone();
+        small.db_list.retain(|d| d.id == 1 || d.id == 3);
+        assert_eq!(
+            sync_names_after(&small, old, new, Some("ANY 3 (stb42,stb43,stb44)")).as_deref(),
+            Some("ANY 1 (stb41)")
+        );
+        // And the failover plan carries it.
+        let f = primary_down(|f| {
+            peers(f, false);
+            f.sync_names = Some("ANY 1 (stb42,stb43,stb44)".into());
+        });
+        let d = decide(&c, &f, &P, 0);
+        assert!(
+            d.plan.contains(&Action::SetSyncNames {
+                id: 2,
+                names: "ANY 1 (stb43,stb44,stb41)".into()
+            }),
+            "{:?}",
+            d.plan
+        );
+    }
+
+    #[test]
+    fn returning_old_primary_is_fenced() {
+        let mut c = cluster();
+        c.db_list[0].is_primary = 0;
+        c.db_list[0].state = DB_FAULT;
+        c.db_list[1].is_primary = 1;
+        let f = facts(|f| {
+            f.seen.insert(1, ok_primary(5000));
+            f.seen.insert(2, ok_primary(6000));
+        });
+        let d = decide(&c, &f, &P, 0);
+        assert_eq!(d.kind, Kind::Fence);
+        assert_eq!(d.plan, [Action::Fence { id: 1 }]);
+        // Once it is down (or runs as a standby) nothing more is done.
+        let f = facts(|f| {
+            f.seen.insert(1, down());
+            f.seen.insert(2, ok_primary(6000));
+            for id in 3..=4 {
+                f.seen.insert(
+                    id,
+                    Seen {
+                        upstream_host: Some("192.168.56.42".into()),
+                        ..ok_standby(6000, 6000)
+                    },
+                );
+            }
+        });
+        assert_eq!(decide(&c, &f, &P, 0).kind, Kind::Nothing);
+    }
+
+    #[test]
+    fn standby_streaming_from_the_wrong_host_is_repointed() {
+        let f = facts(|f| {
+            f.seen.insert(
+                3,
+                Seen {
+                    upstream_host: Some("192.168.56.42".into()),
+                    ..ok_standby(1000, 1000)
+                },
+            );
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Repoint);
+        assert_eq!(d.plan, [Action::Repoint { id: 3, to: 1 }]);
+    }
+
+    #[test]
+    fn fault_primary_is_retried_and_recovers_cluster_state() {
+        let mut c = cluster();
+        c.db_list[0].state = DB_FAULT;
+        c.state = CLUSTER_FAULT;
+        let f = primary_down(|f| peers(f, false));
+        let d = decide(&c, &f, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert_eq!(
+            d.plan.last(),
+            Some(&Action::MetaClusterState {
+                state: crate::meta::CLUSTER_NORMAL
+            })
+        );
+        // No candidate and already Fault: nothing more to write.
+        let f = primary_down(|f| {
+            for id in 2..=4 {
+                f.seen.insert(id, down());
+            }
+        });
+        let d = decide(&c, &f, &P, 0);
+        assert_eq!(d.kind, Kind::NoCandidate);
+        assert!(d.plan.is_empty());
+    }
+}
