@@ -554,7 +554,7 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         let unchecked: Vec<Action> = via
             .iter()
             .filter(|d| !facts.peer_sees_primary.contains_key(&d.host))
-            .filter(|d| !facts.hosts.get(&d.host).is_some_and(|up| !up))
+            .filter(|d| facts.hosts.get(&d.host).is_none_or(|up| *up))
             .map(|d| Action::CheckPeer {
                 via: d.host.clone(),
                 host: primary.host.clone(),
