@@ -232,6 +232,18 @@ impl MetaStore for FileStore {
         fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         let lock_path = self.dir.join("meta.lock");
         let _lock = FileLock::acquire(&lock_path).map_err(self.io(&lock_path))?;
+        // Under the lock no other writer is mid-save: any temp file left
+        // here belongs to a writer that died, and is swept.
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".meta.json.tmp.")
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         let found = self.read()?.map_or(0, |d| d.version);
         if found != doc.version {
             return Err(StoreError::Conflict {

@@ -1,0 +1,8 @@
+//! One integration-test binary (as ripgrep and xsv do): a small harness in
+//! `util`, then one module per area. Tests that need the namespace lab live in
+//! `lab_*` modules; they fail with the reason when the lab cannot be built.
+
+mod util;
+
+mod cli_server;
+mod store_crash;
