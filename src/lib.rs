@@ -19,6 +19,7 @@ pub mod meta;
 pub mod server;
 pub mod store;
 pub mod table;
+pub mod task;
 
 /// The version printed by `--version` and the start-up banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
