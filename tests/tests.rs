@@ -2,7 +2,9 @@
 //! `util`, then one module per area. Tests that need the namespace lab live in
 //! `lab_*` modules; they fail with the reason when the lab cannot be built.
 
+mod lab;
 mod util;
 
 mod cli_server;
+mod lab_foundation;
 mod store_crash;

@@ -1,0 +1,634 @@
+//! The monitor: one thread per cluster that probes every database each
+//! `probe_interval`, turns what it saw into [`ha::Facts`], asks
+//! [`ha::decide`] what to do, and runs the plan with the executors.
+//!
+//! It owns the per-cluster memory between rounds (restart counts, the
+//! primary's last LSN, its synchronous standbys) and the last observation
+//! served to clupadm and the HTTP API. It decides nothing itself: every
+//! branch on cluster state is in `ha`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::exec::pg::{self, DbProbe};
+use crate::exec::ssh::Ssh;
+use crate::exec::{cstlb, pgctl, recovery, vip};
+use crate::ha::{self, Action, Decision, Facts, Kind, Params, Seen};
+use crate::home::Home;
+use crate::meta::{Cluster, Db, DB_FAULT};
+use crate::store::{update, MetaStore};
+use crate::task::{self, TaskHandle};
+
+/// What the monitor last saw of a cluster, for clupadm and the HTTP API.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    pub probes: BTreeMap<u32, DbProbe>,
+    /// When the last round finished (epoch seconds).
+    pub at: u64,
+    pub last_reason: String,
+    pub round_ms: u64,
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct Counters {
+    pub failovers: AtomicU64,
+    pub switchovers: AtomicU64,
+    pub last_failover_ms: AtomicU64,
+    pub probe_failures: AtomicU64,
+    pub cstlb_failures: AtomicU64,
+    pub overruns: AtomicU64,
+}
+
+/// State shared by the monitor threads, the task workers and the API.
+pub struct Shared {
+    pub cfg: Config,
+    pub home: Home,
+    pub store: Arc<dyn MetaStore>,
+    pub ssh: Ssh,
+    pub stop: AtomicBool,
+    pub observed: Mutex<BTreeMap<String, Observed>>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn new(cfg: Config, home: Home, store: Arc<dyn MetaStore>) -> Shared {
+        Shared {
+            ssh: Ssh::from_config(&cfg),
+            cfg,
+            home,
+            store,
+            stop: AtomicBool::new(false),
+            observed: Mutex::new(BTreeMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn params(&self) -> Params {
+        Params { failover_max_lag: self.cfg.failover_max_lag, restart_tries: self.cfg.restart_tries }
+    }
+
+    /// Sleep up to `d`, waking early when the server stops.
+    pub fn sleep(&self, d: Duration) {
+        let end = Instant::now() + d;
+        while !self.stop.load(Ordering::Relaxed) {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    }
+}
+
+/// Start one probe thread per cluster in the meta; returns their handles.
+/// Clusters added later by `clupadm init --force` are picked up by
+/// [`supervise`].
+pub fn start(shared: &Arc<Shared>) -> thread::JoinHandle<()> {
+    let s = shared.clone();
+    thread::Builder::new()
+        .name("ha-supervisor".into())
+        .spawn(move || supervise(&s))
+        .expect("spawn supervisor")
+}
+
+/// Keep exactly one probe thread per cluster of the meta.
+fn supervise(shared: &Arc<Shared>) {
+    let mut threads: BTreeMap<String, thread::JoinHandle<()>> = BTreeMap::new();
+    for t in task::mark_interrupted(&*shared.store) {
+        log::warn!(
+            "Task {} ({}) was interrupted by a restart of clupserver; cluster {} is re-examined now.",
+            t.id,
+            t.name,
+            t.cluster
+        );
+    }
+    while !shared.stop.load(Ordering::Relaxed) {
+        if let Ok(doc) = shared.store.load() {
+            for name in doc.clusters.keys() {
+                let alive = threads.get(name).is_some_and(|h| !h.is_finished());
+                if !alive {
+                    let (s, n) = (shared.clone(), name.clone());
+                    log::info!("Start checking cluster({name}) every {} s.", shared.cfg.probe_interval.as_secs());
+                    match thread::Builder::new()
+                        .name(format!("probe-{name}"))
+                        .spawn(move || cluster_loop(&s, &n))
+                    {
+                        Ok(h) => {
+                            threads.insert(name.clone(), h);
+                        }
+                        Err(e) => log::error!("cannot start the probe thread of cluster {name}: {e}"),
+                    }
+                }
+            }
+        }
+        shared.sleep(Duration::from_secs(2));
+    }
+    for (_, h) in threads {
+        let _ = h.join();
+    }
+}
+
+/// Memory a cluster's loop keeps between rounds.
+#[derive(Default)]
+struct Memory {
+    restarts: BTreeMap<u32, u32>,
+    primary_last_lsn: Option<u64>,
+    sync_names: Option<String>,
+    sync_standbys: std::collections::BTreeSet<String>,
+    last_reason: String,
+}
+
+fn cluster_loop(shared: &Arc<Shared>, name: &str) {
+    let mut mem = Memory::default();
+    let interval = shared.cfg.probe_interval;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let cluster = match shared.store.load() {
+            Ok(doc) => match doc.clusters.get(name) {
+                Some(c) => c.clone(),
+                None => {
+                    log::info!("Cluster({name}) is no longer in the meta; stop checking it.");
+                    return;
+                }
+            },
+            Err(e) => {
+                log::error!("Cluster({name}): cannot read the meta, not acting: {e}");
+                shared.sleep(interval);
+                continue;
+            }
+        };
+        if !cluster.is_frozen() {
+            round(shared, name, &cluster, &mut mem);
+        }
+        let took = started.elapsed();
+        if took > interval {
+            shared.counters.overruns.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.sleep(interval.saturating_sub(took));
+    }
+}
+
+/// Probe every database of the cluster in parallel, with the configured
+/// retries. Each probe is bounded by probe_timeout.
+fn probe_all(shared: &Shared, cluster: &Cluster) -> BTreeMap<u32, DbProbe> {
+    let cfg = &shared.cfg;
+    thread::scope(|s| {
+        let handles: Vec<_> = cluster
+            .db_list
+            .iter()
+            .map(|d| {
+                s.spawn(move || {
+                    let mut p = pg::probe(d, cfg, d.is_primary());
+                    for _ in 0..cfg.probe_retries {
+                        if p.ok {
+                            break;
+                        }
+                        thread::sleep(Duration::from_millis(200));
+                        p = pg::probe(d, cfg, d.is_primary());
+                    }
+                    (d.id, p)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    })
+}
+
+fn seen_of(p: &DbProbe) -> Seen {
+    Seen {
+        ok: p.ok,
+        in_recovery: p.in_recovery,
+        timeline: p.timeline,
+        receive_lsn: p.wal_lsn,
+        replay_lsn: p.replay_lsn,
+        upstream_host: p.upstream.as_ref().map(|u| u.host.clone()),
+        upstream_status: p.upstream.as_ref().map(|u| u.status.clone()),
+    }
+}
+
+fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) {
+    let t0 = Instant::now();
+    let probes = probe_all(shared, cluster);
+    let mut facts = Facts {
+        restarts: mem.restarts.clone(),
+        ..Default::default()
+    };
+    for (id, p) in &probes {
+        facts.seen.insert(*id, seen_of(p));
+        if p.ok {
+            mem.restarts.remove(id);
+        } else {
+            shared.counters.probe_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(primary) = cluster.primary() {
+        if let Some(p) = probes.get(&primary.id).filter(|p| p.ok && p.in_recovery == Some(false)) {
+            if let Some(lsn) = p.wal_lsn {
+                mem.primary_last_lsn = Some(mem.primary_last_lsn.map_or(lsn, |l| l.max(lsn)));
+            }
+            mem.sync_names = p.sync_names.clone();
+            mem.sync_standbys = p
+                .replicas
+                .iter()
+                .filter(|r| r.sync_state == "sync" || r.sync_state == "quorum")
+                .map(|r| r.application_name.clone())
+                .collect();
+        }
+    }
+    facts.restarts = mem.restarts.clone();
+    facts.primary_last_lsn = mem.primary_last_lsn;
+    facts.sync_names = mem.sync_names.clone();
+    facts.sync_standbys = mem.sync_standbys.clone();
+
+    let mut reason = String::new();
+    for _ in 0..8 {
+        let d = ha::decide(cluster, &facts, &shared.params(), crate::now_secs());
+        reason = d.reason.clone();
+        match d.kind {
+            Kind::Nothing => {
+                if d.reason != mem.last_reason {
+                    if d.reason.starts_with("no action: primary") {
+                        log::info!("Cluster({name}): {}", d.reason);
+                    } else {
+                        log::warn!("Cluster({name}): {}", d.reason);
+                    }
+                }
+                break;
+            }
+            Kind::Gather => {
+                if d.reason != mem.last_reason {
+                    log::info!("{}", d.reason);
+                }
+                mem.last_reason = d.reason.clone();
+                gather(shared, &d.plan, &mut facts);
+            }
+            Kind::Restart => {
+                log::info!("{}", d.reason);
+                for a in &d.plan {
+                    if let Action::RestartDb { id } = a {
+                        *mem.restarts.entry(*id).or_insert(0) += 1;
+                        if let Some(db) = cluster.db(*id) {
+                            match pgctl::start(&shared.ssh, db, &shared.cfg) {
+                                Ok(_) => log::info!("Database({}) restarted.", db.addr()),
+                                Err(e) => log::error!("Restart of database({}) failed: {e}", db.addr()),
+                            }
+                        }
+                    }
+                }
+                break;
+            }
+            _ => {
+                act(shared, name, cluster, &d);
+                // Forget what the old topology taught us.
+                if d.kind == Kind::Failover {
+                    mem.primary_last_lsn = None;
+                    mem.restarts.clear();
+                }
+                break;
+            }
+        }
+    }
+    mem.last_reason = reason.clone();
+    let mut obs = shared.observed.lock().unwrap_or_else(|p| p.into_inner());
+    obs.insert(
+        name.to_string(),
+        Observed { probes, at: crate::now_secs(), last_reason: reason, round_ms: t0.elapsed().as_millis() as u64 },
+    );
+}
+
+/// Run gather actions in parallel and record their answers.
+fn gather(shared: &Shared, plan: &[Action], facts: &mut Facts) {
+    let answers: Vec<(Action, Option<bool>)> = thread::scope(|s| {
+        let hs: Vec<_> = plan
+            .iter()
+            .map(|a| {
+                s.spawn(move || {
+                    let r = match a {
+                        Action::CheckHost { host } => Some(shared.ssh.host_up(host)),
+                        Action::CheckPeer { via, host, port } => {
+                            match shared.ssh.peer_reaches(via, host, *port) {
+                                Ok(b) => Some(b),
+                                Err(e) => {
+                                    log::warn!("Cannot ask {via} about {host}:{port}: {e}");
+                                    None
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
+                    (a.clone(), r)
+                })
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    for (a, r) in answers {
+        match a {
+            Action::CheckHost { host } => {
+                facts.hosts.insert(host, r.unwrap_or(false));
+            }
+            Action::CheckPeer { via, .. } => {
+                facts.peers_asked = true;
+                if let Some(b) = r {
+                    facts.peer_sees_primary.insert(via, b);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Run an acting decision as a task, under the cluster lock.
+fn act(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) {
+    let what = match d.kind {
+        Kind::Failover => "failover",
+        Kind::StandbyFault => "standby fault",
+        Kind::Fence => "fence",
+        Kind::Repoint => "repoint",
+        Kind::NoCandidate => "no candidate",
+        _ => "action",
+    };
+    let holder = format!("{what} of cluster {name}");
+    if let Err(e) = task::lock(&*shared.store, name, &holder, shared.cfg.lock_ttl.as_secs()) {
+        log::warn!("Cluster({name}): {e}; not acting now.");
+        return;
+    }
+    let task_name = format!("{what} {name}");
+    let t = match task::begin(&*shared.store, &shared.home.task_dir(), name, &task_name) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("Cluster({name}): cannot record a task, not acting: {e}");
+            task::unlock(&*shared.store, name, &holder);
+            return;
+        }
+    };
+    t.info(&d.reason);
+    let started = Instant::now();
+    let ok = run_plan(shared, name, cluster, d, &t);
+    let ms = started.elapsed().as_millis() as u64;
+    if d.kind == Kind::Failover && ok {
+        shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
+        shared.counters.last_failover_ms.store(ms, Ordering::Relaxed);
+    }
+    t.finish(&*shared.store, ok);
+    task::unlock(&*shared.store, name, &holder);
+}
+
+/// Prefix for a plan's log lines, as the manual words them.
+fn prefix(cluster: &Cluster, d: &Decision) -> String {
+    let subject = d.subject.and_then(|id| cluster.db(id));
+    let addr = subject.map(Db::addr).unwrap_or_default();
+    match (d.kind, subject) {
+        (Kind::Failover, Some(db)) if db.is_primary() => format!("Failover primary database({addr})"),
+        (Kind::StandbyFault, _) => format!("Failover database({addr})"),
+        _ => format!("Cluster action on database({addr})"),
+    }
+}
+
+/// Run the plan step by step. Steps before the promotion abort the plan on
+/// failure; after it, every step is tried and failures are logged.
+pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &TaskHandle) -> bool {
+    let pre = prefix(cluster, d);
+    let mut promoted = false;
+    let mut ok = true;
+    // Repoints run in parallel: collect them and run when the plan reaches them.
+    let repoints: Vec<(u32, u32)> = d
+        .plan
+        .iter()
+        .filter_map(|a| match a {
+            Action::Repoint { id, to } => Some((*id, *to)),
+            _ => None,
+        })
+        .collect();
+    let mut repointed = false;
+    for a in &d.plan {
+        if let Action::Repoint { .. } = a {
+            if repointed {
+                continue;
+            }
+            repointed = true;
+            let to = cluster.db(repoints[0].1).map(|d| d.host.clone()).unwrap_or_default();
+            t.info(&format!("{pre}: change all standby database upper level primary database to host({to})..."));
+            let t0 = Instant::now();
+            let results: Vec<(u32, Result<(), String>)> = thread::scope(|s| {
+                let hs: Vec<_> = repoints
+                    .iter()
+                    .map(|(id, to)| s.spawn(move || (*id, repoint(shared, cluster, *id, *to))))
+                    .collect();
+                hs.into_iter().filter_map(|h| h.join().ok()).collect()
+            });
+            for (id, r) in results {
+                if let Err(e) = r {
+                    ok = false;
+                    t.error(&format!("{pre}: repoint of db {id} failed: {e}"));
+                }
+            }
+            t.info(&format!(
+                "{pre}: change all standby database upper level primary database to host({to}) completed ({} ms).",
+                t0.elapsed().as_millis()
+            ));
+            continue;
+        }
+        let t0 = Instant::now();
+        let res = step(shared, name, cluster, a, &pre, t);
+        let ms = t0.elapsed().as_millis();
+        match res {
+            Ok(()) => {
+                if let Action::Promote { .. } = a {
+                    promoted = true;
+                }
+                log::debug!("{pre}: step '{a}' done in {ms} ms");
+            }
+            Err(e) => {
+                t.error(&format!("{pre}: {a} failed after {ms} ms: {e}"));
+                let critical = matches!(
+                    a,
+                    Action::EnsureWriteVipFree { .. } | Action::Promote { .. } | Action::MetaPrimary { .. }
+                ) || (!promoted && matches!(a, Action::MetaDbState { .. } | Action::Fence { .. }));
+                if critical {
+                    t.error(&format!("{pre}: aborted, nothing further is changed."));
+                    return false;
+                }
+                ok = false;
+            }
+        }
+    }
+    if d.kind == Kind::Failover {
+        if let Some(new) = d.plan.iter().find_map(|a| match a {
+            Action::Promote { id } => cluster.db(*id),
+            _ => None,
+        }) {
+            t.info(&format!("{pre}: switch to new host({}) completed.", new.host));
+        }
+    } else {
+        t.info(&format!("{pre}: all completed."));
+    }
+    ok
+}
+
+fn db_or_err<'a>(cluster: &'a Cluster, id: u32) -> Result<&'a Db, String> {
+    cluster.db(id).ok_or_else(|| format!("db {id} is not in the cluster"))
+}
+
+/// One acting step. Gather actions never reach here.
+fn step(shared: &Shared, name: &str, cluster: &Cluster, a: &Action, pre: &str, t: &TaskHandle) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let ssh = &shared.ssh;
+    match a {
+        Action::CheckHost { .. } | Action::CheckPeer { .. } | Action::RestartDb { .. } | Action::Repoint { .. } => Ok(()),
+        Action::Fence { id } => {
+            let db = db_or_err(cluster, *id)?;
+            t.info(&format!("{pre}: stop database({}) so that it cannot take writes...", db.addr()));
+            let _ = vip::delete(ssh, &db.host, &cluster.write_vip);
+            pgctl::stop_fast(ssh, db, cfg).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Action::CstlbDelete { backend } | Action::CstlbAdd { backend } => {
+            let add = matches!(a, Action::CstlbAdd { .. });
+            let verb = if add { "add host" } else { "remove bad host" };
+            t.info(&format!("{pre}: begin {verb}({backend}) {} cstlb ...", if add { "to" } else { "from" }));
+            cstlb_all(shared, cluster, backend, add, t);
+            t.info(&format!("{pre}: {verb}({backend}) {} cstlb finished.", if add { "to" } else { "from" }));
+            Ok(())
+        }
+        Action::DeleteWriteVip { host } => {
+            t.info(&format!("Switch primary database: begin delete write vip({}) on host({host}) ...", cluster.write_vip));
+            match vip::delete(ssh, host, &cluster.write_vip) {
+                Ok(()) => t.info(&format!("Switch primary database: delete write vip({}) completed.", cluster.write_vip)),
+                Err(e) => t.error(&format!("Switch primary database: delete write vip({}) failed (ignored, host may be gone): {e}", cluster.write_vip)),
+            }
+            Ok(())
+        }
+        Action::EnsureWriteVipFree { id } => {
+            let db = db_or_err(cluster, *id)?;
+            let (ifname, _) = vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
+            if vip::holds(ssh, &db.host, &cluster.write_vip).unwrap_or(false) {
+                return Ok(());
+            }
+            match vip::held_by_other(ssh, &db.host, &ifname, &cluster.write_vip) {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(format!(
+                    "another host still answers ARP for the write vip({}): refusing to promote (split brain guard)",
+                    cluster.write_vip
+                )),
+                Err(e) => Err(format!("cannot check that the write vip is free: {e}")),
+            }
+        }
+        Action::Promote { id } => {
+            let db = db_or_err(cluster, *id)?;
+            t.info(&format!("{pre}: Promote standby database({}) to primary...", db.host));
+            pg::promote(db, cfg).map_err(|e| e.to_string())?;
+            t.info(&format!("{pre}: Promote standby database({}) to primary completed.", db.host));
+            Ok(())
+        }
+        Action::AddWriteVip { id } => {
+            let db = db_or_err(cluster, *id)?;
+            let (ifname, _) = vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
+            vip::add(ssh, &db.host, &cluster.write_vip, &ifname).map_err(|e| e.to_string())?;
+            t.info(&format!("{pre}: write vip({}) added on host({}).", cluster.write_vip, db.host));
+            Ok(())
+        }
+        Action::SetSyncNames { id, names } => {
+            let db = db_or_err(cluster, *id)?;
+            pg::set_sync_names(db, cfg, names).map_err(|e| e.to_string())?;
+            t.info(&format!("{pre}: synchronous_standby_names on database({}) set to '{names}'.", db.addr()));
+            Ok(())
+        }
+        Action::MoveReadVip { from, to } => {
+            t.info(&format!("{pre}: move read vip({}) from host({from}) to host({to}) ...", cluster.read_vip));
+            let _ = vip::delete(ssh, from, &cluster.read_vip);
+            let (ifname, _) = vip::find_interface(ssh, to, cfg.network).map_err(|e| e.to_string())?;
+            vip::add(ssh, to, &cluster.read_vip, &ifname).map_err(|e| e.to_string())?;
+            let to = to.clone();
+            meta_update(shared, name, |c| {
+                c.read_vip_host = to.clone();
+                Ok(())
+            })
+        }
+        Action::MetaPrimary { id, old } => {
+            t.info(&format!("{pre}: save node state to meta server..."));
+            let (id, old) = (*id, *old);
+            meta_update(shared, name, |c| {
+                for d in c.db_list.iter_mut() {
+                    d.is_primary = u8::from(d.id == id);
+                }
+                if let Some(o) = c.db_mut(old) {
+                    o.state = DB_FAULT;
+                }
+                Ok(())
+            })?;
+            t.info(&format!("{pre}: save node state to meta server completed."));
+            Ok(())
+        }
+        Action::MetaDbState { id, state } => {
+            t.info(&format!("{pre}: save node state to meta server..."));
+            let (id, state) = (*id, *state);
+            meta_update(shared, name, |c| {
+                c.db_mut(id).ok_or("db vanished")?.state = state;
+                Ok(())
+            })?;
+            t.info(&format!("{pre}: save node state to meta server completed."));
+            Ok(())
+        }
+        Action::MetaClusterState { state } => {
+            let state = *state;
+            meta_update(shared, name, |c| {
+                c.state = state;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn meta_update(shared: &Shared, name: &str, f: impl Fn(&mut Cluster) -> Result<(), &'static str>) -> Result<(), String> {
+    update(&*shared.store, |doc| {
+        let c = doc.clusters.get_mut(name).ok_or("cluster vanished")?;
+        f(c).map_err(str::to_string)
+    })
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Tell every cstlb of the cluster, in parallel; failures are logged and
+/// counted, never fatal, never slower than cstlb_timeout.
+pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t: &TaskHandle) {
+    let token = shared.cfg.cstlb_token.expose();
+    let timeout = shared.cfg.cstlb_timeout;
+    let errors: Vec<String> = thread::scope(|s| {
+        let hs: Vec<_> = cluster
+            .cstlb_list
+            .iter()
+            .map(|mgr| {
+                s.spawn(move || {
+                    let r = if add {
+                        cstlb::add(mgr, backend, token, timeout)
+                    } else {
+                        cstlb::delete(mgr, backend, token, timeout)
+                    };
+                    r.err().map(|e| format!("cstlb({mgr}): {e}"))
+                })
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
+    });
+    for e in errors {
+        shared.counters.cstlb_failures.fetch_add(1, Ordering::Relaxed);
+        t.error(&format!(
+            "Can not {} host({backend}) {} {e}",
+            if add { "add" } else { "remove" },
+            if add { "to" } else { "from" }
+        ));
+    }
+}
+
+/// Point standby `id` at `to` (recovery settings by version, reload or
+/// restart as the version needs).
+pub fn repoint(shared: &Shared, cluster: &Cluster, id: u32, to: u32) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    let primary = db_or_err(cluster, to)?;
+    recovery::repoint(&shared.ssh, db, primary, &shared.cfg).map_err(|e| e.to_string())
+}

@@ -1,0 +1,198 @@
+//! Harness for end-to-end tests in the namespace lab (scripts/lab): one lab
+//! for the whole test binary, used by one test at a time. `Lab::take()`
+//! brings it to its starting state (pg01 primary, pg02..pg04 streaming) and
+//! lays out a fresh clup home for `mon`. A lab that cannot be built fails the
+//! test with the reason; it never passes silently.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::util::Out;
+
+static LAB: Mutex<()> = Mutex::new(());
+
+pub const LAB_DIR: &str = "/var/tmp/clup-lab";
+pub const WRITE_VIP: &str = "10.213.0.40";
+pub const READ_VIP: &str = "10.213.0.45";
+pub const MON: &str = "10.213.0.9";
+pub const HTTP_TOKEN: &str = "lab_http_token";
+
+pub fn ip(host: &str) -> &'static str {
+    match host {
+        "pg01" => "10.213.0.41",
+        "pg02" => "10.213.0.42",
+        "pg03" => "10.213.0.43",
+        "pg04" => "10.213.0.44",
+        "mon" => MON,
+        "cli" => "10.213.0.50",
+        _ => panic!("no lab host {host}"),
+    }
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub struct Lab {
+    _guard: MutexGuard<'static, ()>,
+    pub home: PathBuf,
+    server_started: bool,
+}
+
+impl Lab {
+    /// Take the lab, bring it to its starting state, lay out a fresh home
+    /// with `probe_interval` and run `clupadm init`.
+    pub fn take(probe_interval: u32) -> Lab {
+        let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let up = Command::new(repo().join("scripts/lab"))
+            .arg("up")
+            .output()
+            .expect("run scripts/lab");
+        assert!(
+            up.status.success(),
+            "the lab could not be built:\n{}\n{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let home = PathBuf::from(format!("{LAB_DIR}/mon-home"));
+        // A server left running from this home (a demo, a failed test) is
+        // stopped before its home is laid out anew.
+        if home.join("bin/clup").exists() {
+            let _ = Command::new(repo().join("scripts/lab"))
+                .args(["exec", "mon", "env"])
+                .arg(format!("CLUP_HOME={}", home.display()))
+                .arg(home.join("bin/clup"))
+                .args(["server", "stop"])
+                .output();
+        }
+        let _ = std::fs::remove_dir_all(&home);
+        let mk = Command::new(repo().join("scripts/lab-home"))
+            .arg(&home)
+            .args([
+                "--bin",
+                crate::util::BIN,
+                "--probe-interval",
+                &probe_interval.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            mk.status.success(),
+            "lab-home: {}",
+            String::from_utf8_lossy(&mk.stderr)
+        );
+        let lab = Lab {
+            _guard: guard,
+            home,
+            server_started: false,
+        };
+        let init = lab.adm(&["init"]);
+        assert_eq!(init.code, 0, "clupadm init in the lab: {init:?}");
+        lab
+    }
+
+    /// Run a command on a lab host.
+    pub fn exec(&self, host: &str, args: &[&str]) -> Out {
+        self.exec_stdin(host, args, None)
+    }
+
+    pub fn exec_stdin(&self, host: &str, args: &[&str], stdin: Option<&str>) -> Out {
+        use std::io::Write;
+        let mut c = Command::new(repo().join("scripts/lab"));
+        c.arg("exec").arg(host).args(args);
+        c.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap().into()
+    }
+
+    pub fn lab(&self, args: &[&str]) -> Out {
+        Command::new(repo().join("scripts/lab"))
+            .args(args)
+            .output()
+            .unwrap()
+            .into()
+    }
+
+    /// `clup <args>` on mon with this home.
+    pub fn clup(&self, args: &[&str]) -> Out {
+        let home = format!("CLUP_HOME={}", self.home.display());
+        let bin = self.home.join("bin/clup");
+        let mut all = vec!["env", home.as_str(), bin.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.exec("mon", &all)
+    }
+
+    pub fn adm(&self, args: &[&str]) -> Out {
+        let mut all = vec!["adm"];
+        all.extend_from_slice(args);
+        self.clup(&all)
+    }
+
+    pub fn start_server(&mut self) {
+        let out = self.clup(&["server", "start"]);
+        assert_eq!(out.code, 0, "clupserver start in mon: {out:?}");
+        self.server_started = true;
+    }
+
+    /// psql from `host` (default cli) to `target` with the lab's password;
+    /// returns trimmed stdout, or the error.
+    pub fn sql(&self, from: &str, target: &str, db: &str, query: &str) -> Result<String, String> {
+        let conn = format!(
+            "host={target} port=5432 user=postgres password=lab_pg_pass dbname={db} connect_timeout=2"
+        );
+        let out = self.exec(from, &["psql", "-XAtq", &conn, "-c", query]);
+        if out.code == 0 {
+            Ok(out.stdout.trim().to_string())
+        } else {
+            Err(out.stderr.trim().to_string())
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("logs/clupserver.log")).unwrap_or_default()
+    }
+
+    /// Which lab db host holds `vip` on its eth0 (None if nobody).
+    pub fn vip_holder(&self, vip: &str) -> Option<String> {
+        for h in ["pg01", "pg02", "pg03", "pg04"] {
+            let out = self.exec(h, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+            if out.stdout.contains(&format!(" {vip}/32")) {
+                return Some(h.to_string());
+            }
+        }
+        None
+    }
+
+    /// Poll `f` every 200 ms for up to `secs`.
+    pub fn wait(&self, secs: u64, mut f: impl FnMut(&Lab) -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            if f(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        f(self)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.server_started {
+            let _ = self.clup(&["server", "stop"]);
+        }
+        // Leave no partition behind for the next test.
+        let _ = self.lab(&["heal"]);
+    }
+}
