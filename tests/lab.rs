@@ -4,6 +4,9 @@
 //! lays out a fresh clup home for `mon`. A lab that cannot be built fails the
 //! test with the reason; it never passes silently.
 
+// Some helpers serve only the HA lab tests.
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
