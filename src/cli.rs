@@ -75,19 +75,71 @@ impl From<lexopt::Error> for Failure {
     }
 }
 
-/// Options shared by the commands; each command accepts only its own.
+/// Every option: canonical spelling, other spelling, value name, meaning.
+/// clupadm(8) is tested against this table and [`ADM_OPTIONS`].
+pub const OPTION_DOCS: &[(&str, &str, &str, &str)] = &[
+    ("-c", "--cluster", "CLUSTER", "the cluster; may be left out when the meta holds only one"),
+    ("-i", "--id", "ID", "the database id (db_list id)"),
+    ("-t", "--task", "TASK_ID", "the task id, as show_task lists it"),
+    ("-f", "--file", "FILE", "read from FILE instead of the default (init: conf/init.json; change_meta: standard input)"),
+    ("-n", "--lines", "N", "how many lines of the log to show first (default 10)"),
+    ("--json", "", "", "print JSON instead of the fixed-width table"),
+    ("--force", "", "", "init: replace an existing meta (task records are kept)"),
+    ("--rewind", "", "", "repair: run pg_rewind from the current primary first"),
+    ("--rebuild", "", "", "repair: rebuild the node with pg_basebackup (the old data directory is moved aside, never deleted)"),
+    ("--follow", "", "", "task_log: keep following the log until the task ends"),
+    ("--no-follow", "", "", "log, repair, switch: print and return instead of following"),
+];
+
+/// The options each command accepts.
+pub const ADM_OPTIONS: &[(&str, &[&str])] = &[
+    ("init", &["-f", "--force"]),
+    ("show", &["-c", "--json"]),
+    ("get_last_lsn", &["-c", "--json"]),
+    ("repl_delay", &["-c", "--json"]),
+    ("log", &["-n", "--no-follow"]),
+    ("froze", &["-c"]),
+    (
+        "repair",
+        &["-c", "-i", "--rewind", "--rebuild", "--no-follow"],
+    ),
+    ("unfroze", &["-c"]),
+    ("switch", &["-c", "-i", "--no-follow"]),
+    ("change_meta", &["-c", "-f"]),
+    ("get_meta", &["-c", "--json"]),
+    ("show_task", &["-c", "--json"]),
+    ("task_log", &["-t", "--follow"]),
+];
+
+/// Parsed options; each command reads only its own.
 #[derive(Default)]
 struct Opts {
     cluster: Option<String>,
+    id: Option<u32>,
+    task: Option<u64>,
     json: bool,
     file: Option<PathBuf>,
     force: bool,
     lines: Option<usize>,
+    rewind: bool,
+    rebuild: bool,
+    follow: bool,
     no_follow: bool,
 }
 
-fn parse_opts(p: &mut lexopt::Parser, allowed: &[&str]) -> Result<Opts, Failure> {
+fn number<T: std::str::FromStr>(p: &mut lexopt::Parser, what: &str) -> Result<T, Failure> {
+    use lexopt::ValueExt;
+    let v: String = p.value()?.string()?;
+    v.parse()
+        .map_err(|_| fail(EXIT_USAGE, format!("invalid {what} '{v}'")))
+}
+
+fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
     use lexopt::prelude::*;
+    let allowed = ADM_OPTIONS
+        .iter()
+        .find(|(c, _)| *c == cmd)
+        .map_or(&[][..], |(_, o)| *o);
     let mut o = Opts::default();
     while let Some(arg) = p.next()? {
         let name = match &arg {
@@ -100,39 +152,28 @@ fn parse_opts(p: &mut lexopt::Parser, allowed: &[&str]) -> Result<Opts, Failure>
                 ))
             }
         };
-        let canonical = match name.as_str() {
-            "-c" | "--cluster" => "-c",
-            "--json" => "--json",
-            "-f" | "--file" => "-f",
-            "--force" => "--force",
-            "-n" | "--lines" => "-n",
-            "--no-follow" => "--no-follow",
-            "-h" | "--help" => "-h",
-            _ => "",
-        };
-        if canonical == "-h" {
+        if name == "-h" || name == "--help" {
             return Err(fail(0, usage()));
         }
-        if canonical.is_empty() || !allowed.contains(&canonical) {
-            return Err(fail(
-                EXIT_USAGE,
-                format!("invalid option '{name}' for this command"),
-            ));
-        }
+        let canonical = OPTION_DOCS
+            .iter()
+            .find(|(c, long, _, _)| *c == name || (!long.is_empty() && *long == name))
+            .map(|(c, ..)| *c)
+            .filter(|c| allowed.contains(c))
+            .ok_or_else(|| fail(EXIT_USAGE, format!("invalid option '{name}' for {cmd}")))?;
         match canonical {
             "-c" => o.cluster = Some(p.value()?.string()?),
-            "--json" => o.json = true,
+            "-i" => o.id = Some(number(p, "database id")?),
+            "-t" => o.task = Some(number(p, "task id")?),
             "-f" => o.file = Some(PathBuf::from(p.value()?)),
+            "-n" => o.lines = Some(number(p, "line count")?),
+            "--json" => o.json = true,
             "--force" => o.force = true,
-            "-n" => {
-                let v: String = p.value()?.string()?;
-                o.lines = Some(
-                    v.parse()
-                        .map_err(|_| fail(EXIT_USAGE, format!("invalid line count '{v}'")))?,
-                );
-            }
+            "--rewind" => o.rewind = true,
+            "--rebuild" => o.rebuild = true,
+            "--follow" => o.follow = true,
             "--no-follow" => o.no_follow = true,
-            _ => unreachable!(),
+            _ => unreachable!("every OPTION_DOCS entry is handled"),
         }
     }
     Ok(o)
@@ -190,16 +231,16 @@ fn emit(s: &str) -> ExitCode {
 fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure> {
     match cmd {
         "init" => {
-            let o = parse_opts(p, &["-f", "--force"])?;
+            let o = parse_opts(p, cmd)?;
             init(home, o.file.unwrap_or_else(|| home.init_json()), o.force)
         }
         "log" => {
-            let o = parse_opts(p, &["-n", "--no-follow"])?;
+            let o = parse_opts(p, cmd)?;
             follow_log(&home.log_file(), o.lines.unwrap_or(10), !o.no_follow)?;
             Ok(String::new())
         }
         "show" => {
-            let o = parse_opts(p, &["-c", "--json"])?;
+            let o = parse_opts(p, cmd)?;
             let clusters = fetch_clusters(home, o.cluster.as_deref(), "show")?;
             Ok(if o.json {
                 show_json(&clusters)
@@ -208,7 +249,7 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
             })
         }
         "get_meta" => {
-            let o = parse_opts(p, &["-c", "--json"])?;
+            let o = parse_opts(p, cmd)?;
             let clusters = fetch_clusters(home, o.cluster.as_deref(), "get_meta")?;
             let v = match &o.cluster {
                 Some(c) => json!(clusters.get(c)),
@@ -220,7 +261,7 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
             ))
         }
         "change_meta" => {
-            let o = parse_opts(p, &["-c", "-f"])?;
+            let o = parse_opts(p, cmd)?;
             let cluster = o
                 .cluster
                 .ok_or_else(|| fail(EXIT_USAGE, "change_meta needs -c CLUSTER"))?;
@@ -235,7 +276,7 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
             Ok(format!("Cluster({cluster}) meta changed.\n"))
         }
         "froze" | "unfroze" => {
-            let o = parse_opts(p, &["-c"])?;
+            let o = parse_opts(p, cmd)?;
             let d = call(home, cmd, json!({"cluster": o.cluster}))?;
             Ok(format!(
                 "Cluster({}) {}.\n",
@@ -561,6 +602,25 @@ cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     post
         assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
         assert_eq!(v["dbs"][0]["primary"], 1);
         assert_eq!(v["dbs"][3]["host"], "192.168.56.44");
+    }
+
+    #[test]
+    fn option_tables_agree() {
+        for (cmd, _) in COMMANDS {
+            assert!(
+                ADM_OPTIONS.iter().any(|(c, _)| c == cmd),
+                "{cmd} has no options entry"
+            );
+        }
+        for (cmd, opts) in ADM_OPTIONS {
+            assert!(COMMANDS.iter().any(|(c, _)| c == cmd), "{cmd}");
+            for o in *opts {
+                assert!(
+                    OPTION_DOCS.iter().any(|(c, ..)| c == o),
+                    "{cmd} {o} undocumented"
+                );
+            }
+        }
     }
 
     #[test]
