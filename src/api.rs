@@ -57,6 +57,8 @@ impl Resp {
 pub struct Ctx {
     pub cfg: Config,
     pub store: Arc<dyn MetaStore>,
+    /// data/tasks under the home: task logs.
+    pub task_dir: std::path::PathBuf,
 }
 
 pub fn split_url(url: &str) -> (&str, BTreeMap<String, String>) {
@@ -266,6 +268,43 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
                 Err(e) => refused(e),
             }
         }
+        "show_task" => {
+            let cluster = arg_str(args, "cluster");
+            let doc = match ctx.store.load() {
+                Ok(d) => d,
+                Err(e) => return Resp::err(500, e.to_string()),
+            };
+            let tasks: Vec<&crate::store::Task> = doc
+                .tasks
+                .iter()
+                .filter(|t| cluster.is_none_or(|c| t.cluster == c))
+                .collect();
+            Resp::ok(json!({ "tasks": tasks }))
+        }
+        "task_log" => {
+            let Some(id) = args.get("task").and_then(Value::as_u64) else {
+                return Resp::err(400, "task_log needs a task id (-t)");
+            };
+            let offset = args.get("offset").and_then(Value::as_u64).unwrap_or(0);
+            let doc = match ctx.store.load() {
+                Ok(d) => d,
+                Err(e) => return Resp::err(500, e.to_string()),
+            };
+            let Some(task) = doc.tasks.iter().find(|t| t.id == id) else {
+                return Resp::err(404, format!("no task {id}"));
+            };
+            let path = crate::task::log_path(&ctx.task_dir, id);
+            let text = std::fs::read(&path).unwrap_or_default();
+            let from = (offset as usize).min(text.len());
+            // At most 256 KiB per answer; the client asks again from `offset`.
+            let to = (from + (256 << 10)).min(text.len());
+            Resp::ok(json!({
+                "task": task,
+                "text": String::from_utf8_lossy(&text[from..to]),
+                "offset": to,
+                "more": to < text.len(),
+            }))
+        }
         _ => Resp::err(404, format!("unknown command '{cmd}'")),
     }
 }
@@ -291,6 +330,7 @@ mod tests {
         Ctx {
             cfg: Config::parse(SAMPLE, Path::new("clup.conf")).unwrap(),
             store: Arc::new(store),
+            task_dir: dir.join("tasks"),
         }
     }
 
@@ -462,6 +502,67 @@ mod tests {
         let doc = c.store.load().unwrap();
         assert_eq!(doc.version, 2);
         assert_eq!(doc.clusters["cluster01"].db_list[3].state, 2);
+    }
+
+    #[test]
+    fn tasks_are_listed_and_their_logs_paged() {
+        let c = ctx("tasks");
+        std::fs::create_dir_all(&c.task_dir).unwrap();
+        let t = crate::task::begin(
+            &*c.store,
+            &c.task_dir,
+            "cluster01",
+            "repair cluster01(dbid=4)",
+        )
+        .unwrap();
+        t.info("line one");
+        let r = call(&c, "POST", "/admin/show_task", &[PASS], "{}");
+        assert_eq!(
+            r.body["data"]["tasks"][0]["name"],
+            "repair cluster01(dbid=4)"
+        );
+        let r = call(
+            &c,
+            "POST",
+            "/admin/show_task",
+            &[PASS],
+            "{\"cluster\":\"other\"}",
+        );
+        assert_eq!(r.body["data"]["tasks"], json!([]));
+        let r = call(
+            &c,
+            "POST",
+            "/admin/task_log",
+            &[PASS],
+            &format!("{{\"task\":{}}}", t.id),
+        );
+        assert!(
+            r.body["data"]["text"]
+                .as_str()
+                .unwrap()
+                .ends_with(":INFO: line one\n"),
+            "{r:?}"
+        );
+        let off = r.body["data"]["offset"].as_u64().unwrap();
+        t.info("line two");
+        let body = format!("{{\"task\":{},\"offset\":{off}}}", t.id);
+        let r = call(&c, "POST", "/admin/task_log", &[PASS], &body);
+        assert!(
+            r.body["data"]["text"]
+                .as_str()
+                .unwrap()
+                .ends_with(":INFO: line two\n"),
+            "{r:?}"
+        );
+        assert_eq!(r.body["data"]["task"]["state"], "running");
+        assert_eq!(
+            call(&c, "POST", "/admin/task_log", &[PASS], "{\"task\":99}").status,
+            404
+        );
+        assert_eq!(
+            call(&c, "POST", "/admin/task_log", &[PASS], "{}").status,
+            400
+        );
     }
 
     #[test]

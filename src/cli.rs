@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::home::Home;
 use crate::meta::{self, Cluster, Clusters};
-use crate::store::{FileStore, MetaDoc, MetaStore, StoreError};
+use crate::store::{FileStore, MetaDoc, MetaStore, StoreError, Task};
 use crate::table::{self, col, Align};
 
 pub const EXIT_FAILED: u8 = 1;
@@ -284,6 +284,31 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
                 if cmd == "froze" { "frozen" } else { "unfrozen" }
             ))
         }
+        "show_task" => {
+            let o = parse_opts(p, cmd)?;
+            let d = call(home, "show_task", json!({ "cluster": o.cluster }))?;
+            let tasks: Vec<Task> = serde_json::from_value(d["tasks"].clone()).map_err(|e| {
+                fail(
+                    EXIT_FAILED,
+                    format!("unexpected answer from clupserver: {e}"),
+                )
+            })?;
+            Ok(if o.json {
+                format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&json!({ "tasks": tasks })).expect("json")
+                )
+            } else {
+                show_task_text(&tasks)
+            })
+        }
+        "task_log" => {
+            let o = parse_opts(p, cmd)?;
+            let id = o
+                .task
+                .ok_or_else(|| fail(EXIT_USAGE, "task_log needs -t TASK_ID"))?;
+            follow_task(home, id, o.follow)
+        }
         c if COMMANDS.iter().any(|(n, _)| *n == c) => Err(fail(
             EXIT_FAILED,
             format!("'{c}' is not available in this build yet"),
@@ -514,6 +539,68 @@ pub fn show_json(clusters: &Clusters) -> String {
         "{}\n",
         serde_json::to_string_pretty(&json!({"clusters": cl, "dbs": dbs})).expect("json")
     )
+}
+
+/// `clupadm show_task`: one line per task, newest last.
+pub fn show_task_text(tasks: &[Task]) -> String {
+    let cols = [
+        col("task_id", 7, Align::Right),
+        col("state", 11, Align::Left),
+        col("cluster_name", 12, Align::Left),
+        col("begin_time", 19, Align::Left),
+        col("end_time", 19, Align::Left),
+        col("task_name", 30, Align::Left),
+    ];
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.to_string(),
+                t.state.clone(),
+                t.cluster.clone(),
+                crate::logging::format_epoch(t.begin),
+                if t.end == 0 {
+                    String::new()
+                } else {
+                    crate::logging::format_epoch(t.end)
+                },
+                t.name.clone(),
+            ]
+        })
+        .collect();
+    table::render(&cols, &rows)
+}
+
+/// Print a task's log; with `follow`, keep printing until the task ends.
+/// Fails (exit 1) when the task ended in failure.
+pub fn follow_task(home: &Home, id: u64, follow: bool) -> Result<String, Failure> {
+    let mut offset = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let d = call(home, "task_log", json!({ "task": id, "offset": offset }))?;
+        let text = d["text"].as_str().unwrap_or("");
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            return Ok(String::new());
+        }
+        offset = d["offset"].as_u64().unwrap_or(offset);
+        if d["more"] == json!(true) {
+            continue;
+        }
+        let state = d["task"]["state"].as_str().unwrap_or("").to_string();
+        if !follow || state != "running" {
+            return match state.as_str() {
+                "failed" | "interrupted" if follow => {
+                    Err(fail(EXIT_FAILED, format!("task {id} {state}")))
+                }
+                _ => Ok(String::new()),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// Print the last `lines` lines of the log, then follow it like `tail -f`

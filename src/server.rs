@@ -185,7 +185,7 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
 }
 
 fn run(
-    _home: &Home,
+    home: &Home,
     cfg: Config,
     store: Arc<dyn MetaStore>,
     ready: &mut Ready,
@@ -210,6 +210,7 @@ fn run(
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         store: store.clone(),
+        task_dir: home.task_dir(),
     });
     let mut workers = Vec::new();
     for i in 0..HTTP_WORKERS {
