@@ -541,6 +541,91 @@ pub fn show_json(clusters: &Clusters) -> String {
     )
 }
 
+/// One row of `get_last_lsn`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LsnRow {
+    pub id: u32,
+    pub host: String,
+    pub primary: u8,
+    pub timeline: Option<u32>,
+    pub lsn: Option<String>,
+}
+
+/// `clupadm get_last_lsn` in the manual's layout.
+pub fn lsn_text(rows: &[LsnRow]) -> String {
+    let mut out = table::title("db list", '-');
+    let cols = [
+        col("id", 2, Align::Right),
+        col("host", 17, Align::Left),
+        col("primary", 7, Align::Right),
+        col("timeline", 8, Align::Right),
+        col("lsn", 16, Align::Right),
+    ];
+    let na = |o: Option<String>| o.unwrap_or_else(|| "N/A".to_string());
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.host.clone(),
+                r.primary.to_string(),
+                na(r.timeline.map(|t| t.to_string())),
+                na(r.lsn.clone()),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(&cols, &rows));
+    out
+}
+
+/// One row of `repl_delay`; the primary's row has no delays.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DelayRow {
+    pub host: String,
+    pub primary: u8,
+    pub current_lsn: Option<String>,
+    pub sent_delay: Option<u64>,
+    pub write_delay: Option<u64>,
+    pub flush_delay: Option<u64>,
+    pub replay_delay: Option<u64>,
+    pub is_sync: Option<String>,
+    pub state: Option<String>,
+}
+
+/// `clupadm repl_delay` in the manual's layout.
+pub fn delay_text(rows: &[DelayRow]) -> String {
+    let cols = [
+        col("host", 17, Align::Left),
+        col("primary", 7, Align::Left),
+        col("current_lsn", 11, Align::Right),
+        col("sent_delay", 12, Align::Right),
+        col("write_delay", 12, Align::Right),
+        col("flush_delay", 12, Align::Right),
+        col("replay_delay", 12, Align::Right),
+        col("is_sync", 12, Align::Right),
+        col("state", 12, Align::Right),
+    ];
+    let na = |o: Option<String>| o.unwrap_or_else(|| "N/A".to_string());
+    let num = |o: Option<u64>| na(o.map(|n| n.to_string()));
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.host.clone(),
+                r.primary.to_string(),
+                na(r.current_lsn.clone()),
+                num(r.sent_delay),
+                num(r.write_delay),
+                num(r.flush_delay),
+                num(r.replay_delay),
+                na(r.is_sync.clone()),
+                na(r.state.clone()),
+            ]
+        })
+        .collect();
+    table::render(&cols, &rows)
+}
+
 /// `clupadm show_task`: one line per task, newest last.
 pub fn show_task_text(tasks: &[Task]) -> String {
     let cols = [
@@ -689,6 +774,65 @@ cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     post
         assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
         assert_eq!(v["dbs"][0]["primary"], 1);
         assert_eq!(v["dbs"][3]["host"], "192.168.56.44");
+    }
+
+    /// The manual's get_last_lsn and repl_delay outputs (§3.1.2), whose
+    /// trailing spaces are kept.
+    #[test]
+    fn lsn_and_delay_match_manual_layout() {
+        let rows: Vec<LsnRow> = (1..=4)
+            .map(|id| LsnRow {
+                id,
+                host: format!("192.168.56.4{id}"),
+                primary: u8::from(id == 2),
+                timeline: Some(9),
+                lsn: Some("0/30E73D0".into()),
+            })
+            .collect();
+        let want = "                   db list
+--------------------------------------------------
+id        host       primary timeline       lsn       
+-- ----------------- ------- -------- ----------------
+ 1 192.168.56.41           0        9        0/30E73D0
+ 2 192.168.56.42           1        9        0/30E73D0
+ 3 192.168.56.43           0        9        0/30E73D0
+ 4 192.168.56.44           0        9        0/30E73D0
+";
+        assert_eq!(lsn_text(&rows), want);
+
+        let standby = |id: u32| DelayRow {
+            host: format!("192.168.56.4{id}"),
+            primary: 0,
+            current_lsn: Some("0/30E8038".into()),
+            sent_delay: Some(0),
+            write_delay: Some(0),
+            flush_delay: Some(0),
+            replay_delay: Some(152),
+            is_sync: Some("async".into()),
+            state: Some("normal".into()),
+        };
+        let primary = DelayRow {
+            host: "192.168.56.42".into(),
+            primary: 1,
+            current_lsn: None,
+            sent_delay: None,
+            write_delay: None,
+            flush_delay: None,
+            replay_delay: None,
+            is_sync: None,
+            state: None,
+        };
+        let want = "       host       primary current_lsn  sent_delay  write_delay  flush_delay  replay_delay   is_sync       state    
+----------------- ------- ----------- ------------ ------------ ------------ ------------ ------------ ------------
+192.168.56.41     0         0/30E8038            0            0            0          152        async       normal
+192.168.56.42     1               N/A          N/A          N/A          N/A          N/A          N/A          N/A
+192.168.56.43     0         0/30E8038            0            0            0          152        async       normal
+192.168.56.44     0         0/30E8038            0            0            0          152        async       normal
+";
+        assert_eq!(
+            delay_text(&[standby(1), primary, standby(3), standby(4)]),
+            want
+        );
     }
 
     #[test]
