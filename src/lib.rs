@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod exec;
 pub mod ha;
 pub mod home;
 pub mod lb;

@@ -177,6 +177,45 @@ impl Lab {
         None
     }
 
+    /// kill -9 the postmaster of a db host and its children, by pid.
+    pub fn kill_postgres(&self, host: &str) {
+        let out = self.exec(
+            host,
+            &["sh", "-c", "p=$(head -1 /var/lib/postgresql/pgdata/postmaster.pid) && kill -9 $p $(ps -o pid= --ppid $p)"],
+        );
+        assert_eq!(out.code, 0, "kill postgres on {host}: {out:?}");
+    }
+
+    /// Is postgres on `host` answering, and is it in recovery?
+    pub fn role(&self, host: &str) -> Option<bool> {
+        self.sql("cli", ip(host), "postgres", "select pg_is_in_recovery()")
+            .ok()
+            .map(|s| s == "t")
+    }
+
+    /// The parsed `clupadm show --json`.
+    pub fn show(&self) -> serde_json::Value {
+        let out = self.adm(&["show", "--json"]);
+        assert_eq!(out.code, 0, "show --json: {out:?}");
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    /// `(state, primary)` of db `id` from `clupadm show --json`.
+    pub fn db_state(&self, id: u32) -> (String, u64) {
+        let v = self.show();
+        let d = v["dbs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()
+            .clone();
+        (
+            d["state"].as_str().unwrap().to_string(),
+            d["primary"].as_u64().unwrap(),
+        )
+    }
+
     /// Poll `f` every 200 ms for up to `secs`.
     pub fn wait(&self, secs: u64, mut f: impl FnMut(&Lab) -> bool) -> bool {
         let end = Instant::now() + Duration::from_secs(secs);

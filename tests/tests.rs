@@ -7,4 +7,5 @@ mod util;
 
 mod cli_server;
 mod lab_foundation;
+mod pg_local;
 mod store_crash;

@@ -1,0 +1,470 @@
+//! Virtual IPs on database hosts: `ip addr` and `arping` over a [`Remote`].
+//!
+//! Owns: the scripts that add/delete a VIP (idempotent), announce it
+//! (gratuitous ARP) and probe for another holder (ARP duplicate address
+//! detection), and parsing `ip -o -4 addr show`. Must not: decide where a
+//! VIP belongs, or run any of this on the monitor's own interfaces.
+//!
+//! arping is iputils' (`-U`, `-D`, `-c`, `-w`, `-I`), as on the database
+//! hosts the manual describes.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::exec::cmd::CommandError;
+use crate::exec::shell::quote;
+use crate::exec::ssh::Remote;
+use crate::exec::Error;
+
+/// One IPv4 address of an interface, from `ip -o -4 addr show`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IfAddr {
+    pub ifname: String,
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub secondary: bool,
+}
+
+/// Parse `ip -o -4 addr show` output:
+/// `2: eth0    inet 192.168.56.41/24 brd 192.168.56.255 scope global eth0\ ...`.
+/// Lines that do not parse are skipped.
+pub fn parse_ip_addr(output: &str) -> Vec<IfAddr> {
+    let mut out = Vec::new();
+    for line in output.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(pos) = f.iter().position(|w| *w == "inet") else {
+            continue;
+        };
+        if pos < 1 {
+            continue;
+        }
+        // `eth0@if12` names a veth's peer; the interface is `eth0`.
+        let ifname = f[pos - 1].split('@').next().unwrap_or("").to_string();
+        let Some((addr, prefix)) = f.get(pos + 1).and_then(|c| c.split_once('/')) else {
+            continue;
+        };
+        let (Ok(addr), Ok(prefix)) = (addr.parse::<Ipv4Addr>(), prefix.parse::<u8>()) else {
+            continue;
+        };
+        if prefix > 32 || ifname.is_empty() {
+            continue;
+        }
+        out.push(IfAddr {
+            ifname,
+            addr,
+            prefix,
+            secondary: f[pos..].contains(&"secondary"),
+        });
+    }
+    out
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+/// Whether `addr/prefix` and `network` are in the same subnet (the
+/// interface's prefix decides, since clup.conf's `network` has none).
+pub fn in_network(addr: Ipv4Addr, prefix: u8, network: Ipv4Addr) -> bool {
+    let m = mask(prefix);
+    u32::from(addr) & m == u32::from(network) & m
+}
+
+/// The interface (and its prefix length) whose address lies in `network`,
+/// preferring primary addresses over secondary ones and skipping /32s
+/// (VIPs themselves).
+pub fn pick_interface(addrs: &[IfAddr], network: Ipv4Addr) -> Option<(String, u8)> {
+    let fits = |a: &&IfAddr| a.prefix < 32 && in_network(a.addr, a.prefix, network);
+    addrs
+        .iter()
+        .filter(fits)
+        .find(|a| !a.secondary)
+        .or_else(|| addrs.iter().find(fits))
+        .map(|a| (a.ifname.clone(), a.prefix))
+}
+
+const LIST_SCRIPT: &str = "ip -o -4 addr show";
+
+fn timeout(remote: &dyn Remote) -> Duration {
+    remote.connect_timeout() + Duration::from_secs(10)
+}
+
+/// Every IPv4 address of `host`.
+pub fn addresses(remote: &dyn Remote, host: &str) -> Result<Vec<IfAddr>, CommandError> {
+    let out = remote.run_script(host, LIST_SCRIPT, LIST_SCRIPT, None, timeout(remote))?;
+    Ok(parse_ip_addr(&out.stdout))
+}
+
+/// The interface of `host` in `network`, and its prefix length.
+pub fn find_interface(
+    remote: &dyn Remote,
+    host: &str,
+    network: Ipv4Addr,
+) -> Result<(String, u8), Error> {
+    let addrs = addresses(remote, host)?;
+    pick_interface(&addrs, network).ok_or_else(|| {
+        Error::Other(format!(
+            "host {host} has no interface with an address in network {network}"
+        ))
+    })
+}
+
+/// Whether `host` has `vip` on any interface.
+pub fn holds(remote: &dyn Remote, host: &str, vip: Ipv4Addr) -> Result<bool, CommandError> {
+    Ok(addresses(remote, host)?.iter().any(|a| a.addr == vip))
+}
+
+/// The marker line the add script prints when the announcement failed.
+const ARPING_FAILED: &str = "clup-arping-failed";
+
+/// Add `vip/32` on `ifname` (already there = fine), then announce it with
+/// one gratuitous ARP. A failed announcement prints a marker line and still
+/// exits 0.
+pub fn add_script(vip: Ipv4Addr, ifname: &str) -> String {
+    format!(
+        r#"vip={vip}; dev={dev}
+if ! out=$(ip addr add "$vip/32" dev "$dev" 2>&1); then
+  case $out in
+    *"File exists"*|*"already assigned"*) ;;
+    *) echo "$out" >&2; exit 1 ;;
+  esac
+fi
+if ! out=$(arping -U -c 1 -I "$dev" "$vip" 2>&1); then echo "{marker} $out"; fi
+exit 0
+"#,
+        vip = quote(&vip.to_string()),
+        dev = quote(ifname),
+        marker = ARPING_FAILED,
+    )
+}
+
+/// Remove `vip` from every interface that has it (with any prefix); absent
+/// = fine.
+pub fn delete_script(vip: Ipv4Addr) -> String {
+    format!(
+        r#"vip={vip}
+ip -o -4 addr show | while read -r _ dev _ cidr _; do
+  case $cidr in
+    "$vip"/*) ip addr del "$cidr" dev "${{dev%@*}}" || exit 1 ;;
+  esac
+done
+"#,
+        vip = quote(&vip.to_string()),
+    )
+}
+
+/// Duplicate address detection: exit 0 = nobody answered, 1 = somebody has
+/// `vip`, anything else = arping could not ask.
+pub fn dad_script(ifname: &str, vip: Ipv4Addr) -> String {
+    format!(
+        "arping -D -c 2 -w 2 -I {} {}\n",
+        quote(ifname),
+        quote(&vip.to_string())
+    )
+}
+
+/// Put `vip` on `host`'s `ifname` and announce it. An announcement that
+/// fails is logged, not an error: the address is up.
+pub fn add(remote: &dyn Remote, host: &str, vip: Ipv4Addr, ifname: &str) -> Result<(), Error> {
+    let out = remote.run_script(
+        host,
+        &format!("ip addr add {vip}/32 dev {ifname}"),
+        &add_script(vip, ifname),
+        None,
+        timeout(remote),
+    )?;
+    if let Some(line) = out.stdout.lines().find(|l| l.starts_with(ARPING_FAILED)) {
+        log::warn!(
+            "host {host}: vip {vip} added on {ifname}, but arping -U failed: {}",
+            line[ARPING_FAILED.len()..].trim()
+        );
+    }
+    Ok(())
+}
+
+/// Remove `vip` from `host`, wherever it is.
+pub fn delete(remote: &dyn Remote, host: &str, vip: Ipv4Addr) -> Result<(), Error> {
+    remote.run_script(
+        host,
+        &format!("ip addr del {vip}"),
+        &delete_script(vip),
+        None,
+        timeout(remote),
+    )?;
+    Ok(())
+}
+
+/// Ask, from `via_host` (which must not hold `vip` itself), whether any
+/// machine on `ifname`'s link answers ARP for `vip`.
+pub fn held_by_other(
+    remote: &dyn Remote,
+    via_host: &str,
+    ifname: &str,
+    vip: Ipv4Addr,
+) -> Result<bool, Error> {
+    let label = format!("arping -D {vip} on {ifname}");
+    let out = remote.run_script_unchecked(
+        via_host,
+        &label,
+        &dad_script(ifname, vip),
+        None,
+        timeout(remote) + Duration::from_secs(2),
+    )?;
+    match out.code {
+        0 => Ok(false),
+        1 => Ok(true),
+        code => Err(CommandError::Failed {
+            what: remote.describe(via_host, &label),
+            code,
+            stderr: out.stderr,
+            stdout: out.stdout,
+        }
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::cmd::{self, Output};
+    use std::path::PathBuf;
+
+    const SAMPLE: &str = "\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+2: eth0    inet 10.0.2.15/24 brd 10.0.2.255 scope global dynamic eth0\\       valid_lft 86066sec preferred_lft 86066sec
+3: eth1    inet 192.168.56.41/24 brd 192.168.56.255 scope global eth1\\       valid_lft forever preferred_lft forever
+3: eth1    inet 192.168.56.40/32 scope global eth1\\       valid_lft forever preferred_lft forever
+3: eth1    inet 192.168.56.45/24 scope global secondary eth1\\       valid_lft forever preferred_lft forever
+7: veth1@if6    inet 172.20.0.2/16 brd 172.20.255.255 scope global veth1\\       valid_lft forever preferred_lft forever
+garbage line
+8: bad    inet 300.1.1.1/24 scope global bad
+";
+
+    #[test]
+    fn parses_ip_addr_output() {
+        let a = parse_ip_addr(SAMPLE);
+        assert_eq!(a.len(), 6);
+        assert_eq!(
+            a[2],
+            IfAddr {
+                ifname: "eth1".into(),
+                addr: Ipv4Addr::new(192, 168, 56, 41),
+                prefix: 24,
+                secondary: false
+            }
+        );
+        assert!(a[4].secondary);
+        assert_eq!(a[5].ifname, "veth1");
+        assert!(parse_ip_addr("").is_empty());
+    }
+
+    #[test]
+    fn picks_the_interface_in_the_network() {
+        let a = parse_ip_addr(SAMPLE);
+        let net = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            pick_interface(&a, net("192.168.56.0")),
+            Some(("eth1".into(), 24))
+        );
+        // Any address in the subnet names it, as clup.conf's network may.
+        assert_eq!(
+            pick_interface(&a, net("192.168.56.77")),
+            Some(("eth1".into(), 24))
+        );
+        assert_eq!(
+            pick_interface(&a, net("10.0.2.0")),
+            Some(("eth0".into(), 24))
+        );
+        assert_eq!(
+            pick_interface(&a, net("172.20.9.9")),
+            Some(("veth1".into(), 16))
+        );
+        assert_eq!(pick_interface(&a, net("192.168.57.0")), None);
+        // Only a secondary address in the network: still usable.
+        let only_secondary =
+            parse_ip_addr("3: eth1    inet 192.168.9.45/24 scope global secondary eth1\\ x\n");
+        assert_eq!(
+            pick_interface(&only_secondary, net("192.168.9.0")),
+            Some(("eth1".into(), 24))
+        );
+        // A lone /32 (a VIP) does not make an interface part of a network.
+        let vip_only = parse_ip_addr("3: eth1    inet 192.168.9.40/32 scope global eth1\n");
+        assert_eq!(pick_interface(&vip_only, net("192.168.9.40")), None);
+        assert!(in_network(net("10.1.2.3"), 0, net("192.168.0.0")));
+        assert!(!in_network(net("10.1.2.3"), 32, net("10.1.2.4")));
+    }
+
+    #[test]
+    fn scripts_quote_values() {
+        let s = add_script(Ipv4Addr::new(192, 168, 56, 40), "eth1");
+        assert!(s.starts_with("vip=192.168.56.40; dev=eth1\n"), "{s}");
+        let s = add_script(Ipv4Addr::new(192, 168, 56, 40), "eth1;reboot");
+        assert!(
+            s.starts_with("vip=192.168.56.40; dev='eth1;reboot'\n"),
+            "{s}"
+        );
+        assert_eq!(
+            dad_script("eth1", Ipv4Addr::new(10, 0, 0, 9)),
+            "arping -D -c 2 -w 2 -I eth1 10.0.0.9\n"
+        );
+    }
+
+    /// Runs scripts with the local sh, with fake `ip` and `arping` first on
+    /// the PATH: they print canned output and log their arguments, so the
+    /// scripts' logic runs for real and no interface is touched.
+    struct FakeHost {
+        dir: PathBuf,
+    }
+
+    impl FakeHost {
+        fn new(name: &str, ip_list: &str, add_result: &str, arping_rc: i32) -> FakeHost {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = std::env::temp_dir().join(format!("clup-vip-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("list"), ip_list).unwrap();
+            let log = dir.join("calls").display().to_string();
+            let list = dir.join("list").display().to_string();
+            let ip = format!(
+                "#!/bin/sh\necho \"ip $*\" >> {log}\n\
+                 case \"$1 $2\" in\n\
+                 '-o -4') cat {list} ;;\n\
+                 'addr add') {add_result} ;;\n\
+                 'addr del') exit 0 ;;\n\
+                 esac\n"
+            );
+            let arping = format!(
+                "#!/bin/sh\necho \"arping $*\" >> {log}\necho 'arping says hi' >&2\nexit {arping_rc}\n"
+            );
+            for (n, body) in [("ip", ip), ("arping", arping)] {
+                let p = dir.join(n);
+                std::fs::write(&p, body).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+            FakeHost { dir }
+        }
+
+        fn calls(&self) -> String {
+            std::fs::read_to_string(self.dir.join("calls")).unwrap_or_default()
+        }
+    }
+
+    impl Drop for FakeHost {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl Remote for FakeHost {
+        fn run_script_unchecked(
+            &self,
+            host: &str,
+            _label: &str,
+            script: &str,
+            stdin: Option<&[u8]>,
+            timeout: Duration,
+        ) -> Result<Output, CommandError> {
+            assert_eq!(host, "fakehost");
+            let path = format!("PATH={}:/usr/bin:/bin", self.dir.display());
+            cmd::run_unchecked(
+                "fake",
+                "env",
+                &[path, "sh".into(), "-c".into(), script.into()],
+                stdin,
+                timeout,
+            )
+        }
+        fn describe(&self, host: &str, label: &str) -> String {
+            format!("fake {host}: {label}")
+        }
+        fn connect_timeout(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 40);
+
+    #[test]
+    fn add_is_idempotent_and_arping_failure_is_not_fatal() {
+        let h = FakeHost::new("add", SAMPLE, "exit 0", 0);
+        add(&h, "fakehost", VIP, "eth1").unwrap();
+        assert_eq!(
+            h.calls(),
+            "ip addr add 192.168.56.40/32 dev eth1\narping -U -c 1 -I eth1 192.168.56.40\n"
+        );
+        let h = FakeHost::new(
+            "add2",
+            SAMPLE,
+            "echo 'RTNETLINK answers: File exists' >&2; exit 2",
+            2,
+        );
+        add(&h, "fakehost", VIP, "eth1").unwrap();
+        let h = FakeHost::new(
+            "add3",
+            SAMPLE,
+            "echo 'Cannot find device \"eth9\"' >&2; exit 1",
+            0,
+        );
+        let e = add(&h, "fakehost", VIP, "eth9").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("fake fakehost: ip addr add 192.168.56.40/32 dev eth9: exited with code 1:\nCannot find device"),
+            "{e}"
+        );
+        assert!(!h.calls().contains("arping"));
+    }
+
+    #[test]
+    fn delete_removes_every_copy_and_absent_is_fine() {
+        let h = FakeHost::new("del", SAMPLE, "exit 0", 0);
+        delete(&h, "fakehost", VIP).unwrap();
+        assert_eq!(
+            h.calls(),
+            "ip -o -4 addr show\nip addr del 192.168.56.40/32 dev eth1\n"
+        );
+        let h = FakeHost::new("del2", SAMPLE, "exit 0", 0);
+        delete(&h, "fakehost", Ipv4Addr::new(172, 20, 0, 2)).unwrap();
+        assert!(
+            h.calls().ends_with("ip addr del 172.20.0.2/16 dev veth1\n"),
+            "{}",
+            h.calls()
+        );
+        let h = FakeHost::new("del3", SAMPLE, "exit 0", 0);
+        delete(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 4)).unwrap();
+        assert_eq!(h.calls(), "ip -o -4 addr show\n");
+    }
+
+    #[test]
+    fn holds_and_find_interface() {
+        let h = FakeHost::new("holds", SAMPLE, "exit 0", 0);
+        assert!(holds(&h, "fakehost", VIP).unwrap());
+        assert!(!holds(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 4)).unwrap());
+        assert_eq!(
+            find_interface(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 0)).unwrap(),
+            ("eth1".to_string(), 24)
+        );
+        let e = find_interface(&h, "fakehost", Ipv4Addr::new(10, 9, 9, 0)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host fakehost has no interface with an address in network 10.9.9.0"
+        );
+    }
+
+    #[test]
+    fn duplicate_detection_reads_arping_exit_code() {
+        let free = FakeHost::new("dad0", SAMPLE, "exit 0", 0);
+        assert!(!held_by_other(&free, "fakehost", "eth1", VIP).unwrap());
+        assert!(free
+            .calls()
+            .contains("arping -D -c 2 -w 2 -I eth1 192.168.56.40"));
+        let taken = FakeHost::new("dad1", SAMPLE, "exit 0", 1);
+        assert!(held_by_other(&taken, "fakehost", "eth1", VIP).unwrap());
+        let broken = FakeHost::new("dad2", SAMPLE, "exit 0", 2);
+        let e = held_by_other(&broken, "fakehost", "eth1", VIP).unwrap_err();
+        assert!(e.to_string().contains("arping says hi"), "{e}");
+    }
+}
