@@ -7,4 +7,5 @@ mod util;
 
 mod cli_server;
 mod lab_foundation;
+mod ship;
 mod store_crash;
