@@ -29,6 +29,9 @@ pub fn format_epoch(secs: u64) -> String {
 fn local_time(secs: i64) -> (String, String) {
     // SAFETY: localtime_r writes into the zeroed struct we own.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // libc marks musl's time_t deprecated (a coming 64-bit change); it is
+    // 64-bit on x86_64 under both glibc and musl, which is all we build for.
+    #[allow(deprecated)]
     let t = secs as libc::time_t;
     unsafe { libc::localtime_r(&t, &mut tm) };
     (

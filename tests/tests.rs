@@ -8,4 +8,5 @@ mod util;
 mod cli_server;
 mod lab_foundation;
 mod pg_local;
+mod ship;
 mod store_crash;
