@@ -139,15 +139,15 @@ fn replication_cluster_end_to_end() {
     assert!(wrong.error.contains("read-only"), "{}", wrong.error);
     assert_eq!(wrong.in_recovery, Some(true));
 
-    eprintln!("== probes are cheap");
+    eprintln!("== probe cost");
     for (db, primary) in [(&db1, true), (&db2, false)] {
         let started = Instant::now();
         for _ in 0..5 {
             assert!(pg::probe(db, &cfg, primary).ok);
         }
         let each = started.elapsed() / 5;
+        // A figure, not an assertion: speed is for the benchmarks.
         eprintln!("   probe of {} (primary: {primary}): {each:?}", db.addr());
-        assert!(each < Duration::from_millis(500), "{each:?}");
     }
 
     eprintln!("== synchronous_standby_names");
