@@ -59,6 +59,8 @@ pub struct Ctx {
     pub store: Arc<dyn MetaStore>,
     /// data/tasks under the home: task logs.
     pub task_dir: std::path::PathBuf,
+    /// The running monitor (None in tests of the router alone).
+    pub monitor: Option<Arc<crate::monitor::Shared>>,
 }
 
 pub fn split_url(url: &str) -> (&str, BTreeMap<String, String>) {
@@ -331,6 +333,7 @@ mod tests {
             cfg: Config::parse(SAMPLE, Path::new("clup.conf")).unwrap(),
             store: Arc::new(store),
             task_dir: dir.join("tasks"),
+            monitor: None,
         }
     }
 

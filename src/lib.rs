@@ -17,6 +17,7 @@ pub mod home;
 pub mod lb;
 pub mod logging;
 pub mod meta;
+pub mod monitor;
 pub mod server;
 pub mod store;
 pub mod table;

@@ -14,8 +14,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use std::net::Ipv4Addr;
+
 use crate::exec::pg::{self, DbProbe};
-use crate::exec::ssh::Ssh;
+use crate::exec::recovery::Applied;
+use crate::exec::ssh::{self as exssh, Ssh};
 use crate::exec::{cstlb, pgctl, recovery, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, Params, Seen};
 use crate::home::Home;
@@ -58,7 +61,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(cfg: Config, home: Home, store: Arc<dyn MetaStore>) -> Shared {
         Shared {
-            ssh: Ssh::from_config(&cfg),
+            ssh: Ssh::from_config(&cfg).with_control_dir(&home.run_dir()),
             cfg,
             home,
             store,
@@ -69,7 +72,10 @@ impl Shared {
     }
 
     pub fn params(&self) -> Params {
-        Params { failover_max_lag: self.cfg.failover_max_lag, restart_tries: self.cfg.restart_tries }
+        Params {
+            failover_max_lag: self.cfg.failover_max_lag,
+            restart_tries: self.cfg.restart_tries,
+        }
     }
 
     /// Sleep up to `d`, waking early when the server stops.
@@ -113,7 +119,10 @@ fn supervise(shared: &Arc<Shared>) {
                 let alive = threads.get(name).is_some_and(|h| !h.is_finished());
                 if !alive {
                     let (s, n) = (shared.clone(), name.clone());
-                    log::info!("Start checking cluster({name}) every {} s.", shared.cfg.probe_interval.as_secs());
+                    log::info!(
+                        "Start checking cluster({name}) every {} s.",
+                        shared.cfg.probe_interval.as_secs()
+                    );
                     match thread::Builder::new()
                         .name(format!("probe-{name}"))
                         .spawn(move || cluster_loop(&s, &n))
@@ -121,7 +130,9 @@ fn supervise(shared: &Arc<Shared>) {
                         Ok(h) => {
                             threads.insert(name.clone(), h);
                         }
-                        Err(e) => log::error!("cannot start the probe thread of cluster {name}: {e}"),
+                        Err(e) => {
+                            log::error!("cannot start the probe thread of cluster {name}: {e}")
+                        }
                     }
                 }
             }
@@ -206,7 +217,7 @@ fn seen_of(p: &DbProbe) -> Seen {
         timeline: p.timeline,
         receive_lsn: p.wal_lsn,
         replay_lsn: p.replay_lsn,
-        upstream_host: p.upstream.as_ref().map(|u| u.host.clone()),
+        upstream_host: p.upstream.as_ref().and_then(|u| u.sender_host.clone()),
         upstream_status: p.upstream.as_ref().map(|u| u.status.clone()),
     }
 }
@@ -223,11 +234,17 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
         if p.ok {
             mem.restarts.remove(id);
         } else {
-            shared.counters.probe_failures.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .probe_failures
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
     if let Some(primary) = cluster.primary() {
-        if let Some(p) = probes.get(&primary.id).filter(|p| p.ok && p.in_recovery == Some(false)) {
+        if let Some(p) = probes
+            .get(&primary.id)
+            .filter(|p| p.ok && p.in_recovery == Some(false))
+        {
             if let Some(lsn) = p.wal_lsn {
                 mem.primary_last_lsn = Some(mem.primary_last_lsn.map_or(lsn, |l| l.max(lsn)));
             }
@@ -275,7 +292,9 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                         if let Some(db) = cluster.db(*id) {
                             match pgctl::start(&shared.ssh, db, &shared.cfg) {
                                 Ok(_) => log::info!("Database({}) restarted.", db.addr()),
-                                Err(e) => log::error!("Restart of database({}) failed: {e}", db.addr()),
+                                Err(e) => {
+                                    log::error!("Restart of database({}) failed: {e}", db.addr())
+                                }
                             }
                         }
                     }
@@ -297,7 +316,12 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     let mut obs = shared.observed.lock().unwrap_or_else(|p| p.into_inner());
     obs.insert(
         name.to_string(),
-        Observed { probes, at: crate::now_secs(), last_reason: reason, round_ms: t0.elapsed().as_millis() as u64 },
+        Observed {
+            probes,
+            at: crate::now_secs(),
+            last_reason: reason,
+            round_ms: t0.elapsed().as_millis() as u64,
+        },
     );
 }
 
@@ -311,7 +335,7 @@ fn gather(shared: &Shared, plan: &[Action], facts: &mut Facts) {
                     let r = match a {
                         Action::CheckHost { host } => Some(shared.ssh.host_up(host)),
                         Action::CheckPeer { via, host, port } => {
-                            match shared.ssh.peer_reaches(via, host, *port) {
+                            match exssh::peer_reaches(&shared.ssh, via, host, *port) {
                                 Ok(b) => Some(b),
                                 Err(e) => {
                                     log::warn!("Cannot ask {via} about {host}:{port}: {e}");
@@ -373,7 +397,10 @@ fn act(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) {
     let ms = started.elapsed().as_millis() as u64;
     if d.kind == Kind::Failover && ok {
         shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
-        shared.counters.last_failover_ms.store(ms, Ordering::Relaxed);
+        shared
+            .counters
+            .last_failover_ms
+            .store(ms, Ordering::Relaxed);
     }
     t.finish(&*shared.store, ok);
     task::unlock(&*shared.store, name, &holder);
@@ -384,7 +411,9 @@ fn prefix(cluster: &Cluster, d: &Decision) -> String {
     let subject = d.subject.and_then(|id| cluster.db(id));
     let addr = subject.map(Db::addr).unwrap_or_default();
     match (d.kind, subject) {
-        (Kind::Failover, Some(db)) if db.is_primary() => format!("Failover primary database({addr})"),
+        (Kind::Failover, Some(db)) if db.is_primary() => {
+            format!("Failover primary database({addr})")
+        }
         (Kind::StandbyFault, _) => format!("Failover database({addr})"),
         _ => format!("Cluster action on database({addr})"),
     }
@@ -392,7 +421,13 @@ fn prefix(cluster: &Cluster, d: &Decision) -> String {
 
 /// Run the plan step by step. Steps before the promotion abort the plan on
 /// failure; after it, every step is tried and failures are logged.
-pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &TaskHandle) -> bool {
+pub fn run_plan(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    d: &Decision,
+    t: &TaskHandle,
+) -> bool {
     let pre = prefix(cluster, d);
     let mut promoted = false;
     let mut ok = true;
@@ -412,8 +447,13 @@ pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t:
                 continue;
             }
             repointed = true;
-            let to = cluster.db(repoints[0].1).map(|d| d.host.clone()).unwrap_or_default();
-            t.info(&format!("{pre}: change all standby database upper level primary database to host({to})..."));
+            let to = cluster
+                .db(repoints[0].1)
+                .map(|d| d.host.clone())
+                .unwrap_or_default();
+            t.info(&format!(
+                "{pre}: change all standby database upper level primary database to host({to})..."
+            ));
             let t0 = Instant::now();
             let results: Vec<(u32, Result<(), String>)> = thread::scope(|s| {
                 let hs: Vec<_> = repoints
@@ -448,8 +488,11 @@ pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t:
                 t.error(&format!("{pre}: {a} failed after {ms} ms: {e}"));
                 let critical = matches!(
                     a,
-                    Action::EnsureWriteVipFree { .. } | Action::Promote { .. } | Action::MetaPrimary { .. }
-                ) || (!promoted && matches!(a, Action::MetaDbState { .. } | Action::Fence { .. }));
+                    Action::EnsureWriteVipFree { .. }
+                        | Action::Promote { .. }
+                        | Action::MetaPrimary { .. }
+                ) || (!promoted
+                    && matches!(a, Action::MetaDbState { .. } | Action::Fence { .. }));
                 if critical {
                     t.error(&format!("{pre}: aborted, nothing further is changed."));
                     return false;
@@ -463,7 +506,10 @@ pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t:
             Action::Promote { id } => cluster.db(*id),
             _ => None,
         }) {
-            t.info(&format!("{pre}: switch to new host({}) completed.", new.host));
+            t.info(&format!(
+                "{pre}: switch to new host({}) completed.",
+                new.host
+            ));
         }
     } else {
         t.info(&format!("{pre}: all completed."));
@@ -472,32 +518,58 @@ pub fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t:
 }
 
 fn db_or_err<'a>(cluster: &'a Cluster, id: u32) -> Result<&'a Db, String> {
-    cluster.db(id).ok_or_else(|| format!("db {id} is not in the cluster"))
+    cluster
+        .db(id)
+        .ok_or_else(|| format!("db {id} is not in the cluster"))
 }
 
 /// One acting step. Gather actions never reach here.
-fn step(shared: &Shared, name: &str, cluster: &Cluster, a: &Action, pre: &str, t: &TaskHandle) -> Result<(), String> {
+fn step(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    a: &Action,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
     let cfg = &shared.cfg;
     let ssh = &shared.ssh;
     match a {
-        Action::CheckHost { .. } | Action::CheckPeer { .. } | Action::RestartDb { .. } | Action::Repoint { .. } => Ok(()),
+        Action::CheckHost { .. }
+        | Action::CheckPeer { .. }
+        | Action::RestartDb { .. }
+        | Action::Repoint { .. } => Ok(()),
         Action::Fence { id } => {
             let db = db_or_err(cluster, *id)?;
-            t.info(&format!("{pre}: stop database({}) so that it cannot take writes...", db.addr()));
-            let _ = vip::delete(ssh, &db.host, &cluster.write_vip);
-            pgctl::stop_fast(ssh, db, cfg).map(|_| ()).map_err(|e| e.to_string())
+            t.info(&format!(
+                "{pre}: stop database({}) so that it cannot take writes...",
+                db.addr()
+            ));
+            let _ = vip::delete(ssh, &db.host, vip_of(&cluster.write_vip)?);
+            pgctl::stop_fast(ssh, db, cfg)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
         Action::CstlbDelete { backend } | Action::CstlbAdd { backend } => {
             let add = matches!(a, Action::CstlbAdd { .. });
             let verb = if add { "add host" } else { "remove bad host" };
-            t.info(&format!("{pre}: begin {verb}({backend}) {} cstlb ...", if add { "to" } else { "from" }));
+            t.info(&format!(
+                "{pre}: begin {verb}({backend}) {} cstlb ...",
+                if add { "to" } else { "from" }
+            ));
             cstlb_all(shared, cluster, backend, add, t);
-            t.info(&format!("{pre}: {verb}({backend}) {} cstlb finished.", if add { "to" } else { "from" }));
+            t.info(&format!(
+                "{pre}: {verb}({backend}) {} cstlb finished.",
+                if add { "to" } else { "from" }
+            ));
             Ok(())
         }
         Action::DeleteWriteVip { host } => {
-            t.info(&format!("Switch primary database: begin delete write vip({}) on host({host}) ...", cluster.write_vip));
-            match vip::delete(ssh, host, &cluster.write_vip) {
+            t.info(&format!(
+                "Switch primary database: begin delete write vip({}) on host({host}) ...",
+                cluster.write_vip
+            ));
+            match vip::delete(ssh, host, vip_of(&cluster.write_vip)?) {
                 Ok(()) => t.info(&format!("Switch primary database: delete write vip({}) completed.", cluster.write_vip)),
                 Err(e) => t.error(&format!("Switch primary database: delete write vip({}) failed (ignored, host may be gone): {e}", cluster.write_vip)),
             }
@@ -505,11 +577,13 @@ fn step(shared: &Shared, name: &str, cluster: &Cluster, a: &Action, pre: &str, t
         }
         Action::EnsureWriteVipFree { id } => {
             let db = db_or_err(cluster, *id)?;
-            let (ifname, _) = vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
-            if vip::holds(ssh, &db.host, &cluster.write_vip).unwrap_or(false) {
+            let (ifname, _) =
+                vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
+            let write_vip = vip_of(&cluster.write_vip)?;
+            if vip::holds(ssh, &db.host, write_vip).unwrap_or(false) {
                 return Ok(());
             }
-            match vip::held_by_other(ssh, &db.host, &ifname, &cluster.write_vip) {
+            match vip::held_by_other(ssh, &db.host, &ifname, write_vip) {
                 Ok(false) => Ok(()),
                 Ok(true) => Err(format!(
                     "another host still answers ARP for the write vip({}): refusing to promote (split brain guard)",
@@ -520,29 +594,48 @@ fn step(shared: &Shared, name: &str, cluster: &Cluster, a: &Action, pre: &str, t
         }
         Action::Promote { id } => {
             let db = db_or_err(cluster, *id)?;
-            t.info(&format!("{pre}: Promote standby database({}) to primary...", db.host));
-            pg::promote(db, cfg).map_err(|e| e.to_string())?;
-            t.info(&format!("{pre}: Promote standby database({}) to primary completed.", db.host));
+            t.info(&format!(
+                "{pre}: Promote standby database({}) to primary...",
+                db.host
+            ));
+            pg::promote(ssh, db, cfg).map_err(|e| e.to_string())?;
+            t.info(&format!(
+                "{pre}: Promote standby database({}) to primary completed.",
+                db.host
+            ));
             Ok(())
         }
         Action::AddWriteVip { id } => {
             let db = db_or_err(cluster, *id)?;
-            let (ifname, _) = vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
-            vip::add(ssh, &db.host, &cluster.write_vip, &ifname).map_err(|e| e.to_string())?;
-            t.info(&format!("{pre}: write vip({}) added on host({}).", cluster.write_vip, db.host));
+            let (ifname, _) =
+                vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
+            vip::add(ssh, &db.host, vip_of(&cluster.write_vip)?, &ifname)
+                .map_err(|e| e.to_string())?;
+            t.info(&format!(
+                "{pre}: write vip({}) added on host({}).",
+                cluster.write_vip, db.host
+            ));
             Ok(())
         }
         Action::SetSyncNames { id, names } => {
             let db = db_or_err(cluster, *id)?;
             pg::set_sync_names(db, cfg, names).map_err(|e| e.to_string())?;
-            t.info(&format!("{pre}: synchronous_standby_names on database({}) set to '{names}'.", db.addr()));
+            t.info(&format!(
+                "{pre}: synchronous_standby_names on database({}) set to '{names}'.",
+                db.addr()
+            ));
             Ok(())
         }
         Action::MoveReadVip { from, to } => {
-            t.info(&format!("{pre}: move read vip({}) from host({from}) to host({to}) ...", cluster.read_vip));
-            let _ = vip::delete(ssh, from, &cluster.read_vip);
-            let (ifname, _) = vip::find_interface(ssh, to, cfg.network).map_err(|e| e.to_string())?;
-            vip::add(ssh, to, &cluster.read_vip, &ifname).map_err(|e| e.to_string())?;
+            t.info(&format!(
+                "{pre}: move read vip({}) from host({from}) to host({to}) ...",
+                cluster.read_vip
+            ));
+            let read_vip = vip_of(&cluster.read_vip)?;
+            let _ = vip::delete(ssh, from, read_vip);
+            let (ifname, _) =
+                vip::find_interface(ssh, to, cfg.network).map_err(|e| e.to_string())?;
+            vip::add(ssh, to, read_vip, &ifname).map_err(|e| e.to_string())?;
             let to = to.clone();
             meta_update(shared, name, |c| {
                 c.read_vip_host = to.clone();
@@ -584,7 +677,11 @@ fn step(shared: &Shared, name: &str, cluster: &Cluster, a: &Action, pre: &str, t
     }
 }
 
-fn meta_update(shared: &Shared, name: &str, f: impl Fn(&mut Cluster) -> Result<(), &'static str>) -> Result<(), String> {
+fn meta_update(
+    shared: &Shared,
+    name: &str,
+    f: impl Fn(&mut Cluster) -> Result<(), &'static str>,
+) -> Result<(), String> {
     update(&*shared.store, |doc| {
         let c = doc.clusters.get_mut(name).ok_or("cluster vanished")?;
         f(c).map_err(str::to_string)
@@ -596,8 +693,7 @@ fn meta_update(shared: &Shared, name: &str, f: impl Fn(&mut Cluster) -> Result<(
 /// Tell every cstlb of the cluster, in parallel; failures are logged and
 /// counted, never fatal, never slower than cstlb_timeout.
 pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t: &TaskHandle) {
-    let token = shared.cfg.cstlb_token.expose();
-    let timeout = shared.cfg.cstlb_timeout;
+    let cfg = &shared.cfg;
     let errors: Vec<String> = thread::scope(|s| {
         let hs: Vec<_> = cluster
             .cstlb_list
@@ -605,18 +701,23 @@ pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t
             .map(|mgr| {
                 s.spawn(move || {
                     let r = if add {
-                        cstlb::add(mgr, backend, token, timeout)
+                        cstlb::add(mgr, backend, cfg)
                     } else {
-                        cstlb::delete(mgr, backend, token, timeout)
+                        cstlb::delete(mgr, backend, cfg)
                     };
                     r.err().map(|e| format!("cstlb({mgr}): {e}"))
                 })
             })
             .collect();
-        hs.into_iter().filter_map(|h| h.join().ok().flatten()).collect()
+        hs.into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .collect()
     });
     for e in errors {
-        shared.counters.cstlb_failures.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .cstlb_failures
+            .fetch_add(1, Ordering::Relaxed);
         t.error(&format!(
             "Can not {} host({backend}) {} {e}",
             if add { "add" } else { "remove" },
@@ -625,10 +726,80 @@ pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t
     }
 }
 
-/// Point standby `id` at `to` (recovery settings by version, reload or
-/// restart as the version needs).
+pub fn vip_of(s: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid VIP '{s}' in the meta"))
+}
+
+/// The server_version_num of a stopped server, from its PG_VERSION file.
+pub fn version_from_files(shared: &Shared, db: &Db) -> Result<u32, String> {
+    let script = format!("cat {}/PG_VERSION", crate::exec::shell::quote(&db.pgdata));
+    let out = exssh::Remote::run_script(
+        &shared.ssh,
+        &db.host,
+        "read PG_VERSION",
+        &script,
+        None,
+        Duration::from_secs(10),
+    )
+    .map_err(|e| e.to_string())?;
+    parse_pg_version(out.stdout.trim())
+        .ok_or_else(|| format!("unexpected PG_VERSION '{}'", out.stdout.trim()))
+}
+
+/// `15` -> 150000, `9.6` -> 90600.
+pub fn parse_pg_version(s: &str) -> Option<u32> {
+    let mut it = s.split('.');
+    let major: u32 = it.next()?.parse().ok()?;
+    let minor: u32 = it.next().map_or(Some(0), |m| m.parse().ok())?;
+    Some(if major >= 10 {
+        major * 10000
+    } else {
+        major * 10000 + minor * 100
+    })
+}
+
+/// Point standby `id` at `to`: recovery settings by version, then reload,
+/// restart or start as the version and state need.
 pub fn repoint(shared: &Shared, cluster: &Cluster, id: u32, to: u32) -> Result<(), String> {
     let db = db_or_err(cluster, id)?;
     let primary = db_or_err(cluster, to)?;
-    recovery::repoint(&shared.ssh, db, primary, &shared.cfg).map_err(|e| e.to_string())
+    repoint_db(shared, db, primary)
+}
+
+pub fn repoint_db(shared: &Shared, db: &Db, primary: &Db) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let (version, running) = match pg::version_and_role(db, cfg) {
+        Ok((v, true)) => (v, true),
+        Ok((_, false)) => {
+            return Err(format!(
+                "database({}) runs as a primary; it must be stopped (and rewound) before it can follow {}",
+                db.addr(),
+                primary.addr()
+            ))
+        }
+        Err(_) => (version_from_files(shared, db)?, false),
+    };
+    let applied = recovery::repoint(
+        &shared.ssh,
+        db,
+        cfg,
+        version,
+        running,
+        &primary.host,
+        primary.port,
+    )
+    .map_err(|e| e.to_string())?;
+    match applied {
+        Applied::Reloaded => Ok(()),
+        Applied::NeedsRestart => {
+            pgctl::stop_fast(&shared.ssh, db, cfg).map_err(|e| e.to_string())?;
+            pgctl::start(&shared.ssh, db, cfg)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Applied::Written => pgctl::start(&shared.ssh, db, cfg)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    }
 }

@@ -17,6 +17,7 @@ use crate::api::{self, Ctx, Req, MAX_BODY};
 use crate::config::Config;
 use crate::daemon::{self, Ready};
 use crate::home::Home;
+use crate::monitor::{self, Shared};
 use crate::store::{FileStore, MetaStore};
 
 const USAGE: &str = "\
@@ -198,7 +199,9 @@ fn run(
     log::info!("Meta store: {}", store.describe());
     let stop = Arc::new(AtomicBool::new(false));
 
+    let monitor = Arc::new(Shared::new(cfg.clone(), home.clone(), store.clone()));
     log::info!("Start ha checking thread... ");
+    let supervisor = monitor::start(&monitor);
     log::info!("Start health checking thread... ");
     log::info!("Complete the startup of health checking thread.");
 
@@ -211,6 +214,7 @@ fn run(
         cfg: cfg.clone(),
         store: store.clone(),
         task_dir: home.task_dir(),
+        monitor: Some(monitor.clone()),
     });
     let mut workers = Vec::new();
     for i in 0..HTTP_WORKERS {
@@ -236,6 +240,8 @@ fn run(
         break;
     }
     stop.store(true, Ordering::SeqCst);
+    monitor.stop.store(true, Ordering::SeqCst);
+    let _ = supervisor.join();
     for _ in 0..HTTP_WORKERS {
         http.unblock();
     }

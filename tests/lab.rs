@@ -48,11 +48,18 @@ impl Lab {
     /// Take the lab, bring it to its starting state, lay out a fresh home
     /// with `probe_interval` and run `clupadm init`.
     pub fn take(probe_interval: u32) -> Lab {
+        Lab::take_opts(probe_interval, false)
+    }
+
+    /// As [`Lab::take`], with synchronous replication (ANY 1 of the standbys).
+    pub fn take_opts(probe_interval: u32, sync: bool) -> Lab {
         let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
-        let up = Command::new(repo().join("scripts/lab"))
-            .arg("up")
-            .output()
-            .expect("run scripts/lab");
+        let mut up = Command::new(repo().join("scripts/lab"));
+        up.arg("up");
+        if sync {
+            up.arg("--sync");
+        }
+        let up = up.output().expect("run scripts/lab");
         assert!(
             up.status.success(),
             "the lab could not be built:\n{}\n{}",
@@ -181,7 +188,7 @@ impl Lab {
     pub fn kill_postgres(&self, host: &str) {
         let out = self.exec(
             host,
-            &["sh", "-c", "p=$(head -1 /var/lib/postgresql/pgdata/postmaster.pid) && kill -9 $p $(ps -o pid= --ppid $p)"],
+            &["sh", "-c", "p=$(head -1 /var/lib/postgresql/pgdata/postmaster.pid) && c=$(ps -o pid= --ppid $p); kill -9 $p $c 2>/dev/null; sleep 0.2; ! kill -0 $p 2>/dev/null"],
         );
         assert_eq!(out.code, 0, "kill postgres on {host}: {out:?}");
     }

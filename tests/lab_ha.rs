@@ -15,16 +15,31 @@ fn in_log(lab: &Lab, needle: &str) -> bool {
 fn lab_ha_db_down_host_up_is_restarted_in_place() {
     let mut lab = Lab::take(1);
     lab.start_server();
-    assert!(lab.wait(10, |l| in_log(l, "no action: primary database(10.213.0.41:5432) ok, 3 standby(s) ok")), "{}", lab.log());
+    assert!(
+        lab.wait(10, |l| in_log(
+            l,
+            "no action: primary database(10.213.0.41:5432) ok, 3 standby(s) ok"
+        )),
+        "{}",
+        lab.log()
+    );
 
     // A standby...
     lab.kill_postgres("pg04");
     assert!(lab.wait(20, |l| in_log(l, "Host(10.213.0.44) is ok, only database(10.213.0.44:5432) failed, restart database ....")), "{}", lab.log());
-    assert!(lab.wait(20, |l| l.role("pg04") == Some(true)), "pg04 not back:\n{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg04") == Some(true)),
+        "pg04 not back:\n{}",
+        lab.log()
+    );
     // ...and the primary: restarted in place, no failover.
     lab.kill_postgres("pg01");
     assert!(lab.wait(20, |l| in_log(l, "Host(10.213.0.41) is ok, only database(10.213.0.41:5432) failed, restart database ....")), "{}", lab.log());
-    assert!(lab.wait(20, |l| l.role("pg01") == Some(false)), "pg01 not back:\n{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg01") == Some(false)),
+        "pg01 not back:\n{}",
+        lab.log()
+    );
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
     assert_eq!(lab.db_state(4), ("Normal".to_string(), 0));
     assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some("pg01"));
@@ -38,13 +53,32 @@ fn lab_ha_standby_host_down_is_fault_and_read_vip_moves() {
     assert_eq!(lab.vip_holder(READ_VIP).as_deref(), Some("pg02"));
     let out = lab.lab(&["poweroff", "pg02"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(lab.wait(30, |l| l.db_state(2).0 == "Fault"), "pg02 not Fault:\n{}", lab.log());
-    assert!(in_log(&lab, "Host(10.213.0.42) is not ok, switch database(10.213.0.42:5432)..."), "{}", lab.log());
-    assert!(lab.wait(10, |l| l.vip_holder(READ_VIP).as_deref() == Some("pg03")), "read vip:\n{}", lab.log());
+    assert!(
+        lab.wait(30, |l| l.db_state(2).0 == "Fault"),
+        "pg02 not Fault:\n{}",
+        lab.log()
+    );
+    assert!(
+        in_log(
+            &lab,
+            "Host(10.213.0.42) is not ok, switch database(10.213.0.42:5432)..."
+        ),
+        "{}",
+        lab.log()
+    );
+    assert!(
+        lab.wait(10, |l| l.vip_holder(READ_VIP).as_deref() == Some("pg03")),
+        "read vip:\n{}",
+        lab.log()
+    );
     let v = lab.show();
     assert_eq!(v["clusters"][0]["read_vip_host"], ip("pg03"));
     // Readers reach a standby through the read VIP.
-    assert_eq!(lab.sql("cli", READ_VIP, "postgres", "select pg_is_in_recovery()").as_deref(), Ok("t"));
+    assert_eq!(
+        lab.sql("cli", READ_VIP, "postgres", "select pg_is_in_recovery()")
+            .as_deref(),
+        Ok("t")
+    );
     // The primary is untouched.
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
 }
@@ -53,10 +87,24 @@ fn lab_ha_standby_host_down_is_fault_and_read_vip_moves() {
 fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
     let mut lab = Lab::take_opts(1, true);
     lab.start_server();
-    lab.sql("cli", WRITE_VIP, "cs_sys_ha", "create table if not exists ledger(id int primary key)").unwrap();
+    lab.sql(
+        "cli",
+        WRITE_VIP,
+        "cs_sys_ha",
+        "create table if not exists ledger(id int primary key)",
+    )
+    .unwrap();
     let mut acked = Vec::new();
     for id in 1..=200 {
-        if lab.sql("cli", WRITE_VIP, "cs_sys_ha", &format!("insert into ledger values ({id})")).is_ok() {
+        if lab
+            .sql(
+                "cli",
+                WRITE_VIP,
+                "cs_sys_ha",
+                &format!("insert into ledger values ({id})"),
+            )
+            .is_ok()
+        {
             acked.push(id);
         }
     }
@@ -66,35 +114,98 @@ fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
     let t0 = Instant::now();
     assert_eq!(lab.lab(&["poweroff", "pg01"]).code, 0);
     let back = lab.wait(60, |l| {
-        l.sql("cli", WRITE_VIP, "cs_sys_ha", "insert into ledger values (100000)").is_ok()
+        l.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            "insert into ledger values (100000)",
+        )
+        .is_ok()
     });
     let outage = t0.elapsed();
-    assert!(back, "write VIP never accepted writes again:\n{}", lab.log());
-    eprintln!("failover: power-off to first write through the write VIP: {:.1} s", outage.as_secs_f64());
+    assert!(
+        back,
+        "write VIP never accepted writes again:\n{}",
+        lab.log()
+    );
+    eprintln!(
+        "failover: power-off to first write through the write VIP: {:.1} s",
+        outage.as_secs_f64()
+    );
 
     let new = lab.vip_holder(WRITE_VIP).expect("write vip held by nobody");
     assert_ne!(new, "pg01");
     assert_eq!(lab.role(&new), Some(false), "{new} is not a primary");
-    let count = lab.sql("cli", WRITE_VIP, "cs_sys_ha", "select count(*) from ledger where id <= 200").unwrap();
+    let count = lab
+        .sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            "select count(*) from ledger where id <= 200",
+        )
+        .unwrap();
     assert_eq!(count, "200", "acknowledged commits lost");
     assert_eq!(lab.db_state(1), ("Fault".to_string(), 0));
     let new_id: u32 = new[2..].parse().unwrap();
     assert_eq!(lab.db_state(new_id), ("Normal".to_string(), 1));
-    assert!(in_log(&lab, "Failover primary database(10.213.0.41:5432)"), "{}", lab.log());
+    assert!(
+        in_log(&lab, "Failover primary database(10.213.0.41:5432)"),
+        "{}",
+        lab.log()
+    );
     // The other standbys follow the new primary.
-    assert!(lab.wait(30, |l| {
-        l.sql("cli", WRITE_VIP, "postgres", "select count(*) from pg_stat_replication where state = 'streaming'").as_deref() == Ok("2")
-    }), "standbys not repointed:\n{}", lab.log());
+    assert!(
+        lab.wait(30, |l| {
+            l.sql(
+                "cli",
+                WRITE_VIP,
+                "postgres",
+                "select count(*) from pg_stat_replication where state = 'streaming'",
+            )
+            .as_deref()
+                == Ok("2")
+        }),
+        "standbys not repointed:\n{}",
+        lab.log()
+    );
     // Sync names name the survivors, so commits keep being acknowledged.
-    let names = lab.sql("cli", WRITE_VIP, "postgres", "show synchronous_standby_names").unwrap();
-    assert!(names.starts_with("ANY 1 (") && names.contains("stb01"), "{names}");
+    let names = lab
+        .sql(
+            "cli",
+            WRITE_VIP,
+            "postgres",
+            "show synchronous_standby_names",
+        )
+        .unwrap();
+    assert!(
+        names.starts_with("ANY 1 (") && names.contains("stb01"),
+        "{names}"
+    );
 
     // The old primary comes back on its own as a primary: it is fenced.
     assert_eq!(lab.lab(&["poweron", "pg01"]).code, 0);
-    let out = lab.exec("pg01", &["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D",
-        "/var/lib/postgresql/pgdata", "start", "-w", "-l", "/var/lib/postgresql/pgdata/server.log"]);
+    let out = lab.exec(
+        "pg01",
+        &[
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+            "/var/lib/postgresql/pgdata",
+            "start",
+            "-w",
+            "-l",
+            "/var/lib/postgresql/pgdata/server.log",
+        ],
+    );
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(lab.wait(20, |l| l.role("pg01").is_none()), "old primary not fenced:\n{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg01").is_none()),
+        "old primary not fenced:\n{}",
+        lab.log()
+    );
     assert!(in_log(&lab, "fencing it"), "{}", lab.log());
     assert_ne!(lab.vip_holder(WRITE_VIP).as_deref(), Some("pg01"));
     assert_eq!(lab.db_state(1).0, "Fault");
@@ -105,9 +216,19 @@ fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
     assert!(out.stdout.starts_with("taskid="), "{}", out.stdout);
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
     assert!(lab.wait(20, |l| l.role("pg01") == Some(true)));
-    assert!(lab.wait(30, |l| {
-        l.sql("cli", WRITE_VIP, "postgres", "select count(*) from pg_stat_replication where state = 'streaming'").as_deref() == Ok("3")
-    }), "pg01 not streaming after repair");
+    assert!(
+        lab.wait(30, |l| {
+            l.sql(
+                "cli",
+                WRITE_VIP,
+                "postgres",
+                "select count(*) from pg_stat_replication where state = 'streaming'",
+            )
+            .as_deref()
+                == Ok("3")
+        }),
+        "pg01 not streaming after repair"
+    );
 }
 
 #[test]
@@ -116,7 +237,14 @@ fn lab_ha_monitor_cut_from_primary_only_is_no_failover() {
     lab.start_server();
     assert!(lab.wait(10, |l| in_log(l, "3 standby(s) ok")));
     assert_eq!(lab.lab(&["partition", "mon", "pg01"]).code, 0);
-    assert!(lab.wait(20, |l| in_log(l, "still reaches database(10.213.0.41:5432)")), "{}", lab.log());
+    assert!(
+        lab.wait(20, |l| in_log(
+            l,
+            "still reaches database(10.213.0.41:5432)"
+        )),
+        "{}",
+        lab.log()
+    );
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some("pg01"));
     assert_eq!(lab.role("pg01"), Some(false));
@@ -125,7 +253,11 @@ fn lab_ha_monitor_cut_from_primary_only_is_no_failover() {
     }
     assert!(!in_log(&lab, "Failover primary"), "{}", lab.log());
     assert_eq!(lab.lab(&["heal"]).code, 0);
-    assert!(lab.wait(10, |l| l.log().ends_with("3 standby(s) ok\n")), "{}", lab.log());
+    assert!(
+        lab.wait(10, |l| l.log().ends_with("3 standby(s) ok\n")),
+        "{}",
+        lab.log()
+    );
 }
 
 #[test]
@@ -137,14 +269,24 @@ fn lab_ha_frozen_cluster_is_left_alone() {
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert_eq!(lab.role("pg03"), None, "a frozen cluster was acted on");
     assert_eq!(lab.adm(&["unfroze", "-c", "cluster01"]).code, 0);
-    assert!(lab.wait(20, |l| l.role("pg03") == Some(true)), "not restarted after unfroze:\n{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg03") == Some(true)),
+        "not restarted after unfroze:\n{}",
+        lab.log()
+    );
 }
 
 #[test]
 fn lab_ha_switch_and_back() {
     let mut lab = Lab::take(1);
     lab.start_server();
-    lab.sql("cli", WRITE_VIP, "cs_sys_ha", "create table if not exists sw(id int)").unwrap();
+    lab.sql(
+        "cli",
+        WRITE_VIP,
+        "cs_sys_ha",
+        "create table if not exists sw(id int)",
+    )
+    .unwrap();
     for (target, host) in [(3u32, "pg03"), (1, "pg01")] {
         let out = lab.adm(&["switch", "-c", "cluster01", "-i", &target.to_string()]);
         assert_eq!(out.code, 0, "switch to {target}: {out:?}\n{}", lab.log());
@@ -152,12 +294,31 @@ fn lab_ha_switch_and_back() {
         assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some(host));
         assert_eq!(lab.role(host), Some(false));
         assert_eq!(lab.db_state(target), ("Normal".to_string(), 1));
-        lab.sql("cli", WRITE_VIP, "cs_sys_ha", &format!("insert into sw values ({target})")).unwrap();
-        assert!(lab.wait(30, |l| {
-            l.sql("cli", WRITE_VIP, "postgres", "select count(*) from pg_stat_replication where state = 'streaming'").as_deref() == Ok("3")
-        }), "not all standbys follow {host}:\n{}", lab.log());
+        lab.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            &format!("insert into sw values ({target})"),
+        )
+        .unwrap();
+        assert!(
+            lab.wait(30, |l| {
+                l.sql(
+                    "cli",
+                    WRITE_VIP,
+                    "postgres",
+                    "select count(*) from pg_stat_replication where state = 'streaming'",
+                )
+                .as_deref()
+                    == Ok("3")
+            }),
+            "not all standbys follow {host}:\n{}",
+            lab.log()
+        );
     }
-    let n = lab.sql("cli", WRITE_VIP, "cs_sys_ha", "select count(*) from sw").unwrap();
+    let n = lab
+        .sql("cli", WRITE_VIP, "cs_sys_ha", "select count(*) from sw")
+        .unwrap();
     assert_eq!(n, "2");
     // Refused: a target that is the primary already, or not in the cluster.
     assert_eq!(lab.adm(&["switch", "-c", "cluster01", "-i", "1"]).code, 1);

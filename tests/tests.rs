@@ -7,6 +7,7 @@ mod util;
 
 mod cli_server;
 mod lab_foundation;
+mod lab_ha;
 mod pg_local;
 mod ship;
 mod store_crash;
