@@ -517,7 +517,7 @@ pub fn run_plan(
     ok
 }
 
-fn db_or_err<'a>(cluster: &'a Cluster, id: u32) -> Result<&'a Db, String> {
+fn db_or_err(cluster: &Cluster, id: u32) -> Result<&Db, String> {
     cluster
         .db(id)
         .ok_or_else(|| format!("db {id} is not in the cluster"))
