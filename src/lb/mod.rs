@@ -342,6 +342,19 @@ fn run(
         refresh_once(url, tok, &shared, &mgmt, token_from_clup, true);
     }
 
+    if mgmt
+        .token
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+        && o.clup.is_some()
+    {
+        log::warn!(
+            "No management token yet (no answer from clupserver): the management API \
+             refuses every request until clupserver gives one."
+        );
+    }
+
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let mut threads = Vec::new();
     let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
