@@ -169,17 +169,25 @@ fn no_healthy_backend_is_refused_quickly() {
         env: vec![("CSTLB_MGR_TOKEN", TOKEN.into())],
         wait_token: Some(TOKEN),
     });
+    // A client that says nothing: EOF within the bounded wait.
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let _ = lb.connect().read_to_end(&mut got);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Like libpq: SSLRequest gets 'N', the startup packet an ErrorResponse.
     for _ in 0..3 {
         let t0 = Instant::now();
         let mut s = lb.connect();
-        s.write_all(&SSL_REQUEST).unwrap_or(());
+        s.write_all(&SSL_REQUEST).unwrap();
+        let mut n = [0u8; 1];
+        s.read_exact(&mut n).unwrap();
+        assert_eq!(&n, b"N");
+        s.write_all(b"\0\0\0\x08\0\x03\0\0").unwrap();
         let mut got = Vec::new();
         let _ = s.read_to_end(&mut got);
         assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
-        assert!(got.is_empty() || got[0] == b'E', "{got:?}");
-        if !got.is_empty() {
-            assert!(String::from_utf8_lossy(&got).contains("no healthy backend"));
-        }
+        assert_eq!(got.first(), Some(&b'E'), "{got:?}");
+        assert!(String::from_utf8_lossy(&got).contains("no healthy backend"));
     }
 }
 

@@ -128,8 +128,29 @@ struct Ready {
 }
 
 enum Phase {
-    Connecting { since: Instant, tried: Vec<Addr> },
+    Connecting {
+        since: Instant,
+        tried: Vec<Addr>,
+    },
     Open,
+    /// No backend: answering the client with an error (see `refuse`).
+    Refusing {
+        since: Instant,
+        said_n: bool,
+    },
+}
+
+/// How long a refused client may take to send its startup packet.
+const REFUSE_WAIT: Duration = Duration::from_millis(500);
+
+/// SSLRequest (80877103) or GSSENCRequest (80877104).
+fn is_encryption_request(b: &[u8]) -> bool {
+    b.len() == 8
+        && b[..4] == [0, 0, 0, 8]
+        && matches!(
+            u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            80_877_103 | 80_877_104
+        )
 }
 
 struct Session {
@@ -592,28 +613,80 @@ impl Worker {
         }
     }
 
+    /// No backend for this client: answer like a PostgreSQL that cannot
+    /// take it. An SSLRequest/GSSENCRequest gets `N` first, because libpq
+    /// does not show errors sent during that exchange; the error then
+    /// answers the startup packet. Bounded by [`REFUSE_WAIT`].
     fn refuse(&mut self, idx: usize) {
-        if let Some(Some(s)) = self.sessions.get(idx) {
-            let fd = s.client;
-            // Read what the client already sent, so that closing does not
-            // turn into a reset that could discard our message.
-            for _ in 0..4 {
-                // SAFETY: recv into scratch.
-                let n = unsafe {
-                    libc::recv(
-                        fd,
-                        self.scratch.as_mut_ptr() as *mut libc::c_void,
-                        self.scratch.len(),
-                        0,
-                    )
-                };
-                if n <= 0 {
+        let Some(Some(s)) = self.sessions.get_mut(idx) else {
+            return;
+        };
+        s.phase = Phase::Refusing {
+            since: Instant::now(),
+            said_n: false,
+        };
+        self.connecting.push(idx);
+        self.refuse_step(idx);
+    }
+
+    fn refuse_step(&mut self, idx: usize) {
+        let Some(Some(s)) = self.sessions.get_mut(idx) else {
+            return;
+        };
+        let Phase::Refusing { said_n, .. } = &mut s.phase else {
+            return;
+        };
+        let fd = s.client;
+        loop {
+            // SAFETY: recv into scratch.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.scratch.as_mut_ptr() as *mut libc::c_void,
+                    self.scratch.len(),
+                    0,
+                )
+            };
+            if n < 0 && errno() == libc::EAGAIN {
+                return;
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+            let got = &self.scratch[..n as usize];
+            if !*said_n && is_encryption_request(got) {
+                *said_n = true;
+                if send(fd, b"N").is_err() {
                     break;
                 }
+                continue;
             }
+            self.send_refusal(idx);
+            return;
+        }
+        self.close_session(idx);
+    }
+
+    fn send_refusal(&mut self, idx: usize) {
+        if let Some(Some(s)) = self.sessions.get(idx) {
+            let fd = s.client;
             let _ = send(fd, &refusal_message("cstlb: no healthy backend available"));
             // SAFETY: shutdown on the client socket we own.
             unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            // Drain what already arrived so close does not become a reset
+            // that could discard the message.
+            // SAFETY: recv into scratch.
+            unsafe {
+                libc::recv(
+                    fd,
+                    self.scratch.as_mut_ptr() as *mut libc::c_void,
+                    self.scratch.len(),
+                    0,
+                )
+            };
             log::debug!("Refused a client: no healthy backend.");
         }
         self.close_session(idx);
@@ -646,6 +719,14 @@ impl Worker {
         }
         if hup {
             r.hup = true;
+        }
+        if let Phase::Refusing { .. } = s.phase {
+            if err {
+                self.close_session(idx);
+            } else if !is_backend {
+                self.refuse_step(idx);
+            }
+            return;
         }
         if let Phase::Connecting { .. } = s.phase {
             if !is_backend {
@@ -730,19 +811,25 @@ impl Worker {
         list.dedup();
         let limit = self.shared.connect_timeout;
         for idx in list {
-            let expired = match self.sessions.get(idx) {
+            let (refusing, expired) = match self.sessions.get(idx) {
                 Some(Some(Session {
                     phase: Phase::Connecting { since, .. },
                     backend,
                     ..
-                })) if *backend >= 0 => now.duration_since(*since) >= limit,
+                })) if *backend >= 0 => (false, now.duration_since(*since) >= limit),
+                Some(Some(Session {
+                    phase: Phase::Refusing { since, .. },
+                    ..
+                })) => (true, now.duration_since(*since) >= REFUSE_WAIT),
                 _ => continue,
             };
-            if expired {
+            if !expired {
+                self.connecting.push(idx);
+            } else if refusing {
+                self.send_refusal(idx);
+            } else {
                 self.attempt_failed(idx, "connect timeout");
                 self.connect_next(idx);
-            } else {
-                self.connecting.push(idx);
             }
         }
     }
@@ -821,6 +908,17 @@ fn connect_nonblocking(a: SocketAddrV4) -> io::Result<(RawFd, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encryption_requests() {
+        assert!(is_encryption_request(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]));
+        assert!(is_encryption_request(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]));
+        assert!(!is_encryption_request(&[
+            0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2e
+        ]));
+        assert!(!is_encryption_request(&[0, 0, 0, 8, 0x04, 0xd2, 0x16]));
+        assert!(!is_encryption_request(b"GET / HTTP/1.1\r\n"));
+    }
 
     #[test]
     fn refusal_is_a_wellformed_error_response() {

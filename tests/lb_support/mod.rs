@@ -348,6 +348,12 @@ impl Drop for Lb {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep the log of a failed test for the post-mortem.
+        if !thread::panicking() {
+            if let Some(d) = self.log.parent() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
     }
 }
 
