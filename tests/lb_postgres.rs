@@ -3,13 +3,11 @@
 //! the proxy, and psql's view of a refusal once the server is gone. If the
 //! cluster cannot be set up the test fails with the reason.
 
-mod lb_support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lb_support::*;
+use crate::lb_support::*;
 use serde_json::json;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";

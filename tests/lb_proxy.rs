@@ -1,8 +1,6 @@
 //! cstlb end to end: the built binary (`clup lb ...`) in front of fake
 //! backends on 127.0.0.1.
 
-mod lb_support;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -11,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lb_support::*;
+use crate::lb_support::*;
 use serde_json::json;
 
 const FAST: &[&str] = &["--check-interval", "0.2", "--workers", "2"];

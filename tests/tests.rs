@@ -3,11 +3,14 @@
 //! `lab_*` modules; they fail with the reason when the lab cannot be built.
 
 mod lab;
+mod lb_support;
 mod util;
 
 mod cli_server;
 mod lab_foundation;
 mod lab_ha;
+mod lb_postgres;
+mod lb_proxy;
 mod pg_local;
 mod ship;
 mod store_crash;
