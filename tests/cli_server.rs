@@ -163,32 +163,33 @@ fn start_show_froze_tokens_stop() {
         st.stdout.trim().replace("is running", "is already running")
     );
 
+    // The cluster starts frozen (its hosts do not exist).
     let show = h.run(&["adm", "show"]);
     assert_eq!(show.code, 0, "{show:?}");
     assert!(
         show.stdout
-            .contains("cluster01       Normal 192.168.56.40     192.168.56.45     192.168.56.41 "),
+            .contains("cluster01       Frozen 127.0.56.40       127.0.56.45       127.0.56.41       "),
         "{}",
         show.stdout
     );
-    assert!(show.stdout.contains("cluster01     4 Normal           0 192.168.56.44     5432 192.168.56.44     postgres   /home/postgres/pgdata"));
+    assert!(show.stdout.contains("cluster01     4 Normal           0 127.0.56.44       5432 127.0.56.44       postgres   /home/postgres/pgdata"));
 
     let json: serde_json::Value =
         serde_json::from_str(&h.run(&["adm", "show", "--json"]).stdout).unwrap();
     assert_eq!(json["dbs"][0]["state"], "Normal");
 
-    assert_eq!(h.run(&["adm", "froze", "-c", "cluster01"]).code, 0);
-    let json: serde_json::Value =
-        serde_json::from_str(&h.run(&["adm", "show", "--json"]).stdout).unwrap();
-    assert_eq!(json["clusters"][0]["state"], "Frozen");
-    let out = h.run(&["adm", "froze"]);
+    let out = h.run(&["adm", "froze", "-c", "cluster01"]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("already frozen"), "{}", out.stderr);
     assert_eq!(h.run(&["adm", "unfroze"]).code, 0);
+    let json: serde_json::Value =
+        serde_json::from_str(&h.run(&["adm", "show", "--json"]).stdout).unwrap();
+    assert_eq!(json["clusters"][0]["state"], "Normal");
+    assert_eq!(h.run(&["adm", "froze"]).code, 0);
     assert!(h
         .run(&["adm", "show"])
         .stdout
-        .contains("cluster01       Normal"));
+        .contains("cluster01       Frozen"));
 
     // get_meta / change_meta round trip; an invalid change is refused.
     let meta = h.run(&["adm", "get_meta", "-c", "cluster01"]).stdout;
@@ -201,7 +202,9 @@ fn start_show_froze_tokens_stop() {
         "{}",
         out.stderr
     );
-    let good = meta.replacen("\"state\": 1", "\"state\": 2", 1);
+    let mut good: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    good["db_list"][0]["state"] = 2.into();
+    let good = good.to_string();
     let out = h.run_stdin(&["adm", "change_meta", "-c", "cluster01"], Some(&good));
     assert_eq!(out.code, 0, "{out:?}");
     assert!(h
@@ -215,11 +218,7 @@ fn start_show_froze_tokens_stop() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         v["data"]["backends"],
-        serde_json::json!([
-            "192.168.56.42:5432",
-            "192.168.56.43:5432",
-            "192.168.56.44:5432"
-        ])
+        serde_json::json!(["127.0.56.42:5432", "127.0.56.43:5432", "127.0.56.44:5432"])
     );
     assert_eq!(http_get(port, "/cluster01/get_lb_host?token=wrong").0, 401);
     assert_eq!(http_get(port, "/cluster01/get_lb_host").0, 401);

@@ -103,7 +103,7 @@ pub fn free_port() -> u16 {
 pub fn sample_conf(port: u16) -> String {
     format!(
         "# test config\n\
-network=192.168.56.0\n\
+network=127.0.56.0\n\
 ha_rpc_pass = csha_cluster_pass\n\
 probe_db_name = cs_sys_ha\n\
 probe_user = postgres\n\
@@ -121,7 +121,9 @@ http_port = {port}\n"
     )
 }
 
-/// The manual's init.json (cluster01, four databases).
+/// The manual's init.json (cluster01, four databases) on loopback addresses
+/// (127.0.56.x) so a running monitor never sends anything off this machine,
+/// and frozen, so it does not act on hosts that do not exist.
 pub const SAMPLE_INIT: &str = include_str!("data/init.json");
 
 /// Poll `f` every 50 ms for up to `secs`; true as soon as it holds.
