@@ -270,6 +270,45 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
                 Err(e) => refused(e),
             }
         }
+        "get_last_lsn" | "repl_delay" | "switch" | "repair" => {
+            let Some(m) = &ctx.monitor else {
+                return Resp::err(503, "the monitor is not running");
+            };
+            let name = match pick_cluster(&clusters, args) {
+                Ok(n) => n,
+                Err(r) => return r,
+            };
+            let c = &clusters[&name];
+            let id = args.get("id").and_then(Value::as_u64).map(|i| i as u32);
+            let task = |r: Result<(u64, String), String>| match r {
+                Ok((id, name)) => Resp::ok(json!({ "task_id": id, "task_name": name })),
+                Err(e) => Resp::err(409, e),
+            };
+            match cmd {
+                "get_last_lsn" => {
+                    Resp::ok(json!({ "cluster": name, "rows": crate::ops::last_lsn(m, c) }))
+                }
+                "repl_delay" => {
+                    Resp::ok(json!({ "cluster": name, "rows": crate::ops::repl_delay(m, c) }))
+                }
+                "switch" => match id {
+                    Some(id) => task(crate::ops::start_switch(m, &name, id)),
+                    None => Resp::err(400, "switch needs a database id (-i)"),
+                },
+                _ => {
+                    let mode = match arg_str(args, "mode") {
+                        None | Some("plain") => crate::ops::RepairMode::Plain,
+                        Some("rewind") => crate::ops::RepairMode::Rewind,
+                        Some("rebuild") => crate::ops::RepairMode::Rebuild,
+                        Some(o) => return Resp::err(400, format!("unknown repair mode '{o}'")),
+                    };
+                    match id {
+                        Some(id) => task(crate::ops::start_repair(m, &name, id, mode)),
+                        None => Resp::err(400, "repair needs a database id (-i)"),
+                    }
+                }
+            }
+        }
         "show_task" => {
             let cluster = arg_str(args, "cluster");
             let doc = match ctx.store.load() {

@@ -309,6 +309,65 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
                 .ok_or_else(|| fail(EXIT_USAGE, "task_log needs -t TASK_ID"))?;
             follow_task(home, id, o.follow)
         }
+        "get_last_lsn" => {
+            let o = parse_opts(p, cmd)?;
+            let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
+            let rows: Vec<LsnRow> = serde_json::from_value(d["rows"].clone()).map_err(|e| {
+                fail(
+                    EXIT_FAILED,
+                    format!("unexpected answer from clupserver: {e}"),
+                )
+            })?;
+            Ok(if o.json {
+                format!("{}\n", serde_json::to_string_pretty(&d).expect("json"))
+            } else {
+                lsn_text(&rows)
+            })
+        }
+        "repl_delay" => {
+            let o = parse_opts(p, cmd)?;
+            let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
+            let rows: Vec<DelayRow> = serde_json::from_value(d["rows"].clone()).map_err(|e| {
+                fail(
+                    EXIT_FAILED,
+                    format!("unexpected answer from clupserver: {e}"),
+                )
+            })?;
+            Ok(if o.json {
+                format!("{}\n", serde_json::to_string_pretty(&d).expect("json"))
+            } else {
+                delay_text(&rows)
+            })
+        }
+        "switch" | "repair" => {
+            let o = parse_opts(p, cmd)?;
+            let id =
+                o.id.ok_or_else(|| fail(EXIT_USAGE, format!("{cmd} needs -i ID")))?;
+            if o.rewind && o.rebuild {
+                return Err(fail(EXIT_USAGE, "choose one of --rewind and --rebuild"));
+            }
+            let mode = if o.rewind {
+                "rewind"
+            } else if o.rebuild {
+                "rebuild"
+            } else {
+                "plain"
+            };
+            let d = call(
+                home,
+                cmd,
+                json!({ "cluster": o.cluster, "id": id, "mode": mode }),
+            )?;
+            let task = d["task_id"].as_u64().unwrap_or(0);
+            println!(
+                "taskid={task}, task_name={}",
+                d["task_name"].as_str().unwrap_or("")
+            );
+            if o.no_follow {
+                return Ok(String::new());
+            }
+            follow_task(home, task, true)
+        }
         c if COMMANDS.iter().any(|(n, _)| *n == c) => Err(fail(
             EXIT_FAILED,
             format!("'{c}' is not available in this build yet"),

@@ -18,6 +18,7 @@ pub mod lb;
 pub mod logging;
 pub mod meta;
 pub mod monitor;
+pub mod ops;
 pub mod server;
 pub mod store;
 pub mod table;

@@ -637,7 +637,7 @@ fn step(
                 vip::find_interface(ssh, to, cfg.network).map_err(|e| e.to_string())?;
             vip::add(ssh, to, read_vip, &ifname).map_err(|e| e.to_string())?;
             let to = to.clone();
-            meta_update(shared, name, |c| {
+            meta_update_cluster(shared, name, |c| {
                 c.read_vip_host = to.clone();
                 Ok(())
             })
@@ -645,7 +645,7 @@ fn step(
         Action::MetaPrimary { id, old } => {
             t.info(&format!("{pre}: save node state to meta server..."));
             let (id, old) = (*id, *old);
-            meta_update(shared, name, |c| {
+            meta_update_cluster(shared, name, |c| {
                 for d in c.db_list.iter_mut() {
                     d.is_primary = u8::from(d.id == id);
                 }
@@ -660,7 +660,7 @@ fn step(
         Action::MetaDbState { id, state } => {
             t.info(&format!("{pre}: save node state to meta server..."));
             let (id, state) = (*id, *state);
-            meta_update(shared, name, |c| {
+            meta_update_cluster(shared, name, |c| {
                 c.db_mut(id).ok_or("db vanished")?.state = state;
                 Ok(())
             })?;
@@ -669,7 +669,7 @@ fn step(
         }
         Action::MetaClusterState { state } => {
             let state = *state;
-            meta_update(shared, name, |c| {
+            meta_update_cluster(shared, name, |c| {
                 c.state = state;
                 Ok(())
             })
@@ -677,7 +677,8 @@ fn step(
     }
 }
 
-fn meta_update(
+/// Change one cluster's meta (validated and saved atomically by the store).
+pub fn meta_update_cluster(
     shared: &Shared,
     name: &str,
     f: impl Fn(&mut Cluster) -> Result<(), &'static str>,

@@ -167,8 +167,9 @@ fn start_show_froze_tokens_stop() {
     let show = h.run(&["adm", "show"]);
     assert_eq!(show.code, 0, "{show:?}");
     assert!(
-        show.stdout
-            .contains("cluster01       Frozen 127.0.56.40       127.0.56.45       127.0.56.41       "),
+        show.stdout.contains(
+            "cluster01       Frozen 127.0.56.40       127.0.56.45       127.0.56.41       "
+        ),
         "{}",
         show.stdout
     );

@@ -610,6 +610,18 @@ fn admin<T: Send + 'static>(
     })
 }
 
+/// The first row of `sql` (run as ha_db_user on the postgres database), as
+/// text; NULLs become empty strings. For small admin checks.
+pub fn query_row(db: &Db, cfg: &Config, sql: &'static str) -> Result<Vec<String>, PgError> {
+    admin(db, cfg, "query", cfg.probe_timeout, move |c, what| {
+        let res = simple(c, what, sql)?;
+        res.first()
+            .and_then(|rows| rows.first())
+            .map(|row| row.iter().map(|v| v.clone().unwrap_or_default()).collect())
+            .ok_or_else(|| PgError::new(what, "no row"))
+    })
+}
+
 /// server_version_num and pg_is_in_recovery().
 pub fn version_and_role(db: &Db, cfg: &Config) -> Result<(u32, bool), PgError> {
     admin(db, cfg, "read version of", cfg.probe_timeout, |c, what| {

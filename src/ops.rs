@@ -1,0 +1,701 @@
+//! Operator-requested operations that run as background tasks: `switch`
+//! (planned switchover with zero data loss) and `repair` (bring a Fault
+//! node back, optionally with pg_rewind or pg_basebackup), plus the live
+//! reports `get_last_lsn` and `repl_delay`.
+//!
+//! A task takes the cluster lock before it starts (so a refusal reaches the
+//! operator at once), renews it while it runs, and goes on when clupadm
+//! goes away. Every step is written to the task log in the manual's words.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cli::{DelayRow, LsnRow};
+use crate::exec::pg::{self, format_lsn, parse_lsn, DbProbe};
+use crate::exec::shell::quote;
+use crate::exec::ssh::Remote;
+use crate::exec::{pgctl, recovery, vip};
+use crate::ha;
+use crate::meta::{Cluster, Db, DB_NORMAL};
+use crate::monitor::{self, cstlb_all, repoint_db, vip_of, Shared};
+use crate::task::{self, TaskHandle};
+
+/// How long a switch waits for the target to replay the old primary's last
+/// WAL before it gives up and puts the old primary back.
+const CATCH_UP: Duration = Duration::from_secs(30);
+/// How long repair waits for the node to show up streaming.
+const STREAM_WAIT: Duration = Duration::from_secs(30);
+
+/// Keeps the cluster lock renewed (every lock_ttl/3) until dropped.
+struct LockKeeper {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl LockKeeper {
+    fn start(shared: &Arc<Shared>, cluster: &str, holder: &str) -> LockKeeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, c, h, st) = (
+            shared.clone(),
+            cluster.to_string(),
+            holder.to_string(),
+            stop.clone(),
+        );
+        let ttl = shared.cfg.lock_ttl;
+        let handle = thread::spawn(move || {
+            let mut last = Instant::now();
+            while !st.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(200));
+                if last.elapsed() >= ttl / 3 {
+                    if let Err(e) = task::lock(&*s.store, &c, &h, ttl.as_secs()) {
+                        log::error!("cannot renew the lock of cluster {c}: {e}");
+                    }
+                    last = Instant::now();
+                }
+            }
+        });
+        LockKeeper {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for LockKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn cluster_of(shared: &Shared, name: &str) -> Result<Cluster, String> {
+    let doc = shared.store.load().map_err(|e| e.to_string())?;
+    doc.clusters
+        .get(name)
+        .cloned()
+        .ok_or_else(|| format!("no cluster named '{name}'"))
+}
+
+/// Take the lock, create the task, run `body` on its own thread.
+fn spawn_task(
+    shared: &Arc<Shared>,
+    cluster: &str,
+    task_name: String,
+    body: impl FnOnce(&Arc<Shared>, &TaskHandle) -> Result<(), String> + Send + 'static,
+) -> Result<(u64, String), String> {
+    let holder = format!("task '{task_name}'");
+    task::lock(
+        &*shared.store,
+        cluster,
+        &holder,
+        shared.cfg.lock_ttl.as_secs(),
+    )?;
+    let t = match task::begin(&*shared.store, &shared.home.task_dir(), cluster, &task_name) {
+        Ok(t) => t,
+        Err(e) => {
+            task::unlock(&*shared.store, cluster, &holder);
+            return Err(e.to_string());
+        }
+    };
+    let id = t.id;
+    let (s, c) = (shared.clone(), cluster.to_string());
+    thread::Builder::new()
+        .name(format!("task-{id}"))
+        .spawn(move || {
+            let keeper = LockKeeper::start(&s, &c, &holder);
+            let res = body(&s, &t);
+            if let Err(e) = &res {
+                t.error(e);
+            }
+            drop(keeper);
+            task::unlock(&*s.store, &c, &holder);
+            t.finish(&*s.store, res.is_ok());
+        })
+        .map_err(|e| format!("cannot start the task thread: {e}"))?;
+    Ok((id, task_name))
+}
+
+// ---------------------------------------------------------------- switch
+
+/// Check and start a switchover of `cluster` to db `target`.
+pub fn start_switch(
+    shared: &Arc<Shared>,
+    cluster: &str,
+    target: u32,
+) -> Result<(u64, String), String> {
+    let c = cluster_of(shared, cluster)?;
+    let db = c
+        .db(target)
+        .ok_or_else(|| format!("cluster '{cluster}' has no db {target}"))?;
+    if db.is_primary() {
+        return Err(format!(
+            "db {target} ({}) is already the primary",
+            db.addr()
+        ));
+    }
+    if !db.is_normal() {
+        return Err(format!(
+            "db {target} ({}) is Fault; repair it first",
+            db.addr()
+        ));
+    }
+    match c.primary() {
+        Some(p) if p.is_normal() => {}
+        _ => {
+            return Err(format!(
+                "cluster '{cluster}' has no healthy primary to switch from"
+            ))
+        }
+    }
+    let name = format!("switch {cluster} to dbid={target}");
+    let cl = cluster.to_string();
+    spawn_task(shared, cluster, name, move |s, t| switch(s, &cl, target, t))
+}
+
+fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let ssh = &shared.ssh;
+    let c = cluster_of(shared, name)?;
+    let new = c.db(target).ok_or("target vanished")?.clone();
+    let old = c.primary().ok_or("no primary")?.clone();
+    let pre = format!("Switch(cluster={name}, dbid={target})");
+    t.info(&format!("{pre}: begin..."));
+
+    t.info(&format!(
+        "{pre}: checking database({}) is a healthy standby streaming from the primary...",
+        new.addr()
+    ));
+    let op = pg::probe(&old, cfg, true);
+    if !op.ok {
+        return Err(format!(
+            "{pre}: the primary database({}) does not answer: {}",
+            old.addr(),
+            op.error
+        ));
+    }
+    let np = pg::probe(&new, cfg, false);
+    let streams = np.ok
+        && np.in_recovery == Some(true)
+        && np.upstream.as_ref().is_some_and(|u| {
+            u.status == "streaming" && u.sender_host.as_deref() == Some(old.host.as_str())
+        });
+    if !streams {
+        return Err(format!(
+            "{pre}: database({}) is not a healthy standby streaming from {} (ok={}, in recovery={:?}, upstream={:?}); refusing",
+            new.addr(),
+            old.host,
+            np.ok,
+            np.in_recovery,
+            np.upstream.as_ref().map(|u| (&u.status, &u.sender_host))
+        ));
+    }
+
+    let write_vip = vip_of(&c.write_vip)?;
+    t.info(&format!(
+        "{pre}: delete write vip({write_vip}) from host({})...",
+        old.host
+    ));
+    vip::delete(ssh, &old.host, write_vip).map_err(|e| e.to_string())?;
+
+    t.info(&format!(
+        "{pre}: stop old primary database({}) cleanly...",
+        old.addr()
+    ));
+    let t0 = Instant::now();
+    if let Err(e) = pgctl::stop_fast(ssh, &old, cfg) {
+        restore_primary(shared, &c, &old, t, &pre);
+        return Err(format!("{pre}: cannot stop the old primary: {e}"));
+    }
+    let last = match checkpoint_lsn(shared, &old) {
+        Ok(l) => l,
+        Err(e) => {
+            restore_primary(shared, &c, &old, t, &pre);
+            return Err(format!(
+                "{pre}: cannot read the old primary's last checkpoint: {e}"
+            ));
+        }
+    };
+    t.info(&format!(
+        "{pre}: old primary stopped at {} ({} ms); waiting for database({}) to replay it...",
+        format_lsn(last),
+        t0.elapsed().as_millis(),
+        new.addr()
+    ));
+    let end = Instant::now() + CATCH_UP;
+    loop {
+        let p = pg::probe(&new, cfg, false);
+        if p.replay_lsn.is_some_and(|r| r > last) {
+            break;
+        }
+        if Instant::now() >= end {
+            restore_primary(shared, &c, &old, t, &pre);
+            return Err(format!(
+                "{pre}: database({}) did not replay {} within {} s (replayed {:?}); the old primary was put back",
+                new.addr(),
+                format_lsn(last),
+                CATCH_UP.as_secs(),
+                p.replay_lsn.map(format_lsn)
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    t.info(&format!(
+        "{pre}: Promote standby database({}) to primary...",
+        new.host
+    ));
+    if let Err(e) = pg::promote(ssh, &new, cfg) {
+        restore_primary(shared, &c, &old, t, &pre);
+        return Err(format!("{pre}: promote failed: {e}"));
+    }
+    t.info(&format!(
+        "{pre}: Promote standby database({}) to primary completed.",
+        new.host
+    ));
+    let (ifname, _) =
+        vip::find_interface(ssh, &new.host, cfg.network).map_err(|e| e.to_string())?;
+    vip::add(ssh, &new.host, write_vip, &ifname).map_err(|e| e.to_string())?;
+    t.info(&format!(
+        "{pre}: write vip({write_vip}) added on host({}).",
+        new.host
+    ));
+
+    t.info(&format!("{pre}: save node state to meta server..."));
+    meta_set_primary(shared, name, new.id)?;
+    t.info(&format!("{pre}: save node state to meta server completed."));
+
+    if let Some(names) = ha::sync_names_after(&c, &old, &new, op.sync_names.as_deref()) {
+        match pg::set_sync_names(&new, cfg, &names) {
+            Ok(()) => t.info(&format!(
+                "{pre}: synchronous_standby_names on database({}) set to '{names}'.",
+                new.addr()
+            )),
+            Err(e) => t.error(&format!("{pre}: cannot set synchronous_standby_names: {e}")),
+        }
+    }
+
+    t.info(&format!(
+        "{pre}: change all standby database upper level primary database to host({})...",
+        new.host
+    ));
+    let others: Vec<&Db> = c.normal_standbys().filter(|d| d.id != new.id).collect();
+    let errors: Vec<String> = thread::scope(|s| {
+        let hs: Vec<_> = others
+            .iter()
+            .map(|d| {
+                s.spawn(|| {
+                    repoint_db(shared, d, &new)
+                        .err()
+                        .map(|e| format!("database({}): {e}", d.addr()))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    for e in &errors {
+        t.error(&format!("{pre}: repoint failed: {e}"));
+    }
+    t.info(&format!(
+        "{pre}: turn old primary database({}) into a standby of host({})...",
+        old.addr(),
+        new.host
+    ));
+    repoint_db(shared, &old, &new)
+        .map_err(|e| format!("{pre}: old primary cannot follow the new one: {e}"))?;
+
+    cstlb_all(shared, &c, &new.addr(), false, t);
+    cstlb_all(shared, &c, &old.addr(), true, t);
+    if c.read_vip_host == new.host {
+        let read_vip = vip_of(&c.read_vip)?;
+        t.info(&format!(
+            "{pre}: move read vip({read_vip}) from host({}) to host({})...",
+            new.host, old.host
+        ));
+        let _ = vip::delete(ssh, &new.host, read_vip);
+        let (ifname, _) =
+            vip::find_interface(ssh, &old.host, cfg.network).map_err(|e| e.to_string())?;
+        vip::add(ssh, &old.host, read_vip, &ifname).map_err(|e| e.to_string())?;
+        let h = old.host.clone();
+        monitor::meta_update_cluster(shared, name, move |c| {
+            c.read_vip_host = h.clone();
+            Ok(())
+        })?;
+    }
+    shared.counters.switchovers.fetch_add(1, Ordering::Relaxed);
+    t.info(&format!("{pre}: all completed."));
+    Ok(())
+}
+
+/// A switch that failed before the promotion: start the old primary again
+/// and give it back the write VIP.
+fn restore_primary(shared: &Shared, c: &Cluster, old: &Db, t: &TaskHandle, pre: &str) {
+    t.error(&format!(
+        "{pre}: rolling back: starting database({}) again as the primary...",
+        old.addr()
+    ));
+    if let Err(e) = pgctl::start(&shared.ssh, old, &shared.cfg) {
+        t.error(&format!("{pre}: cannot start the old primary: {e}"));
+    }
+    if let Ok(v) = vip_of(&c.write_vip) {
+        if let Ok((ifname, _)) = vip::find_interface(&shared.ssh, &old.host, shared.cfg.network) {
+            if let Err(e) = vip::add(&shared.ssh, &old.host, v, &ifname) {
+                t.error(&format!("{pre}: cannot put the write vip back: {e}"));
+            }
+        }
+    }
+}
+
+/// The last checkpoint of a stopped server, from pg_controldata.
+fn checkpoint_lsn(shared: &Shared, db: &Db) -> Result<u64, String> {
+    let script = format!(
+        "{}as_user \"$bin/pg_controldata\" -D \"$pgdata\"\n",
+        pgctl::prelude(db, &shared.cfg)
+    );
+    let out = shared
+        .ssh
+        .run_script(
+            &db.host,
+            "pg_controldata",
+            &script,
+            None,
+            Duration::from_secs(20),
+        )
+        .map_err(|e| e.to_string())?;
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
+        .and_then(|v| parse_lsn(v.trim()))
+        .ok_or_else(|| "no 'Latest checkpoint location' in pg_controldata's output".to_string())
+}
+
+fn meta_set_primary(shared: &Shared, name: &str, id: u32) -> Result<(), String> {
+    monitor::meta_update_cluster(shared, name, move |c| {
+        for d in c.db_list.iter_mut() {
+            d.is_primary = u8::from(d.id == id);
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- repair
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Check that it streams (rewrite its recovery settings first).
+    Plain,
+    /// pg_rewind from the current primary first.
+    Rewind,
+    /// pg_basebackup into a fresh directory (the old one moved aside).
+    Rebuild,
+}
+
+pub fn start_repair(
+    shared: &Arc<Shared>,
+    cluster: &str,
+    id: u32,
+    mode: RepairMode,
+) -> Result<(u64, String), String> {
+    let c = cluster_of(shared, cluster)?;
+    let db = c
+        .db(id)
+        .ok_or_else(|| format!("cluster '{cluster}' has no db {id}"))?;
+    if db.is_primary() {
+        return Err(format!(
+            "db {id} ({}) is the primary; repair works on standbys",
+            db.addr()
+        ));
+    }
+    match c.primary() {
+        Some(p) if p.is_normal() => {}
+        _ => {
+            return Err(format!(
+                "cluster '{cluster}' has no healthy primary to repair from"
+            ))
+        }
+    }
+    let name = format!("repair {cluster}(dbid={id})");
+    let cl = cluster.to_string();
+    spawn_task(shared, cluster, name, move |s, t| {
+        repair(s, &cl, id, mode, t)
+    })
+}
+
+fn repair(
+    shared: &Arc<Shared>,
+    name: &str,
+    id: u32,
+    mode: RepairMode,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let ssh = &shared.ssh;
+    let pre = format!("Repair(cluster={name}, dbid={id})");
+    t.info(&format!("{pre}: begin get cluster lock..."));
+    t.info(&format!("{pre}: begin..."));
+    let c = cluster_of(shared, name)?;
+    t.info(&format!("{pre}: find primary database ..."));
+    let primary = c.primary().ok_or("no primary")?.clone();
+    t.info(&format!(
+        "{pre}: primary database: {}",
+        serde_json::to_string(&primary).unwrap_or_default()
+    ));
+    t.info(&format!("{pre}: find fault database ..."));
+    let db = c.db(id).ok_or("db vanished")?.clone();
+    t.info(&format!(
+        "Repair: fault database: {}",
+        serde_json::to_string(&db).unwrap_or_default()
+    ));
+    let hp = format!("Repair(cluster={name}, host={})", db.host);
+
+    match mode {
+        RepairMode::Plain => {}
+        RepairMode::Rewind => {
+            t.info(&format!(
+                "{hp}: checking pg_rewind prerequisites on the primary..."
+            ));
+            rewind_prerequisites(shared, &primary)?;
+            t.info(&format!("{hp}: stop database before pg_rewind..."));
+            pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
+            t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));
+            let t0 = Instant::now();
+            let script = format!(
+                "{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
+                pgctl::prelude(&db, cfg),
+                quote(&format!(
+                    "host={} port={} user={} dbname=postgres connect_timeout=5",
+                    primary.host, primary.port, cfg.ha_db_user
+                ))
+            );
+            let pass = format!("{}\n", cfg.ha_db_pass.expose());
+            let out = ssh
+                .run_script(
+                    &db.host,
+                    "pg_rewind",
+                    &script,
+                    Some(pass.as_bytes()),
+                    Duration::from_secs(3600),
+                )
+                .map_err(|e| format!("{hp}: pg_rewind failed: {e}"))?;
+            t.info(&format!(
+                "{hp}: pg_rewind completed in {} ms: {}",
+                t0.elapsed().as_millis(),
+                out.stdout.lines().last().unwrap_or("").trim()
+            ));
+        }
+        RepairMode::Rebuild => {
+            t.info(&format!("{hp}: stop database before rebuilding it..."));
+            pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
+            let aside = format!("{}.clup-{}", db.pgdata, crate::now_secs());
+            t.info(&format!(
+                "{hp}: move {} aside to {aside} (it is kept, never deleted)...",
+                db.pgdata
+            ));
+            t.info(&format!(
+                "{hp}: pg_basebackup -D {} -U{} -h {} -p {} -X stream ...",
+                db.pgdata, cfg.db_repl_user, primary.host, primary.port
+            ));
+            let t0 = Instant::now();
+            let script = format!(
+                "{}IFS= read -r PGPASSWORD; export PGPASSWORD\nv=$(cat \"$pgdata/PG_VERSION\")\nmv \"$pgdata\" {aside} || exit 1\ninstall -d -m 0700 -o \"$user\" \"$pgdata\" || exit 1\nas_user \"$bin/pg_basebackup\" -D \"$pgdata\" -h {} -p {} -U {} -X stream --checkpoint=fast 2>&1\n",
+                pgctl::prelude(&db, cfg),
+                quote(&primary.host),
+                primary.port,
+                quote(&cfg.db_repl_user),
+                aside = quote(&aside),
+            );
+            let pass = format!("{}\n", cfg.db_repl_pass.expose());
+            ssh.run_script(
+                &db.host,
+                "pg_basebackup",
+                &script,
+                Some(pass.as_bytes()),
+                Duration::from_secs(6 * 3600),
+            )
+            .map_err(|e| {
+                format!("{hp}: pg_basebackup failed (the old data directory is at {aside}): {e}")
+            })?;
+            t.info(&format!(
+                "{hp}: pg_basebackup completed in {} ms.",
+                t0.elapsed().as_millis()
+            ));
+        }
+    }
+
+    t.info(&format!("{hp}: create recovery.conf for this database..."));
+    repoint_db(shared, &db, &primary)
+        .map_err(|e| format!("{hp}: {e}\n{}", instructions(shared, &db, &primary)))?;
+    t.info(&format!(
+        "{hp}: create recovery.conf for this database completed"
+    ));
+
+    t.info(&format!(
+        "{hp}: checking repair database replication steaming is ok..."
+    ));
+    let end = Instant::now() + STREAM_WAIT;
+    loop {
+        let p = pg::probe(&primary, cfg, false);
+        if p.replicas
+            .iter()
+            .any(|r| r.application_name == db.repl_app_name && r.state == "streaming")
+        {
+            break;
+        }
+        if Instant::now() >= end {
+            return Err(format!(
+                "{hp}: database({}) does not stream from the primary after {} s.\n{}",
+                db.addr(),
+                STREAM_WAIT.as_secs(),
+                instructions(shared, &db, &primary)
+            ));
+        }
+        thread::sleep(Duration::from_millis(300));
+    }
+
+    t.info(&format!("{hp}: change fault database node to normal ..."));
+    monitor::meta_update_cluster(shared, name, move |c| {
+        let d = c.db_mut(id).ok_or("db vanished")?;
+        d.state = DB_NORMAL;
+        d.is_primary = 0;
+        Ok(())
+    })?;
+    cstlb_all(shared, &c, &db.addr(), true, t);
+    t.info(&format!("{hp}: all completed."));
+    Ok(())
+}
+
+/// pg_rewind needs wal_log_hints or data checksums on the source, and a
+/// superuser connection.
+fn rewind_prerequisites(shared: &Shared, primary: &Db) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let rows = pg::query_row(
+        primary,
+        cfg,
+        "select current_setting('wal_log_hints'), current_setting('data_checksums'), \
+         (select rolsuper::text from pg_roles where rolname = current_user)",
+    )
+    .map_err(|e| {
+        format!(
+            "cannot check pg_rewind prerequisites on {}: {e}",
+            primary.addr()
+        )
+    })?;
+    let (hints, sums, superuser) = (&rows[0], &rows[1], &rows[2]);
+    if hints != "on" && sums != "on" {
+        return Err(format!(
+            "pg_rewind needs wal_log_hints=on or data checksums on {} (wal_log_hints={hints}, data_checksums={sums}); use repair --rebuild",
+            primary.addr()
+        ));
+    }
+    if superuser != "true" {
+        return Err(format!(
+            "pg_rewind needs a superuser source connection; ha_db_user '{}' is not a superuser",
+            cfg.ha_db_user
+        ));
+    }
+    Ok(())
+}
+
+/// The manual's advice when a node cannot simply follow the primary.
+pub fn instructions(shared: &Shared, db: &Db, primary: &Db) -> String {
+    let cfg = &shared.cfg;
+    format!(
+        "Please rebuild the standby on the fault node, then retry (or run 'clupadm repair --rewind' / '--rebuild'):\n\n\
+         pg_basebackup -D {pgdata} -U{user} -h {host} -p {port} -X stream\n\n\
+         recovery settings (recovery.conf before PostgreSQL 12; standby.signal + postgresql.auto.conf from 12):\n\
+         standby_mode = 'on'\n\
+         recovery_target_timeline = 'latest'\n\
+         primary_conninfo = '{conninfo}'\n\n\
+         If the node's log says 'new timeline N forked off current database system timeline M before current recovery point',\n\
+         it went ahead of the new primary before it failed: pg_rewind (repair --rewind) or a rebuild is needed.",
+        pgdata = db.pgdata,
+        user = cfg.db_repl_user,
+        host = primary.host,
+        port = primary.port,
+        conninfo = recovery::masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, &primary.host, primary.port),
+    )
+}
+
+// ---------------------------------------------------------------- reports
+
+fn probe_cluster(shared: &Shared, c: &Cluster) -> Vec<(Db, DbProbe)> {
+    thread::scope(|s| {
+        let hs: Vec<_> = c
+            .db_list
+            .iter()
+            .map(|d| s.spawn(move || (d.clone(), pg::probe(d, &shared.cfg, false))))
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    })
+}
+
+/// `get_last_lsn`: timeline and LSN of every database, read now.
+pub fn last_lsn(shared: &Shared, c: &Cluster) -> Vec<LsnRow> {
+    probe_cluster(shared, c)
+        .into_iter()
+        .map(|(d, p)| LsnRow {
+            id: d.id,
+            host: d.host.clone(),
+            primary: d.is_primary,
+            timeline: p.timeline,
+            lsn: p.wal_lsn.or(p.replay_lsn).map(format_lsn),
+        })
+        .collect()
+}
+
+/// `repl_delay`: each standby's delays in bytes behind the primary, from
+/// the primary's pg_stat_replication, read now.
+pub fn repl_delay(shared: &Shared, c: &Cluster) -> Vec<DelayRow> {
+    let primary_probe = c.primary().map(|p| pg::probe(p, &shared.cfg, false));
+    let current = primary_probe.as_ref().and_then(|p| p.wal_lsn);
+    c.db_list
+        .iter()
+        .map(|d| {
+            let none = DelayRow {
+                host: d.host.clone(),
+                primary: d.is_primary,
+                current_lsn: None,
+                sent_delay: None,
+                write_delay: None,
+                flush_delay: None,
+                replay_delay: None,
+                is_sync: None,
+                state: None,
+            };
+            if d.is_primary() {
+                return none;
+            }
+            let r = primary_probe.as_ref().and_then(|p| {
+                p.replicas
+                    .iter()
+                    .find(|r| r.application_name == d.repl_app_name)
+            });
+            let Some(r) = r else {
+                return DelayRow {
+                    state: Some("down".into()),
+                    ..none
+                };
+            };
+            let delay = |x: Option<u64>| current.zip(x).map(|(c, x)| c.saturating_sub(x));
+            DelayRow {
+                current_lsn: current.map(format_lsn),
+                sent_delay: delay(r.sent_lsn),
+                write_delay: delay(r.write_lsn),
+                flush_delay: delay(r.flush_lsn),
+                replay_delay: delay(r.replay_lsn),
+                is_sync: Some(r.sync_state.clone()),
+                state: Some(if r.state == "streaming" {
+                    "normal".into()
+                } else {
+                    r.state.clone()
+                }),
+                ..none
+            }
+        })
+        .collect()
+}
