@@ -284,6 +284,15 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 mem.last_reason = d.reason.clone();
                 gather(shared, &d.plan, &mut facts);
             }
+            _ if !unchanged(shared, name, cluster) => {
+                // Frozen, locked or edited while this round probed: what was
+                // decided may no longer hold. Decide again next round.
+                log::info!(
+                    "Cluster({name}): the meta changed during this round; not acting on: {}",
+                    d.reason
+                );
+                break;
+            }
             Kind::Restart => {
                 log::info!("{}", d.reason);
                 for a in &d.plan {
@@ -323,6 +332,11 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             round_ms: t0.elapsed().as_millis() as u64,
         },
     );
+}
+
+/// Is the cluster's meta still what this round decided on?
+fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
+    matches!(shared.store.load(), Ok(doc) if doc.clusters.get(name) == Some(cluster))
 }
 
 /// Run gather actions in parallel and record their answers.
