@@ -591,27 +591,54 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         }
     }
 
-    let cand = match choose_candidate(cluster, facts, p) {
-        Ok(c) => c,
-        Err(e) => {
-            let plan = if cluster.state == CLUSTER_FAULT {
-                vec![]
-            } else {
-                vec![Action::MetaClusterState {
-                    state: CLUSTER_FAULT,
-                }]
-            };
-            return Decision {
-                kind: Kind::NoCandidate,
-                plan,
-                reason: format!(
-                    "{why} NO STANDBY IS SAFE TO PROMOTE, cluster left without a primary: {e}"
-                ),
-                subject: Some(primary.id),
-            };
-        }
+    // A standby that already runs as a primary was promoted by a failover
+    // that did not finish (the monitor died after the promotion): adopt it,
+    // never promote a second one. Two of them need a human.
+    let promoted: Vec<&Db> = cluster
+        .normal_standbys()
+        .filter(|d| {
+            facts
+                .seen
+                .get(&d.id)
+                .is_some_and(|s| s.ok && s.in_recovery == Some(false))
+        })
+        .collect();
+    if promoted.len() > 1 {
+        let list: Vec<String> = promoted.iter().map(|d| d.addr()).collect();
+        return Decision {
+            kind: Kind::NoCandidate,
+            plan: vec![],
+            reason: format!(
+                "{why} SEVERAL STANDBYS RUN AS PRIMARIES ({}): not touching anything; stop all but one and repair the others",
+                list.join(", ")
+            ),
+            subject: Some(primary.id),
+        };
+    }
+    let cand = match promoted.first() {
+        Some(d) => d,
+        None => match choose_candidate(cluster, facts, p) {
+            Ok(c) => c,
+            Err(e) => {
+                let plan = if cluster.state == CLUSTER_FAULT {
+                    vec![]
+                } else {
+                    vec![Action::MetaClusterState {
+                        state: CLUSTER_FAULT,
+                    }]
+                };
+                return Decision {
+                    kind: Kind::NoCandidate,
+                    plan,
+                    reason: format!(
+                        "{why} NO STANDBY IS SAFE TO PROMOTE, cluster left without a primary: {e}"
+                    ),
+                    subject: Some(primary.id),
+                };
+            }
+        },
     };
-
+    let adopting = !promoted.is_empty();
     let mut plan = Vec::new();
     if facts.hosts.get(&primary.host) == Some(&true) {
         plan.push(Action::DeleteWriteVip {
@@ -619,7 +646,9 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         });
     }
     plan.push(Action::EnsureWriteVipFree { id: cand.id });
-    plan.push(Action::Promote { id: cand.id });
+    if !adopting {
+        plan.push(Action::Promote { id: cand.id });
+    }
     plan.push(Action::AddWriteVip { id: cand.id });
     plan.push(Action::MetaPrimary {
         id: cand.id,
@@ -659,9 +688,14 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         kind: Kind::Failover,
         plan,
         reason: format!(
-            "{why} Failover primary database({}): switch to new host({})...",
+            "{why} Failover primary database({}): switch to new host({}){}...",
             primary.addr(),
-            cand.host
+            cand.host,
+            if adopting {
+                " (already promoted by an unfinished failover: finishing it)"
+            } else {
+                ""
+            }
         ),
         subject: Some(primary.id),
     }
@@ -1058,6 +1092,64 @@ mod tests {
             ..P
         };
         assert_eq!(decide(&c, &f2, &p0, 0).kind, Kind::Failover);
+    }
+
+    #[test]
+    fn unfinished_failover_is_rolled_forward_never_a_second_promotion() {
+        // db 3 was promoted, then the monitor died before saving the meta.
+        let f = primary_down(|f| {
+            peers(f, false);
+            f.seen.insert(
+                3,
+                Seen {
+                    in_recovery: Some(false),
+                    ..ok_standby(900, 900)
+                },
+            );
+            f.seen.insert(4, ok_standby(1000, 1000)); // more WAL, but too late
+        });
+        let d = decide(&cluster(), &f, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert!(
+            !d.plan.iter().any(|a| matches!(a, Action::Promote { .. })),
+            "{:?}",
+            d.plan
+        );
+        assert!(d.plan.contains(&Action::MetaPrimary { id: 3, old: 1 }));
+        assert!(d.plan.contains(&Action::AddWriteVip { id: 3 }));
+        assert!(d.plan.contains(&Action::Repoint { id: 4, to: 3 }));
+        assert!(
+            d.reason
+                .contains("already promoted by an unfinished failover"),
+            "{}",
+            d.reason
+        );
+        // Two promoted standbys: hands off.
+        let f2 = primary_down(|f| {
+            peers(f, false);
+            f.seen.insert(
+                3,
+                Seen {
+                    in_recovery: Some(false),
+                    ..ok_standby(900, 900)
+                },
+            );
+            f.seen.insert(
+                4,
+                Seen {
+                    in_recovery: Some(false),
+                    ..ok_standby(900, 900)
+                },
+            );
+        });
+        let d = decide(&cluster(), &f2, &P, 0);
+        assert_eq!(d.kind, Kind::NoCandidate);
+        assert!(d.plan.is_empty());
+        assert!(
+            d.reason.contains("SEVERAL STANDBYS RUN AS PRIMARIES"),
+            "{}",
+            d.reason
+        );
     }
 
     #[test]

@@ -113,6 +113,7 @@ fn supervise(shared: &Arc<Shared>) {
             t.cluster
         );
     }
+    task::release_stale_locks(&*shared.store);
     while !shared.stop.load(Ordering::Relaxed) {
         if let Ok(doc) = shared.store.load() {
             for name in doc.clusters.keys() {

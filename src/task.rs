@@ -170,6 +170,31 @@ pub fn mark_interrupted(store: &dyn MetaStore) -> Vec<Task> {
     }
 }
 
+/// Release every cluster lock: called at start-up, where the pid file
+/// guarantees this is the only clupserver, so any lock left in the meta
+/// belonged to a previous life of it (killed in the middle of a task).
+pub fn release_stale_locks(store: &dyn MetaStore) {
+    let res = update(store, |doc| {
+        let mut released = Vec::new();
+        for (name, c) in doc.clusters.iter_mut() {
+            if c.lock_time != 0 || !c.lock_holder.is_empty() {
+                released.push(format!("{name} (held by {})", c.lock_holder));
+                c.lock_time = 0;
+                c.lock_holder.clear();
+            }
+        }
+        Ok(released)
+    });
+    match res {
+        Ok((released, _)) => {
+            for r in released {
+                log::warn!("Released the lock of cluster {r}, left by a previous clupserver.");
+            }
+        }
+        Err(e) => log::error!("cannot release stale cluster locks: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +266,9 @@ mod tests {
         let found = mark_interrupted(&s);
         assert_eq!(found.iter().map(|t| t.id).collect::<Vec<_>>(), [2]);
         assert_eq!(s.load().unwrap().tasks[1].state, "interrupted");
+        lock(&s, "cluster01", "failover of cluster cluster01", 300).unwrap();
+        release_stale_locks(&s);
+        let c = &s.load().unwrap().clusters["cluster01"];
+        assert_eq!((c.lock_time, c.lock_holder.as_str()), (0, ""));
     }
 }

@@ -324,3 +324,60 @@ fn lab_ha_switch_and_back() {
     assert_eq!(lab.adm(&["switch", "-c", "cluster01", "-i", "1"]).code, 1);
     assert_eq!(lab.adm(&["switch", "-c", "cluster01", "-i", "9"]).code, 1);
 }
+
+#[test]
+fn lab_ha_clupserver_killed_after_promotion_finishes_without_second_promotion() {
+    let mut lab = Lab::take(1);
+    lab.start_server();
+    assert!(lab.wait(10, |l| in_log(l, "3 standby(s) ok")));
+    assert_eq!(lab.lab(&["poweroff", "pg01"]).code, 0);
+    // Kill clupserver right after the promotion, before the meta is saved.
+    assert!(
+        lab.wait(40, |l| in_log(l, "to primary completed.")),
+        "no promotion:\n{}",
+        lab.log()
+    );
+    let pid = std::fs::read_to_string(lab.home.join("run/clupserver.pid")).unwrap();
+    assert_eq!(lab.exec("mon", &["kill", "-9", pid.trim()]).code, 0);
+    assert!(lab.wait(5, |l| l.clup(&["server", "status"]).code == 1));
+    // Whatever the meta says now, the restarted server brings the cluster to
+    // one primary with the write VIP on it, and never promotes a second node.
+    lab.start_server();
+    let promoted = |l: &Lab| {
+        ["pg02", "pg03", "pg04"]
+            .iter()
+            .filter(|h| l.role(h) == Some(false))
+            .count()
+    };
+    assert!(
+        lab.wait(40, |l| {
+            let v = l.show();
+            let primaries: Vec<&serde_json::Value> = v["dbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|d| d["primary"] == 1 && d["state"] == "Normal")
+                .collect();
+            primaries.len() == 1
+                && primaries[0]["host"] != ip("pg01")
+                && l.vip_holder(WRITE_VIP).as_deref().map(ip) == primaries[0]["host"].as_str()
+        }),
+        "cluster not consistent after restart:\n{}",
+        lab.log()
+    );
+    assert_eq!(
+        promoted(&lab),
+        1,
+        "more than one promoted standby:\n{}",
+        lab.log()
+    );
+    assert!(
+        lab.sql("cli", WRITE_VIP, "cs_sys_ha", "select 1").is_ok(),
+        "write VIP does not answer"
+    );
+    assert!(
+        in_log(&lab, "was interrupted by a restart of clupserver"),
+        "{}",
+        lab.log()
+    );
+}
