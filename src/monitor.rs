@@ -153,6 +153,8 @@ struct Memory {
     sync_names: Option<String>,
     sync_standbys: std::collections::BTreeSet<String>,
     last_reason: String,
+    /// Last error per cstlb, so an unreachable one is logged once, not every round.
+    cstlb_errors: BTreeMap<String, String>,
 }
 
 fn cluster_loop(shared: &Arc<Shared>, name: &str) {
@@ -276,6 +278,9 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                         log::warn!("Cluster({name}): {}", d.reason);
                     }
                 }
+                if !cluster.is_frozen() && cluster.lock_time <= crate::now_secs() {
+                    reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
+                }
                 break;
             }
             Kind::Gather => {
@@ -333,6 +338,82 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             round_ms: t0.elapsed().as_millis() as u64,
         },
     );
+}
+
+/// Bring every cstlb's backend list to the healthy Normal standbys: a cstlb
+/// that restarted gets its backends back, one that missed a delete loses the
+/// backend. Calls run in parallel, bounded by cstlb_timeout; an unreachable
+/// cstlb is logged when it starts and stops failing, and never delays
+/// anything else.
+fn reconcile_cstlb(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    facts: &Facts,
+    errors: &mut BTreeMap<String, String>,
+) {
+    let want: std::collections::BTreeSet<String> = cluster
+        .normal_standbys()
+        .filter(|d| {
+            facts
+                .seen
+                .get(&d.id)
+                .is_none_or(|s| s.ok && s.in_recovery == Some(true))
+        })
+        .map(Db::addr)
+        .collect();
+    let cfg = &shared.cfg;
+    let results: Vec<(String, Result<Vec<String>, String>)> = thread::scope(|s| {
+        let hs: Vec<_> = cluster
+            .cstlb_list
+            .iter()
+            .map(|mgr| {
+                let want = &want;
+                s.spawn(move || {
+                    let r = (|| {
+                        let have = cstlb::list(mgr, cfg).map_err(|e| e.to_string())?;
+                        let mut changed = Vec::new();
+                        for b in have.keys().filter(|b| !want.contains(*b)) {
+                            cstlb::delete(mgr, b, cfg).map_err(|e| e.to_string())?;
+                            changed.push(format!("-{b}"));
+                        }
+                        for b in want.iter().filter(|b| !have.contains_key(*b)) {
+                            cstlb::add(mgr, b, cfg).map_err(|e| e.to_string())?;
+                            changed.push(format!("+{b}"));
+                        }
+                        Ok(changed)
+                    })();
+                    (mgr.clone(), r)
+                })
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    for (mgr, r) in results {
+        match r {
+            Ok(changed) => {
+                if errors.remove(&mgr).is_some() {
+                    log::info!("Cluster({name}): cstlb({mgr}) answers again.");
+                }
+                if !changed.is_empty() {
+                    log::info!(
+                        "Cluster({name}): cstlb({mgr}) backends reconciled: {}",
+                        changed.join(" ")
+                    );
+                }
+            }
+            Err(e) => {
+                shared
+                    .counters
+                    .cstlb_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                if errors.get(&mgr) != Some(&e) {
+                    log::warn!("Cluster({name}): cannot reconcile cstlb({mgr}): {e}");
+                    errors.insert(mgr, e);
+                }
+            }
+        }
+    }
 }
 
 /// Is the cluster's meta still what this round decided on?

@@ -42,6 +42,7 @@ pub struct Lab {
     _guard: MutexGuard<'static, ()>,
     pub home: PathBuf,
     server_started: bool,
+    cstlb_hosts: Vec<String>,
 }
 
 impl Lab {
@@ -97,6 +98,7 @@ impl Lab {
             _guard: guard,
             home,
             server_started: false,
+            cstlb_hosts: Vec::new(),
         };
         let init = lab.adm(&["init"]);
         assert_eq!(init.code, 0, "clupadm init in the lab: {init:?}");
@@ -184,6 +186,43 @@ impl Lab {
         None
     }
 
+    /// Start cstlb on a db host as the manual does (CSTLB_TOKEN = http_token,
+    /// --clup = clupserver's get_lb_host), in the background; its pid goes to
+    /// the host's own /run and it is ended by that pid when the lab is dropped.
+    pub fn start_cstlb(&mut self, host: &str) {
+        let bin = self.home.join("bin/clup");
+        let script = format!(
+            "CSTLB_TOKEN={HTTP_TOKEN} setsid {} lb --clup=http://{MON}:8080/cluster01/get_lb_host --refresh 1 --check-interval 1 </dev/null >/var/log/cstlb.log 2>&1 & echo $! > /run/cstlb.pid",
+            bin.display()
+        );
+        let out = self.exec(host, &["sh", "-c", &script]);
+        assert_eq!(out.code, 0, "start cstlb on {host}: {out:?}");
+        self.cstlb_hosts.push(host.to_string());
+    }
+
+    pub fn stop_cstlb(&mut self, host: &str) {
+        let _ = self.exec(
+            host,
+            &[
+                "sh",
+                "-c",
+                "[ -f /run/cstlb.pid ] && kill $(cat /run/cstlb.pid); rm -f /run/cstlb.pid",
+            ],
+        );
+        self.cstlb_hosts.retain(|h| h != host);
+    }
+
+    /// `GET /backend/list` of the cstlb on `host`, from cli.
+    pub fn cstlb_list(&self, host: &str, token: &str) -> (String, String) {
+        let url = format!("http://{}:8082/backend/list?token={token}", ip(host));
+        let out = self.exec(
+            "cli",
+            &["curl", "-s", "-m", "3", "-w", "\n%{http_code}", &url],
+        );
+        let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    }
+
     /// kill -9 the postmaster of a db host and its children, by pid.
     pub fn kill_postgres(&self, host: &str) {
         let out = self.exec(
@@ -238,6 +277,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for h in self.cstlb_hosts.clone() {
+            self.stop_cstlb(&h);
+        }
         if self.server_started {
             let _ = self.clup(&["server", "stop"]);
         }

@@ -9,6 +9,7 @@ mod util;
 mod cli_server;
 mod lab_foundation;
 mod lab_ha;
+mod lab_lb;
 mod lb_postgres;
 mod lb_proxy;
 mod pg_local;
