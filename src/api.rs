@@ -2,12 +2,13 @@
 //!
 //! Two audiences share one port:
 //! - programs (cstlb, proxies, Prometheus) use `GET /<cluster>/get_lb_host`,
-//!   `GET /health`, authenticated by `http_token` (query `token=` or header
-//!   `X-Clup-Token`);
+//!   `GET /<cluster>/primary|replica` ([`crate::health`]), `GET /metrics`
+//!   ([`crate::metrics`]), authenticated by `http_token` (query `token=`,
+//!   header `X-Clup-Token` or `Authorization: Bearer`), and `GET /health`;
 //! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
 //!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
 //!
-//! Every answer is JSON. Wrong or missing credentials get 401 and nothing else
+//! Every answer is JSON but /metrics' text. Wrong or missing credentials get 401 and nothing else
 //! happens; bodies over [`MAX_BODY`] get 413.
 
 use std::collections::BTreeMap;
@@ -31,11 +32,14 @@ pub struct Req<'a> {
     pub body: &'a [u8],
 }
 
-/// A response: status and JSON body.
+/// A response: status and JSON body, or (for /metrics) a text body with its
+/// own content type in `text`, which the server then sends instead of `body`.
 #[derive(Debug, PartialEq)]
 pub struct Resp {
     pub status: u16,
     pub body: Value,
+    /// `(content type, text)`; None for the usual JSON answer.
+    pub text: Option<(&'static str, String)>,
 }
 
 impl Resp {
@@ -43,12 +47,22 @@ impl Resp {
         Resp {
             status: 200,
             body: json!({"ok": true, "data": data}),
+            text: None,
         }
     }
     pub fn err(status: u16, msg: impl Into<String>) -> Resp {
         Resp {
             status,
             body: json!({"ok": false, "error": msg.into()}),
+            text: None,
+        }
+    }
+    /// A non-JSON answer, e.g. the Prometheus text format.
+    pub fn text(status: u16, content_type: &'static str, text: String) -> Resp {
+        Resp {
+            status,
+            body: Value::Null,
+            text: Some((content_type, text)),
         }
     }
 }
@@ -122,6 +136,10 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             admin(ctx, cmd, &args)
         }
         ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
+        ("GET", ["metrics"]) => crate::metrics::serve(ctx, req, &query),
+        ("GET", [cluster, what @ ("primary" | "replica")]) => {
+            crate::health::route(ctx, req, &query, cluster, what)
+        }
         ("GET", [cluster, "get_lb_host"]) => {
             if let Some(r) = check_token(ctx, req, &query) {
                 return r;
@@ -133,7 +151,10 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             let Some(c) = clusters.get(*cluster) else {
                 return Resp::err(404, format!("no cluster named '{cluster}'"));
             };
-            let backends: Vec<String> = c.normal_standbys().map(|d| d.addr()).collect();
+            let backends = match crate::health::lb_backends_for(ctx, &query, cluster, c) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
             Resp::ok(json!({
                 "cluster": cluster,
                 "backends": backends,
@@ -144,8 +165,15 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
     }
 }
 
-fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
+/// `http_token` from `X-Clup-Token`, `Authorization: Bearer` (Prometheus)
+/// or `token=`; Some(401) when it is wrong or missing.
+pub(crate) fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
+    let bearer = || {
+        (req.header)("authorization")
+            .and_then(|a| a.strip_prefix("Bearer ").map(|t| t.trim().to_string()))
+    };
     let given = (req.header)("x-clup-token")
+        .or_else(bearer)
         .or_else(|| query.get("token").cloned())
         .unwrap_or_default();
     if constant_time_eq(given.as_bytes(), ctx.cfg.http_token.expose().as_bytes()) {
@@ -155,7 +183,7 @@ fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option
     }
 }
 
-fn load(ctx: &Ctx) -> Result<Clusters, Resp> {
+pub(crate) fn load(ctx: &Ctx) -> Result<Clusters, Resp> {
     ctx.store
         .load()
         .map(|d| d.clusters)
