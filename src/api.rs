@@ -8,8 +8,8 @@
 //! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
 //!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
 //!
-//! Every answer is JSON but /metrics' text. Wrong or missing credentials get 401 and nothing else
-//! happens; bodies over [`MAX_BODY`] get 413.
+//! Every answer is JSON (but /metrics' text). Wrong or missing credentials get
+//! 401 and nothing else happens; bodies over [`MAX_BODY`] get 413.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -340,14 +340,14 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::SAMPLE;
     use crate::meta::{parse_clusters, SAMPLE_INIT};
     use crate::store::{FileStore, MetaDoc};
     use std::path::Path;
 
-    fn ctx(tag: &str) -> Ctx {
+    pub(crate) fn ctx(tag: &str) -> Ctx {
         let dir = std::env::temp_dir().join(format!("clup-api-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = FileStore::new(&dir);
@@ -365,7 +365,13 @@ mod tests {
         }
     }
 
-    fn call(ctx: &Ctx, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    pub(crate) fn call(
+        ctx: &Ctx,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Resp {
         let h: Vec<(String, String)> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -386,7 +392,7 @@ mod tests {
         )
     }
 
-    const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
+    pub(crate) const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
     const PASS: (&str, &str) = ("X-Clup-Pass", "csha_cluster_pass");
 
     #[test]

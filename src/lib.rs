@@ -20,6 +20,8 @@ pub mod logging;
 pub mod meta;
 pub mod metrics;
 pub mod monitor;
+#[cfg(test)]
+mod obs_routes;
 pub mod server;
 pub mod store;
 pub mod table;
