@@ -11,6 +11,7 @@ mod lab_foundation;
 mod lab_ha;
 mod lb_postgres;
 mod lb_proxy;
+mod metrics_server;
 mod pg_local;
 mod ship;
 mod store_crash;
