@@ -169,8 +169,12 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
 /// or `token=`; Some(401) when it is wrong or missing.
 pub(crate) fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
     let bearer = || {
-        (req.header)("authorization")
-            .and_then(|a| a.strip_prefix("Bearer ").map(|t| t.trim().to_string()))
+        (req.header)("authorization").and_then(|a| {
+            let scheme = a.get(..7)?;
+            scheme
+                .eq_ignore_ascii_case("bearer ")
+                .then(|| a[7..].trim().to_string())
+        })
     };
     let given = (req.header)("x-clup-token")
         .or_else(bearer)

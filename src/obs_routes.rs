@@ -59,7 +59,7 @@ fn metrics_token_rules_and_content_type() {
         "",
     );
     assert_eq!((bad.status, bad.text), (401, None));
-    let bearer = format!("Bearer {TOKEN}");
+    let bearer = format!("bearer  {TOKEN}");
     for (url, headers) in [
         (format!("/metrics?token={TOKEN}"), vec![]),
         ("/metrics".to_string(), vec![("X-Clup-Token", TOKEN)]),
