@@ -2,13 +2,14 @@
 //!
 //! Two audiences share one port:
 //! - programs (cstlb, proxies, Prometheus) use `GET /<cluster>/get_lb_host`,
-//!   `GET /health`, authenticated by `http_token` (query `token=` or header
-//!   `X-Clup-Token`);
+//!   `GET /<cluster>/primary|replica` ([`crate::health`]), `GET /metrics`
+//!   ([`crate::metrics`]), authenticated by `http_token` (query `token=`,
+//!   header `X-Clup-Token` or `Authorization: Bearer`), and `GET /health`;
 //! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
 //!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
 //!
-//! Every answer is JSON. Wrong or missing credentials get 401 and nothing else
-//! happens; bodies over [`MAX_BODY`] get 413.
+//! Every answer is JSON (but /metrics' text). Wrong or missing credentials get
+//! 401 and nothing else happens; bodies over [`MAX_BODY`] get 413.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,11 +32,14 @@ pub struct Req<'a> {
     pub body: &'a [u8],
 }
 
-/// A response: status and JSON body.
+/// A response: status and JSON body, or (for /metrics) a text body with its
+/// own content type in `text`, which the server then sends instead of `body`.
 #[derive(Debug, PartialEq)]
 pub struct Resp {
     pub status: u16,
     pub body: Value,
+    /// `(content type, text)`; None for the usual JSON answer.
+    pub text: Option<(&'static str, String)>,
 }
 
 impl Resp {
@@ -43,12 +47,22 @@ impl Resp {
         Resp {
             status: 200,
             body: json!({"ok": true, "data": data}),
+            text: None,
         }
     }
     pub fn err(status: u16, msg: impl Into<String>) -> Resp {
         Resp {
             status,
             body: json!({"ok": false, "error": msg.into()}),
+            text: None,
+        }
+    }
+    /// A non-JSON answer, e.g. the Prometheus text format.
+    pub fn text(status: u16, content_type: &'static str, text: String) -> Resp {
+        Resp {
+            status,
+            body: Value::Null,
+            text: Some((content_type, text)),
         }
     }
 }
@@ -122,6 +136,10 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             admin(ctx, cmd, &args)
         }
         ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
+        ("GET", ["metrics"]) => crate::metrics::serve(ctx, req, &query),
+        ("GET", [cluster, what @ ("primary" | "replica")]) => {
+            crate::health::route(ctx, req, &query, cluster, what)
+        }
         ("GET", [cluster, "get_lb_host"]) => {
             if let Some(r) = check_token(ctx, req, &query) {
                 return r;
@@ -133,7 +151,10 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             let Some(c) = clusters.get(*cluster) else {
                 return Resp::err(404, format!("no cluster named '{cluster}'"));
             };
-            let backends: Vec<String> = c.normal_standbys().map(|d| d.addr()).collect();
+            let backends = match crate::health::lb_backends_for(ctx, &query, cluster, c) {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
             Resp::ok(json!({
                 "cluster": cluster,
                 "backends": backends,
@@ -144,8 +165,19 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
     }
 }
 
-fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
+/// `http_token` from `X-Clup-Token`, `Authorization: Bearer` (Prometheus)
+/// or `token=`; Some(401) when it is wrong or missing.
+pub(crate) fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option<Resp> {
+    let bearer = || {
+        (req.header)("authorization").and_then(|a| {
+            let scheme = a.get(..7)?;
+            scheme
+                .eq_ignore_ascii_case("bearer ")
+                .then(|| a[7..].trim().to_string())
+        })
+    };
     let given = (req.header)("x-clup-token")
+        .or_else(bearer)
         .or_else(|| query.get("token").cloned())
         .unwrap_or_default();
     if constant_time_eq(given.as_bytes(), ctx.cfg.http_token.expose().as_bytes()) {
@@ -155,7 +187,7 @@ fn check_token(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Option
     }
 }
 
-fn load(ctx: &Ctx) -> Result<Clusters, Resp> {
+pub(crate) fn load(ctx: &Ctx) -> Result<Clusters, Resp> {
     ctx.store
         .load()
         .map(|d| d.clusters)
@@ -351,14 +383,14 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::SAMPLE;
     use crate::meta::{parse_clusters, SAMPLE_INIT};
     use crate::store::{FileStore, MetaDoc};
     use std::path::Path;
 
-    fn ctx(tag: &str) -> Ctx {
+    pub(crate) fn ctx(tag: &str) -> Ctx {
         let dir = std::env::temp_dir().join(format!("clup-api-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = FileStore::new(&dir);
@@ -376,7 +408,13 @@ mod tests {
         }
     }
 
-    fn call(ctx: &Ctx, method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    pub(crate) fn call(
+        ctx: &Ctx,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Resp {
         let h: Vec<(String, String)> = headers
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -397,7 +435,7 @@ mod tests {
         )
     }
 
-    const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
+    pub(crate) const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
     const PASS: (&str, &str) = ("X-Clup-Pass", "csha_cluster_pass");
 
     #[test]

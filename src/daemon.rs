@@ -16,6 +16,16 @@ pub struct PidLock {
     _file: File,
 }
 
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        // Unlock explicitly: a child forked meanwhile (ssh, pg_ctl) shares
+        // the open file description until it execs, and closing our
+        // descriptor alone would leave the lock held through that copy.
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(self._file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
 /// Take the pid file lock and write our pid. Fails with the holder's pid if
 /// another server runs.
 pub fn lock_pid_file(path: &Path) -> Result<PidLock, String> {

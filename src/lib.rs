@@ -13,11 +13,15 @@ pub mod config;
 pub mod daemon;
 pub mod exec;
 pub mod ha;
+pub mod health;
 pub mod home;
 pub mod lb;
 pub mod logging;
 pub mod meta;
+pub mod metrics;
 pub mod monitor;
+#[cfg(test)]
+mod obs_routes;
 pub mod ops;
 pub mod server;
 pub mod store;

@@ -303,11 +303,13 @@ fn serve(http: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {
                 }
             }
         };
-        let text = resp.body.to_string();
+        let (ctype, text) = resp
+            .text
+            .unwrap_or_else(|| ("application/json", resp.body.to_string()));
         let r = tiny_http::Response::from_string(text)
             .with_status_code(resp.status)
             .with_header(
-                tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
                     .expect("static header"),
             );
         let _ = req.respond(r);

@@ -82,7 +82,11 @@ fn lab_lb_cstlb_follows_clupserver() {
     }
 
     // Repair brings it back into every cstlb (once the fault is recorded).
-    assert!(lab.wait(20, |l| l.db_state(2).0 == "Fault"), "{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.db_state(2).0 == "Fault"),
+        "{}",
+        lab.log()
+    );
     assert!(lab.wait(20, |l| l.show()["clusters"][0]["locked_by"].is_null()));
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
     let out = lab.exec(

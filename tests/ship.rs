@@ -244,7 +244,7 @@ fn conf_samples_parse_with_the_real_parsers() {
     }
     let init =
         clup::meta::parse_clusters(&read("conf/init.json")).unwrap_or_else(|e| panic!("{e}"));
-    let manual = clup::meta::parse_clusters(crate::util::SAMPLE_INIT).unwrap();
+    let manual = clup::meta::parse_clusters(include_str!("data/manual_init.json")).unwrap();
     assert_eq!(init, manual, "conf/init.json is not the manual's example");
 
     let unit = read("conf/clupserver.service");

@@ -12,6 +12,7 @@ mod lab_ha;
 mod lab_lb;
 mod lb_postgres;
 mod lb_proxy;
+mod metrics_server;
 mod pg_local;
 mod ship;
 mod store_crash;

@@ -77,6 +77,9 @@ pub struct DbProbe {
     pub replicas: Vec<Replica>,
     /// Standby: now() - the heartbeat time it replayed, when readable.
     pub heartbeat_age_ms: Option<u64>,
+    /// How long this probe took (for /metrics).
+    #[serde(default)]
+    pub probe_ms: u64,
 }
 
 /// A failed connection or statement: `what` names the server and the action.
@@ -362,14 +365,17 @@ pub fn probe(db: &Db, cfg: &Config, role_hint_primary: bool) -> DbProbe {
     };
     let reader = Target::status(db, cfg, &cfg.probe_db_name);
     let w = what.clone();
+    let started = std::time::Instant::now();
     let r = bounded(&addr, &what, cfg.probe_timeout, move || {
         Ok(probe_on_thread(&w, primary, same_login, &writer, &reader))
     });
-    r.unwrap_or_else(|e| DbProbe {
+    let mut p = r.unwrap_or_else(|e| DbProbe {
         ok: false,
         error: e.to_string(),
         ..DbProbe::default()
-    })
+    });
+    p.probe_ms = started.elapsed().as_millis() as u64;
+    p
 }
 
 fn probe_on_thread(
