@@ -78,6 +78,13 @@ impl Lab {
                 .args(["server", "stop"])
                 .output();
         }
+        // Likewise a cstlb left running on a db host (by the demo), by its pid.
+        for h in ["pg01", "pg02", "pg03", "pg04"] {
+            let _ = Command::new(repo().join("scripts/lab"))
+                .args(["exec", h, "sh", "-c"])
+                .arg("[ -f /run/cstlb.pid ] && kill $(cat /run/cstlb.pid); rm -f /run/cstlb.pid")
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&home);
         let mk = Command::new(repo().join("scripts/lab-home"))
             .arg(&home)
