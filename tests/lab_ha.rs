@@ -145,7 +145,12 @@ fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
         )
         .unwrap();
     assert_eq!(count, "200", "acknowledged commits lost");
-    assert_eq!(lab.db_state(1), ("Fault".to_string(), 0));
+    // The meta is saved right after the VIP moves: give it a moment.
+    assert!(
+        lab.wait(10, |l| l.db_state(1) == ("Fault".to_string(), 0)),
+        "{}",
+        lab.log()
+    );
     let new_id: u32 = new[2..].parse().unwrap();
     assert_eq!(lab.db_state(new_id), ("Normal".to_string(), 1));
     assert!(
