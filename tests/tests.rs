@@ -7,6 +7,7 @@ mod lb_support;
 mod util;
 
 mod cli_server;
+mod fuzz;
 mod lab_foundation;
 mod lab_ha;
 mod lb_postgres;
