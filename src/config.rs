@@ -428,8 +428,11 @@ pub fn clip(v: &str) -> String {
     out
 }
 
+/// Letters, digits, '_' and '-', not starting with '-' (such a name, e.g.
+/// ssh_user, could be read as a command option).
 pub fn is_plain_name(v: &str) -> bool {
     !v.is_empty()
+        && !v.starts_with('-')
         && v.len() <= 63
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')

@@ -8,6 +8,7 @@ mod util;
 
 mod cli_server;
 mod fuzz;
+mod inject;
 mod lab_foundation;
 mod lab_ha;
 mod lb_postgres;
