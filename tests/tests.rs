@@ -6,6 +6,7 @@ mod lab;
 mod lb_support;
 mod util;
 
+mod abuse;
 mod cli_server;
 mod fuzz;
 mod inject;
