@@ -14,6 +14,7 @@ mod lab_foundation;
 mod lab_ha;
 mod lb_postgres;
 mod lb_proxy;
+mod meta_faults;
 mod pg_local;
 mod ship;
 mod store_crash;
