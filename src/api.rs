@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::config::{constant_time_eq, Config};
+use crate::config::{clip, constant_time_eq, Config};
 use crate::meta::{self, Clusters, CLUSTER_FROZEN, CLUSTER_NORMAL};
 use crate::store::{update, MetaStore, UpdateError};
 
@@ -149,7 +149,7 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
                 Err(r) => return r,
             };
             let Some(c) = clusters.get(*cluster) else {
-                return Resp::err(404, format!("no cluster named '{cluster}'"));
+                return Resp::err(404, format!("no cluster named '{}'", clip(cluster)));
             };
             let backends = match crate::health::lb_backends_for(ctx, &query, cluster, c) {
                 Ok(b) => b,
@@ -161,7 +161,10 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
                 "cstlb_token": ctx.cfg.cstlb_token.expose(),
             }))
         }
-        _ => Resp::err(404, format!("no such endpoint: {} {path}", req.method)),
+        _ => Resp::err(
+            404,
+            format!("no such endpoint: {} {}", clip(req.method), clip(path)),
+        ),
     }
 }
 
@@ -202,7 +205,7 @@ fn arg_str<'a>(args: &'a Value, name: &str) -> Option<&'a str> {
 fn pick_cluster(clusters: &Clusters, args: &Value) -> Result<String, Resp> {
     match arg_str(args, "cluster") {
         Some(c) if clusters.contains_key(c) => Ok(c.to_string()),
-        Some(c) => Err(Resp::err(404, format!("no cluster named '{c}'"))),
+        Some(c) => Err(Resp::err(404, format!("no cluster named '{}'", clip(c)))),
         None if clusters.len() == 1 => Ok(clusters.keys().next().cloned().unwrap_or_default()),
         None => Err(Resp::err(
             400,
@@ -378,7 +381,7 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
                 "more": to < text.len(),
             }))
         }
-        _ => Resp::err(404, format!("unknown command '{cmd}'")),
+        _ => Resp::err(404, format!("unknown command '{}'", clip(cmd))),
     }
 }
 

@@ -222,7 +222,7 @@ impl Config {
             };
             let k = k.trim();
             let Some(def) = KEYS.iter().find(|d| d.name == k) else {
-                return Err(err(Some(lineno), Some(k), "unknown key".to_string()));
+                return Err(err(Some(lineno), Some(&clip(k)), "unknown key".to_string()));
             };
             if let Some((first, _)) = seen.get(def.name) {
                 return Err(err(
@@ -309,7 +309,7 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
         if def.kind == Kind::Secret {
             "(hidden)".to_string()
         } else {
-            format!("'{v}'")
+            format!("'{}'", clip(v))
         }
     };
     match def.kind {
@@ -409,8 +409,30 @@ pub fn parse_bytes(v: &str) -> Option<u64> {
 }
 
 /// Names that go into SQL identifiers or shell words: no quoting needed.
+/// Outside text as it may appear in an error message: control characters
+/// escaped (they could rewrite an operator's terminal) and at most 60
+/// characters kept, so a hostile 1 MB name gives a short message.
+pub fn clip(v: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in v.chars().enumerate() {
+        if i == 60 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Letters, digits, '_' and '-', not starting with '-' (such a name, e.g.
+/// ssh_user, could be read as a command option).
 pub fn is_plain_name(v: &str) -> bool {
     !v.is_empty()
+        && !v.starts_with('-')
         && v.len() <= 63
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')

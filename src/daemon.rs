@@ -62,6 +62,29 @@ pub fn running_pid(path: &Path) -> Option<i32> {
     s.trim().parse().ok()
 }
 
+/// Raise the soft limit of open files to the hard limit. tiny_http's accept
+/// thread cannot survive running out of descriptors (it panics), so the
+/// server takes all the room the system allows for connections.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: get/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur as u64;
+            }
+        }
+        r.rlim_cur as u64
+    }
+}
+
 /// The daemon's end of the start-up pipe: tell the waiting parent how it went.
 pub struct Ready {
     pipe: Option<File>,

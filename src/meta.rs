@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{is_plain_name, is_safe_path};
+use crate::config::{clip, is_plain_name, is_safe_path};
 
 pub const DB_NORMAL: u8 = 1;
 pub const DB_FAULT: u8 = 2;
@@ -148,11 +148,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Names come from the input (a cluster or field name may be anything),
+    /// so they are clipped before they reach a message.
     fn err(&self, field: Option<&str>, msg: impl Into<String>) -> MetaError {
         MetaError {
-            cluster: self.cluster.map(str::to_string),
-            db_id: self.db.clone(),
-            field: field.map(str::to_string),
+            cluster: self.cluster.map(clip),
+            db_id: self.db.as_deref().map(clip),
+            field: field.map(clip),
             msg: msg.into(),
         }
     }

@@ -8,7 +8,7 @@
 
 use std::io::Read;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -31,8 +31,13 @@ usage: clupserver <command> [options]
     clupserver --version | --help
 ";
 
-/// HTTP worker threads; requests are short (a meta read or one update).
+/// HTTP worker threads. They only take requests from tiny_http and hand
+/// each to its own thread (see [`serve`]), so a few suffice.
 const HTTP_WORKERS: usize = 4;
+
+/// Requests handled at once; beyond this a request gets 503 at once.
+/// Each holds one thread until its client has sent its body.
+const MAX_IN_FLIGHT: usize = 256;
 
 pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     use lexopt::prelude::*;
@@ -174,6 +179,8 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
         ready.fail(&format!("clupserver: cannot open log: {e}"));
         return ExitCode::from(1);
     }
+    let files = daemon::raise_fd_limit();
+    log::debug!("open files limit: {files}");
     let sigset = daemon::block_signals();
     match run(home, cfg, Arc::new(store), &mut ready, &sigset) {
         Ok(()) => ExitCode::SUCCESS,
@@ -217,12 +224,14 @@ fn run(
         monitor: Some(monitor.clone()),
     });
     let mut workers = Vec::new();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     for i in 0..HTTP_WORKERS {
         let (http, ctx, stop) = (http.clone(), ctx.clone(), stop.clone());
+        let in_flight = in_flight.clone();
         workers.push(
             thread::Builder::new()
                 .name(format!("http-{i}"))
-                .spawn(move || serve(&http, &ctx, &stop))
+                .spawn(move || serve(&http, &ctx, &stop, &in_flight))
                 .map_err(|e| format!("cannot start web server thread: {e}"))?,
         );
     }
@@ -252,9 +261,22 @@ fn run(
     Ok(())
 }
 
-fn serve(http: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {
+/// Take requests and hand each to a thread of its own.
+///
+/// Why not handle them here: tiny_http reads bodies over 1 KiB only when we
+/// read them, on our thread, with no timeout. A client that announces a
+/// body and never sends it would hold the thread forever, and four such
+/// clients (HTTP_WORKERS) made the admin API deaf (tests/abuse.rs). A stuck
+/// request now costs one thread, as its connection already does in
+/// tiny_http; the count is capped by MAX_IN_FLIGHT.
+fn serve(
+    http: &tiny_http::Server,
+    ctx: &Arc<Ctx>,
+    stop: &AtomicBool,
+    in_flight: &Arc<AtomicUsize>,
+) {
     while !stop.load(Ordering::SeqCst) {
-        let mut req = match http.recv_timeout(Duration::from_millis(500)) {
+        let req = match http.recv_timeout(Duration::from_millis(500)) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
@@ -262,56 +284,84 @@ fn serve(http: &tiny_http::Server, ctx: &Ctx, stop: &AtomicBool) {
                 continue;
             }
         };
-        let resp = if req.body_length().is_some_and(|n| n > MAX_BODY) {
-            api::Resp::err(413, format!("request body over {MAX_BODY} bytes"))
-        } else {
-            let mut body = Vec::new();
-            let read = req
-                .as_reader()
-                .take(MAX_BODY as u64 + 1)
-                .read_to_end(&mut body);
-            match read {
-                Err(e) => api::Resp::err(400, format!("cannot read request body: {e}")),
-                Ok(_) => {
-                    let headers: Vec<(String, String)> = req
-                        .headers()
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.field.as_str().as_str().to_string(),
-                                h.value.as_str().to_string(),
-                            )
-                        })
-                        .collect();
-                    let header = |name: &str| {
-                        headers
-                            .iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                            .map(|(_, v)| v.clone())
-                    };
-                    let method = req.method().as_str().to_string();
-                    let url = req.url().to_string();
-                    api::route(
-                        ctx,
-                        &Req {
-                            method: &method,
-                            url: &url,
-                            header: &header,
-                            body: &body,
-                        },
-                    )
-                }
-            }
-        };
-        let (ctype, text) = resp
-            .text
-            .unwrap_or_else(|| ("application/json", resp.body.to_string()));
-        let r = tiny_http::Response::from_string(text)
-            .with_status_code(resp.status)
-            .with_header(
-                tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
-                    .expect("static header"),
+        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            respond(
+                req,
+                api::Resp::err(503, "server busy: too many requests in progress"),
             );
-        let _ = req.respond(r);
+            continue;
+        }
+        let (ctx, n) = (ctx.clone(), in_flight.clone());
+        let spawned = thread::Builder::new()
+            .name("http-req".into())
+            .spawn(move || {
+                handle(req, &ctx);
+                n.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            // The request was dropped with the closure (tiny_http answers 500).
+            in_flight.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("web server: cannot start a request thread: {e}");
+        }
     }
+}
+
+fn handle(mut req: tiny_http::Request, ctx: &Ctx) {
+    let resp = if req.body_length().is_some_and(|n| n > MAX_BODY) {
+        api::Resp::err(413, format!("request body over {MAX_BODY} bytes"))
+    } else {
+        let mut body = Vec::new();
+        let read = req
+            .as_reader()
+            .take(MAX_BODY as u64 + 1)
+            .read_to_end(&mut body);
+        match read {
+            Err(e) => api::Resp::err(400, format!("cannot read request body: {e}")),
+            Ok(_) => {
+                let headers: Vec<(String, String)> = req
+                    .headers()
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.field.as_str().as_str().to_string(),
+                            h.value.as_str().to_string(),
+                        )
+                    })
+                    .collect();
+                let header = |name: &str| {
+                    headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.clone())
+                };
+                let method = req.method().as_str().to_string();
+                let url = req.url().to_string();
+                api::route(
+                    ctx,
+                    &Req {
+                        method: &method,
+                        url: &url,
+                        header: &header,
+                        body: &body,
+                    },
+                )
+            }
+        }
+    };
+    respond(req, resp);
+}
+
+fn respond(req: tiny_http::Request, resp: api::Resp) {
+    // JSON unless the route answers text (e.g. /metrics).
+    let (ctype, text) = resp
+        .text
+        .unwrap_or_else(|| ("application/json", resp.body.to_string()));
+    let r = tiny_http::Response::from_string(text)
+        .with_status_code(resp.status)
+        .with_header(
+            tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
+                .expect("static header"),
+        );
+    let _ = req.respond(r);
 }

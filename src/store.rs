@@ -167,6 +167,10 @@ impl FileStore {
                 "version 0 in a saved document".to_string(),
             ));
         }
+        // Saves validate, but the file may have been edited by hand: a
+        // value that would reach a shell unchecked is refused here too.
+        doc.validate()
+            .map_err(|m| StoreError::Corrupt(self.path.clone(), m))?;
         Ok(Some(doc))
     }
 }

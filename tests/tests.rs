@@ -6,12 +6,16 @@ mod lab;
 mod lb_support;
 mod util;
 
+mod abuse;
 mod cli_server;
+mod fuzz;
+mod inject;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
 mod lb_postgres;
 mod lb_proxy;
+mod meta_faults;
 mod metrics_server;
 mod pg_local;
 mod ship;

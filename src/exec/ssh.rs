@@ -195,9 +195,16 @@ impl Remote for Ssh {
 }
 
 /// Script for [`peer_reaches`]: prints `open` or `closed`, exits 0 either way.
+/// The host and port go to the inner `bash -c` as positional parameters,
+/// never into its program text: that text is evaluated a second time by
+/// bash, so quoting for the outer shell alone would not protect it.
 pub fn peer_script(host: &str, port: u16) -> String {
-    let target = crate::exec::shell::quote(&format!("exec 3<>/dev/tcp/{host}/{port}"));
-    format!("if timeout 2 bash -c {target} 2>/dev/null; then echo open; else echo closed; fi")
+    use crate::exec::shell::quote;
+    format!(
+        "if timeout 2 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo open; else echo closed; fi",
+        quote(host),
+        quote(&port.to_string())
+    )
 }
 
 /// From `via`, can a TCP connection to `host:port` be opened? The split-brain
@@ -270,8 +277,9 @@ mod tests {
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
             assert!(out.status.success());
         }
-        assert!(peer_script("10.0.0.1;reboot", 5432)
-            .starts_with("if timeout 2 bash -c 'exec 3<>/dev/tcp/10.0.0.1;reboot/5432'"));
+        assert!(peer_script("10.0.0.1;reboot", 5432).starts_with(
+            "if timeout 2 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
+        ));
     }
 
     fn ssh() -> Ssh {

@@ -49,7 +49,9 @@ pub fn parse_answer(status: u16, body: &str) -> Result<LbHost, String> {
     let v: Value =
         serde_json::from_str(body).map_err(|_| format!("HTTP {status}, answer is not JSON"))?;
     if status != 200 || v["ok"] != Value::Bool(true) {
-        let why = v["error"].as_str().unwrap_or("no reason given");
+        let why = v["error"]
+            .as_str()
+            .map_or("no reason given".to_string(), crate::config::clip);
         let hint = if status == 401 {
             " (check CSTLB_TOKEN: it must be clupserver's http_token)"
         } else {
@@ -66,7 +68,12 @@ pub fn parse_answer(status: u16, body: &str) -> Result<LbHost, String> {
         let s = b
             .as_str()
             .ok_or("a backend in data.backends is not a string")?;
-        let a = parse_backend(s).map_err(|e| format!("bad backend {s:?} from clupserver: {e}"))?;
+        let a = parse_backend(s).map_err(|e| {
+            format!(
+                "bad backend \"{}\" from clupserver: {e}",
+                crate::config::clip(s)
+            )
+        })?;
         if !backends.contains(&a) {
             backends.push(a);
         }
