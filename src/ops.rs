@@ -491,38 +491,57 @@ fn repair(
         RepairMode::Rebuild => {
             t.info(&format!("{hp}: stop database before rebuilding it..."));
             pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
-            let aside = format!("{}.clup-{}", db.pgdata, crate::now_secs());
+            let ts = crate::now_secs();
+            let aside = format!("{}.clup-{ts}", db.pgdata);
             t.info(&format!(
-                "{hp}: move {} aside to {aside} (it is kept, never deleted)...",
-                db.pgdata
+                "{hp}: move {} aside (to {aside}, or to {}/clup-old-{ts} when it is a mount point; kept, never deleted)...",
+                db.pgdata, db.pgdata
             ));
             t.info(&format!(
                 "{hp}: pg_basebackup -D {} -U{} -h {} -p {} -X stream ...",
                 db.pgdata, cfg.db_repl_user, primary.host, primary.port
             ));
             let t0 = Instant::now();
-            let script = format!(
-                "{}IFS= read -r PGPASSWORD; export PGPASSWORD\nv=$(cat \"$pgdata/PG_VERSION\")\nmv \"$pgdata\" {aside} || exit 1\ninstall -d -m 0700 -o \"$user\" \"$pgdata\" || exit 1\nas_user \"$bin/pg_basebackup\" -D \"$pgdata\" -h {} -p {} -U {} -X stream --checkpoint=fast 2>&1\n",
-                pgctl::prelude(&db, cfg),
+            let backup = format!(
+                "\"$bin/pg_basebackup\" -h {} -p {} -U {} -X stream --checkpoint=fast",
                 quote(&primary.host),
                 primary.port,
-                quote(&cfg.db_repl_user),
+                quote(&cfg.db_repl_user)
+            );
+            // A data directory that is a mount point cannot be renamed: its
+            // old files go into a directory inside it, the copy is made
+            // beside them on the same filesystem and moved up. Only renames.
+            let script = format!(
+                r#"{prelude}IFS= read -r PGPASSWORD; export PGPASSWORD
+if mountpoint -q "$pgdata" 2>/dev/null; then
+  old="$pgdata/clup-old-{ts}"; new="$pgdata/clup-new-{ts}"
+  mkdir -m 0700 "$old" || exit 1
+  for f in "$pgdata"/* "$pgdata"/.[!.]*; do
+    case "$f" in "$old") ;; *) [ -e "$f" ] && {{ mv "$f" "$old"/ || exit 1; }} ;; esac
+  done
+  install -d -m 0700 -o "$user" "$new" || exit 1
+  as_user {backup} -D "$new" 2>&1 || exit 1
+  for f in "$new"/* "$new"/.[!.]*; do [ -e "$f" ] && {{ mv "$f" "$pgdata"/ || exit 1; }}; done
+  rmdir "$new"
+  echo "old data kept at $old"
+else
+  mv "$pgdata" {aside} || exit 1
+  install -d -m 0700 -o "$user" "$pgdata" || exit 1
+  as_user {backup} -D "$pgdata" 2>&1 || exit 1
+  echo "old data kept at "{aside}
+fi
+"#,
+                prelude = pgctl::prelude(&db, cfg),
                 aside = quote(&aside),
             );
             let pass = format!("{}\n", cfg.db_repl_pass.expose());
-            ssh.run_script(
-                &db.host,
-                "pg_basebackup",
-                &script,
-                Some(pass.as_bytes()),
-                Duration::from_secs(6 * 3600),
-            )
-            .map_err(|e| {
-                format!("{hp}: pg_basebackup failed (the old data directory is at {aside}): {e}")
-            })?;
+            let out = ssh
+                .run_script(&db.host, "pg_basebackup", &script, Some(pass.as_bytes()), Duration::from_secs(6 * 3600))
+                .map_err(|e| format!("{hp}: pg_basebackup failed (the old data is kept beside or inside {}): {e}", db.pgdata))?;
             t.info(&format!(
-                "{hp}: pg_basebackup completed in {} ms.",
-                t0.elapsed().as_millis()
+                "{hp}: pg_basebackup completed in {} ms; {}.",
+                t0.elapsed().as_millis(),
+                out.stdout.lines().last().unwrap_or("").trim()
             ));
         }
     }

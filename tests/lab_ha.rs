@@ -386,3 +386,165 @@ fn lab_ha_clupserver_killed_after_promotion_finishes_without_second_promotion() 
         lab.log()
     );
 }
+
+fn curl_mon(lab: &Lab, path: &str) -> (String, String) {
+    let url = format!("http://{}:8080{path}", crate::lab::MON);
+    let out = lab.exec(
+        "cli",
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-H",
+            "X-Clup-Token: lab_http_token",
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    );
+    let (body, code) = out.stdout.rsplit_once('\n').unwrap_or(("", ""));
+    (code.to_string(), body.to_string())
+}
+
+fn metric(body: &str, series: &str) -> Option<String> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+}
+
+#[test]
+fn lab_ha_reports_metrics_health_and_tasks_follow_a_fault() {
+    let mut lab = Lab::take(1);
+    lab.start_server();
+    assert!(lab.wait(10, |l| in_log(l, "3 standby(s) ok")));
+
+    // get_last_lsn and repl_delay read the databases now.
+    let out = lab.adm(&["get_last_lsn", "-c", "cluster01"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[2],
+        "id        host       primary timeline       lsn       "
+    );
+    assert!(
+        lines[4].starts_with(" 1 10.213.0.41             1        1 "),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(lines.len(), 8, "{}", out.stdout);
+    let out = lab.adm(&["repl_delay", "-c", "cluster01"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("10.213.0.41       1               N/A"),
+        "{}",
+        out.stdout
+    );
+    for h in ["10.213.0.42", "10.213.0.43", "10.213.0.44"] {
+        let row = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(h))
+            .unwrap_or_else(|| panic!("{h}:\n{}", out.stdout));
+        assert!(row.ends_with("       async       normal"), "{row}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.adm(&["repl_delay", "--json"]).stdout).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 4);
+
+    // Metrics and the proxy-facing health endpoints, before the fault.
+    let (code, body) = curl_mon(&lab, "/metrics");
+    assert_eq!(code, "200");
+    let s2 = r#"clup_db_state{cluster="cluster01",id="2",host="10.213.0.42",port="5432"}"#;
+    let r2 = r#"clup_db_reachable{cluster="cluster01",id="2",host="10.213.0.42",port="5432"}"#;
+    assert_eq!(metric(&body, s2).as_deref(), Some("1"), "{body}");
+    assert_eq!(metric(&body, r2).as_deref(), Some("1"), "{body}");
+    let (code, body) = curl_mon(&lab, "/cluster01/primary");
+    assert_eq!(
+        (code.as_str(), body.contains("10.213.0.41:5432")),
+        ("200", true),
+        "{body}"
+    );
+    let (code, body) = curl_mon(&lab, "/cluster01/replica");
+    assert_eq!(code, "200");
+    assert!(body.contains("10.213.0.42:5432"), "{body}");
+
+    // A standby host dies: the metrics and the health endpoints follow.
+    assert_eq!(lab.lab(&["poweroff", "pg02"]).code, 0);
+    assert!(
+        lab.wait(30, |l| l.db_state(2).0 == "Fault"),
+        "{}",
+        lab.log()
+    );
+    assert!(lab.wait(10, |l| {
+        let (_, body) = curl_mon(l, "/metrics");
+        metric(&body, s2).as_deref() == Some("2") && metric(&body, r2).as_deref() == Some("0")
+    }));
+    let (_, body) = curl_mon(&lab, "/cluster01/replica");
+    assert!(!body.contains("10.213.0.42:5432"), "{body}");
+    assert!(body.contains("10.213.0.43:5432"), "{body}");
+
+    // The standby fault ran as a task: show_task lists it, task_log shows it.
+    let out = lab.adm(&["show_task", "-c", "cluster01"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("standby fault cluster01"))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    assert!(row.contains("success"), "{row}");
+    let id = row.split_whitespace().next().unwrap().to_string();
+    let out = lab.adm(&["task_log", "-t", &id]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout
+            .contains(":INFO: Failover database(10.213.0.42:5432): all completed."),
+        "{}",
+        out.stdout
+    );
+
+    // repair --rebuild: a fresh copy from the primary, the old directory kept.
+    assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
+    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2", "--rebuild"]);
+    assert_eq!(out.code, 0, "repair --rebuild: {out:?}\n{}", lab.log());
+    assert!(
+        out.stdout.contains("pg_basebackup completed"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(lab.db_state(2), ("Normal".to_string(), 0));
+    let kept = lab.exec(
+        "pg02",
+        &[
+            "sh",
+            "-c",
+            "ls /var/lib/postgresql/pgdata/clup-old-*/PG_VERSION",
+        ], // pgdata is a mount point in the lab
+    );
+    assert_eq!(kept.code, 0, "old data directory not kept: {kept:?}");
+    assert!(lab.wait(20, |l| l.role("pg02") == Some(true)));
+    let (_, body) = curl_mon(&lab, "/cluster01/replica");
+    assert!(
+        lab.wait(10, |l| curl_mon(l, "/cluster01/replica")
+            .1
+            .contains("10.213.0.42:5432")),
+        "{body}"
+    );
+    let _ = lab.exec(
+        "pg02",
+        &["sh", "-c", "rm -rf /var/lib/postgresql/pgdata/clup-old-*"],
+    );
+
+    // clupadm log shows the server log.
+    let out = lab.adm(&["log", "-n", "5", "--no-follow"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 5, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .lines()
+            .all(|l| l.len() > 24 && &l[19..20] == ","),
+        "{}",
+        out.stdout
+    );
+}
