@@ -228,9 +228,11 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         } else {
             &cluster.lock_holder
         };
+        // The expiry as a time, not a countdown: the reason stays the same
+        // from round to round and is logged once.
         return Decision::nothing(format!(
-            "no action: cluster is locked by {who} for {} more s",
-            cluster.lock_time - now
+            "no action: cluster is locked by {who} until {}",
+            crate::logging::format_epoch(cluster.lock_time)
         ));
     }
     let Some(primary) = cluster.primary() else {
@@ -309,13 +311,26 @@ fn find_msg(d: &Db) -> String {
 
 fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) -> Decision {
     match facts.hosts.get(&primary.host) {
-        None => Decision::gather(
-            primary.id,
-            vec![Action::CheckHost {
+        None => {
+            // Ask the standbys at the same time: if the host turns out to be
+            // down, the failover needs their answer and no time is lost.
+            let mut plan = vec![Action::CheckHost {
                 host: primary.host.clone(),
-            }],
-            find_msg(primary),
-        ),
+            }];
+            if !facts.peers_asked {
+                plan.extend(
+                    cluster
+                        .normal_standbys()
+                        .filter(|d| facts.seen.get(&d.id).is_some_and(|s| s.ok))
+                        .map(|d| Action::CheckPeer {
+                            via: d.host.clone(),
+                            host: primary.host.clone(),
+                            port: primary.port,
+                        }),
+                );
+            }
+            Decision::gather(primary.id, plan, find_msg(primary))
+        }
         Some(true) => {
             let tried = facts.restarts.get(&primary.id).copied().unwrap_or(0);
             if tried < p.restart_tries {
@@ -794,7 +809,10 @@ mod tests {
         assert_eq!(d.kind, Kind::Nothing);
         assert_eq!(
             d.reason,
-            "no action: cluster is locked by switch task 7 for 30 more s"
+            format!(
+                "no action: cluster is locked by switch task 7 until {}",
+                crate::logging::format_epoch(130)
+            )
         );
         // Expired lock: acting again.
         assert_eq!(decide(&c, &f, &P, 131).kind, Kind::Gather);
@@ -908,6 +926,33 @@ mod tests {
             f.hosts.insert("192.168.56.41".into(), false);
             edit(f);
         })
+    }
+
+    #[test]
+    fn failed_primary_checks_its_host_and_asks_the_standbys_at_once() {
+        let d = decide(
+            &cluster(),
+            &facts(|f| {
+                f.seen.insert(1, down());
+            }),
+            &P,
+            0,
+        );
+        assert_eq!(d.kind, Kind::Gather);
+        assert_eq!(
+            d.plan[0],
+            Action::CheckHost {
+                host: "192.168.56.41".into()
+            }
+        );
+        assert_eq!(d.plan.len(), 4, "{:?}", d.plan);
+        assert!(d.plan[1..]
+            .iter()
+            .all(|a| matches!(a, Action::CheckPeer { host, .. } if host == "192.168.56.41")));
+        assert_eq!(
+            d.reason,
+            "Find database(192.168.56.41:5432) failed, repair it ...."
+        );
     }
 
     #[test]

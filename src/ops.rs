@@ -460,6 +460,15 @@ fn repair(
                 "{hp}: checking pg_rewind prerequisites on the primary..."
             ));
             rewind_prerequisites(shared, &primary)?;
+            // A freshly promoted primary has not checkpointed on its new
+            // timeline yet; pg_rewind reads the timeline from the control
+            // file and would wrongly find nothing to rewind.
+            t.info(&format!(
+                "{hp}: checkpoint on the primary database({})...",
+                primary.addr()
+            ));
+            pg::checkpoint(&primary, cfg, Duration::from_secs(300))
+                .map_err(|e| format!("{hp}: checkpoint on the primary failed: {e}"))?;
             t.info(&format!("{hp}: stop database before pg_rewind..."));
             pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
             t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));

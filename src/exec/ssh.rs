@@ -201,7 +201,7 @@ impl Remote for Ssh {
 pub fn peer_script(host: &str, port: u16) -> String {
     use crate::exec::shell::quote;
     format!(
-        "if timeout 2 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo open; else echo closed; fi",
+        "if timeout 1 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo open; else echo closed; fi",
         quote(host),
         quote(&port.to_string())
     )
@@ -278,7 +278,7 @@ mod tests {
             assert!(out.status.success());
         }
         assert!(peer_script("10.0.0.1;reboot", 5432).starts_with(
-            "if timeout 2 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
+            "if timeout 1 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
         ));
     }
 

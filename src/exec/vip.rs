@@ -133,7 +133,10 @@ if ! out=$(ip addr add "$vip/32" dev "$dev" 2>&1); then
     *) echo "$out" >&2; exit 1 ;;
   esac
 fi
-if ! out=$(arping -U -c 1 -I "$dev" "$vip" 2>&1); then echo "{marker} $out"; fi
+# Announce in the background: the address is usable now, and waiting for
+# arping (about 1 s) would only lengthen the failover.
+command -v arping >/dev/null 2>&1 || echo "{marker} arping not found"
+(arping -U -c 2 -I "$dev" "$vip" </dev/null >/dev/null 2>&1 &)
 exit 0
 "#,
         vip = quote(&vip.to_string()),
@@ -161,7 +164,7 @@ done
 /// `vip`, anything else = arping could not ask.
 pub fn dad_script(ifname: &str, vip: Ipv4Addr) -> String {
     format!(
-        "arping -D -c 2 -w 2 -I {} {}\n",
+        "arping -D -c 1 -w 1 -I {} {}\n",
         quote(ifname),
         quote(&vip.to_string())
     )
@@ -309,7 +312,7 @@ garbage line
         );
         assert_eq!(
             dad_script("eth1", Ipv4Addr::new(10, 0, 0, 9)),
-            "arping -D -c 2 -w 2 -I eth1 10.0.0.9\n"
+            "arping -D -c 1 -w 1 -I eth1 10.0.0.9\n"
         );
     }
 
@@ -392,9 +395,14 @@ garbage line
     fn add_is_idempotent_and_arping_failure_is_not_fatal() {
         let h = FakeHost::new("add", SAMPLE, "exit 0", 0);
         add(&h, "fakehost", VIP, "eth1").unwrap();
+        // The announcement runs in the background: wait for it to be recorded.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while !h.calls().contains("arping") && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(
             h.calls(),
-            "ip addr add 192.168.56.40/32 dev eth1\narping -U -c 1 -I eth1 192.168.56.40\n"
+            "ip addr add 192.168.56.40/32 dev eth1\narping -U -c 2 -I eth1 192.168.56.40\n"
         );
         let h = FakeHost::new(
             "add2",
@@ -460,7 +468,7 @@ garbage line
         assert!(!held_by_other(&free, "fakehost", "eth1", VIP).unwrap());
         assert!(free
             .calls()
-            .contains("arping -D -c 2 -w 2 -I eth1 192.168.56.40"));
+            .contains("arping -D -c 1 -w 1 -I eth1 192.168.56.40"));
         let taken = FakeHost::new("dad1", SAMPLE, "exit 0", 1);
         assert!(held_by_other(&taken, "fakehost", "eth1", VIP).unwrap());
         let broken = FakeHost::new("dad2", SAMPLE, "exit 0", 2);
