@@ -358,3 +358,26 @@ fn static_binary_runs_alone_in_a_chroot() {
     assert_eq!(help.code, 0, "chroot /clupadm --help: {}", help.stderr);
     assert!(help.stdout.contains("usage: clupadm"), "{}", help.stdout);
 }
+
+/// cstlb(8) documents every option cstlb's own --help lists.
+#[test]
+fn cstlb_man_page_lists_every_option_of_its_usage() {
+    let out = std::process::Command::new(crate::util::BIN)
+        .args(["lb", "--help"])
+        .output()
+        .unwrap();
+    let usage =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let man = read("man/cstlb.8").replace("\\-", "-");
+    let opts: std::collections::BTreeSet<&str> = usage
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    assert!(
+        opts.len() >= 10,
+        "cstlb --help lists too few options:\n{usage}"
+    );
+    for o in opts {
+        assert!(man.contains(o), "man/cstlb.8 does not document {o}");
+    }
+}
