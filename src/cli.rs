@@ -287,17 +287,9 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
         "show_task" => {
             let o = parse_opts(p, cmd)?;
             let d = call(home, "show_task", json!({ "cluster": o.cluster }))?;
-            let tasks: Vec<Task> = serde_json::from_value(d["tasks"].clone()).map_err(|e| {
-                fail(
-                    EXIT_FAILED,
-                    format!("unexpected answer from clupserver: {e}"),
-                )
-            })?;
+            let tasks: Vec<Task> = field_of(&d, "tasks")?;
             Ok(if o.json {
-                format!(
-                    "{}\n",
-                    serde_json::to_string_pretty(&json!({ "tasks": tasks })).expect("json")
-                )
+                pretty(&json!({ "tasks": tasks }))
             } else {
                 show_task_text(&tasks)
             })
@@ -312,29 +304,15 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
         "get_last_lsn" => {
             let o = parse_opts(p, cmd)?;
             let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
-            let rows: Vec<LsnRow> = serde_json::from_value(d["rows"].clone()).map_err(|e| {
-                fail(
-                    EXIT_FAILED,
-                    format!("unexpected answer from clupserver: {e}"),
-                )
-            })?;
-            Ok(if o.json {
-                format!("{}\n", serde_json::to_string_pretty(&d).expect("json"))
-            } else {
-                lsn_text(&rows)
-            })
+            let rows: Vec<LsnRow> = field_of(&d, "rows")?;
+            Ok(if o.json { pretty(&d) } else { lsn_text(&rows) })
         }
         "repl_delay" => {
             let o = parse_opts(p, cmd)?;
             let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
-            let rows: Vec<DelayRow> = serde_json::from_value(d["rows"].clone()).map_err(|e| {
-                fail(
-                    EXIT_FAILED,
-                    format!("unexpected answer from clupserver: {e}"),
-                )
-            })?;
+            let rows: Vec<DelayRow> = field_of(&d, "rows")?;
             Ok(if o.json {
-                format!("{}\n", serde_json::to_string_pretty(&d).expect("json"))
+                pretty(&d)
             } else {
                 delay_text(&rows)
             })
@@ -491,14 +469,23 @@ fn reason(e: &ureq::Error) -> String {
     }
 }
 
-fn fetch_clusters(home: &Home, cluster: Option<&str>, cmd: &str) -> Result<Clusters, Failure> {
-    let d = call(home, cmd, json!({ "cluster": cluster }))?;
-    serde_json::from_value(d["clusters"].clone()).map_err(|e| {
+/// `d[key]` of clupserver's answer as `T`.
+fn field_of<T: serde::de::DeserializeOwned>(d: &Value, key: &str) -> Result<T, Failure> {
+    serde_json::from_value(d[key].clone()).map_err(|e| {
         fail(
             EXIT_FAILED,
             format!("unexpected answer from clupserver: {e}"),
         )
     })
+}
+
+fn pretty(v: &Value) -> String {
+    format!("{}\n", serde_json::to_string_pretty(v).expect("json"))
+}
+
+fn fetch_clusters(home: &Home, cluster: Option<&str>, cmd: &str) -> Result<Clusters, Failure> {
+    let d = call(home, cmd, json!({ "cluster": cluster }))?;
+    field_of(&d, "clusters")
 }
 
 /// `clupadm show` in the manual's layout.

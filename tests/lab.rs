@@ -230,6 +230,27 @@ impl Lab {
         (code.to_string(), body.to_string())
     }
 
+    /// Start postgres on a db host by hand, as an operator would after a reboot.
+    pub fn start_postgres(&self, host: &str) {
+        let out = self.exec(
+            host,
+            &[
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                "/usr/lib/postgresql/15/bin/pg_ctl",
+                "-D",
+                "/var/lib/postgresql/pgdata",
+                "start",
+                "-w",
+                "-l",
+                "/var/lib/postgresql/pgdata/server.log",
+            ],
+        );
+        assert_eq!(out.code, 0, "start postgres on {host}: {out:?}");
+    }
+
     /// kill -9 the postmaster of a db host and its children, by pid.
     pub fn kill_postgres(&self, host: &str) {
         let out = self.exec(

@@ -189,23 +189,7 @@ fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
 
     // The old primary comes back on its own as a primary: it is fenced.
     assert_eq!(lab.lab(&["poweron", "pg01"]).code, 0);
-    let out = lab.exec(
-        "pg01",
-        &[
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            "/usr/lib/postgresql/15/bin/pg_ctl",
-            "-D",
-            "/var/lib/postgresql/pgdata",
-            "start",
-            "-w",
-            "-l",
-            "/var/lib/postgresql/pgdata/server.log",
-        ],
-    );
-    assert_eq!(out.code, 0, "{out:?}");
+    lab.start_postgres("pg01");
     assert!(
         lab.wait(20, |l| l.role("pg01").is_none()),
         "old primary not fenced:\n{}",

@@ -89,23 +89,7 @@ fn lab_lb_cstlb_follows_clupserver() {
     );
     assert!(lab.wait(20, |l| l.show()["clusters"][0]["locked_by"].is_null()));
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
-    let out = lab.exec(
-        "pg02",
-        &[
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            "/usr/lib/postgresql/15/bin/pg_ctl",
-            "-D",
-            "/var/lib/postgresql/pgdata",
-            "start",
-            "-w",
-            "-l",
-            "/var/lib/postgresql/pgdata/server.log",
-        ],
-    );
-    assert_eq!(out.code, 0, "{out:?}");
+    lab.start_postgres("pg02");
     let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2"]);
     assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
     assert!(
