@@ -557,7 +557,7 @@ fi
 
     t.info(&format!("{hp}: create recovery.conf for this database..."));
     repoint_db(shared, &db, &primary)
-        .map_err(|e| format!("{hp}: {e}\n{}", instructions(shared, &db, &primary)))?;
+        .map_err(|e| format!("{hp}: {e}\n{}", instructions(cfg, &db, &primary)))?;
     t.info(&format!(
         "{hp}: create recovery.conf for this database completed"
     ));
@@ -579,7 +579,7 @@ fi
                 "{hp}: database({}) does not stream from the primary after {} s.\n{}",
                 db.addr(),
                 STREAM_WAIT.as_secs(),
-                instructions(shared, &db, &primary)
+                instructions(cfg, &db, &primary)
             ));
         }
         thread::sleep(Duration::from_millis(300));
@@ -630,8 +630,7 @@ fn rewind_prerequisites(shared: &Shared, primary: &Db) -> Result<(), String> {
 }
 
 /// The manual's advice when a node cannot simply follow the primary.
-pub fn instructions(shared: &Shared, db: &Db, primary: &Db) -> String {
-    let cfg = &shared.cfg;
+pub fn instructions(cfg: &crate::config::Config, db: &Db, primary: &Db) -> String {
     format!(
         "Please rebuild the standby on the fault node, then retry (or run 'clupadm repair --rewind' / '--rebuild'):\n\n\
          pg_basebackup -D {pgdata} -U{user} -h {host} -p {port} -X stream\n\n\
@@ -726,4 +725,31 @@ pub fn repl_delay(shared: &Shared, c: &Cluster) -> Vec<DelayRow> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, SAMPLE};
+    use crate::meta::{parse_clusters, SAMPLE_INIT};
+
+    /// The manual's advice (§3.2.3) when a node cannot follow the primary:
+    /// the pg_basebackup command and the recovery settings, password masked.
+    #[test]
+    fn repair_instructions_mask_the_password() {
+        let cfg = Config::parse(SAMPLE, std::path::Path::new("clup.conf")).unwrap();
+        let c = parse_clusters(SAMPLE_INIT)
+            .unwrap()
+            .remove("cluster01")
+            .unwrap();
+        let text = instructions(&cfg, c.db(2).unwrap(), c.db(1).unwrap());
+        assert!(text.contains("pg_basebackup -D /home/postgres/pgdata -Upostgres -h 192.168.56.41 -p 5432 -X stream"), "{text}");
+        assert!(
+            text.contains("standby_mode = 'on'\nrecovery_target_timeline = 'latest'\n"),
+            "{text}"
+        );
+        assert!(text.contains("primary_conninfo = 'application_name=stb42 user=postgres host=192.168.56.41 port=5432 password=****** sslmode=disable'"), "{text}");
+        assert!(text.contains("pg_rewind"), "{text}");
+        assert!(!text.contains("password=postgres"), "{text}");
+    }
 }
