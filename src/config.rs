@@ -115,7 +115,7 @@ pub const KEYS: &[Key] = &[
     Key { name: "ssh_user", kind: Kind::Text, default: Some("root"),
           doc: "User clupserver logs in as on the database hosts." },
     Key { name: "ssh_options", kind: Kind::Text, default: Some(""),
-          doc: "Extra ssh options, split on white space (e.g. -i /opt/clup/conf/id_ed25519 -o UserKnownHostsFile=/opt/clup/conf/known_hosts)." },
+          doc: "Extra ssh options, split on white space (e.g. -i /opt/clup/conf/id_ed25519 -o UserKnownHostsFile=/opt/clup/conf/known_hosts). They come first and win over clup's own (a ConnectTimeout here overrides ssh_connect_timeout)." },
     Key { name: "pg_bin_dir", kind: Kind::Text, default: Some(""),
           doc: "Directory of pg_ctl on the database hosts when it is not on os_user's PATH." },
     Key { name: "failover_max_lag", kind: Kind::Bytes, default: Some("16MB"),

@@ -250,16 +250,32 @@ fn run(
     }
     stop.store(true, Ordering::SeqCst);
     monitor.stop.store(true, Ordering::SeqCst);
-    let _ = supervisor.join();
     for _ in 0..HTTP_WORKERS {
         http.unblock();
     }
-    for w in workers {
-        let _ = w.join();
+    // Let probe rounds and running steps finish, but not forever: an
+    // overloaded server (or a step stuck on a dead host) must still stop. A
+    // task cut short is marked interrupted and finished at the next start.
+    let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+    thread::spawn(move || {
+        let _ = supervisor.join();
+        for w in workers {
+            let _ = w.join();
+        }
+        let _ = done_tx.send(());
+    });
+    if done_rx.recv_timeout(STOP_GRACE).is_err() {
+        log::warn!(
+            "Some threads did not finish within {} s; stopping anyway (an interrupted task is finished at the next start).",
+            STOP_GRACE.as_secs()
+        );
     }
     log::info!("Program stopped.");
     Ok(())
 }
+
+/// How long a stopping server waits for its threads.
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// Take requests and hand each to a thread of its own.
 ///
