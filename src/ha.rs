@@ -49,6 +49,9 @@ pub struct Facts {
     pub peer_sees_primary: BTreeMap<String, bool>,
     /// The peer checks of this round were made (some may have failed).
     pub peers_asked: bool,
+    /// Asked this round from a standby's host: does anybody answer ARP for
+    /// the write VIP? None when not asked or the check failed.
+    pub write_vip_answered: Option<bool>,
     /// Restarts already tried for a database in its current incident.
     pub restarts: BTreeMap<u32, u32>,
     /// The highest LSN the primary was last seen at.
@@ -79,6 +82,11 @@ pub enum Action {
         via: String,
         host: String,
         port: u16,
+    },
+    /// Gather: from `via` (a standby's host), does anybody answer ARP for
+    /// the write VIP?
+    CheckWriteVip {
+        via: String,
     },
     /// Start the database again in place, as its os_user.
     RestartDb {
@@ -139,7 +147,10 @@ pub enum Action {
 
 impl Action {
     pub fn is_gather(&self) -> bool {
-        matches!(self, Action::CheckHost { .. } | Action::CheckPeer { .. })
+        matches!(
+            self,
+            Action::CheckHost { .. } | Action::CheckPeer { .. } | Action::CheckWriteVip { .. }
+        )
     }
 }
 
@@ -149,6 +160,9 @@ impl fmt::Display for Action {
             Action::CheckHost { host } => write!(f, "check host {host}"),
             Action::CheckPeer { via, host, port } => {
                 write!(f, "check from {via} whether {host}:{port} answers")
+            }
+            Action::CheckWriteVip { via } => {
+                write!(f, "check from {via} whether the write vip answers")
             }
             Action::RestartDb { id } => write!(f, "restart db {id}"),
             Action::Fence { id } => write!(f, "fence (stop) db {id}"),
@@ -318,16 +332,22 @@ fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) ->
                 host: primary.host.clone(),
             }];
             if !facts.peers_asked {
-                plan.extend(
-                    cluster
-                        .normal_standbys()
-                        .filter(|d| facts.seen.get(&d.id).is_some_and(|s| s.ok))
-                        .map(|d| Action::CheckPeer {
-                            via: d.host.clone(),
-                            host: primary.host.clone(),
-                            port: primary.port,
-                        }),
-                );
+                let reachable: Vec<&Db> = cluster
+                    .normal_standbys()
+                    .filter(|d| facts.seen.get(&d.id).is_some_and(|s| s.ok))
+                    .collect();
+                plan.extend(reachable.iter().map(|d| Action::CheckPeer {
+                    via: d.host.clone(),
+                    host: primary.host.clone(),
+                    port: primary.port,
+                }));
+                // And whether the write VIP still answers on the link: a
+                // failover needs that answer before it promotes.
+                if let Some(d) = reachable.first() {
+                    plan.push(Action::CheckWriteVip {
+                        via: d.host.clone(),
+                    });
+                }
             }
             Decision::gather(primary.id, plan, find_msg(primary))
         }
@@ -654,13 +674,22 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         },
     };
     let adopting = !promoted.is_empty();
+    let old_host_up = facts.hosts.get(&primary.host) == Some(&true);
+    if !old_host_up && facts.write_vip_answered == Some(true) {
+        return Decision::nothing(format!(
+            "no failover: {why} but somebody still answers ARP for the write VIP; refusing to move it (split brain guard)"
+        ));
+    }
     let mut plan = Vec::new();
-    if facts.hosts.get(&primary.host) == Some(&true) {
+    if old_host_up {
         plan.push(Action::DeleteWriteVip {
             host: primary.host.clone(),
         });
     }
-    plan.push(Action::EnsureWriteVipFree { id: cand.id });
+    // Checked again after a delete; otherwise this round's answer will do.
+    if old_host_up || facts.write_vip_answered.is_none() {
+        plan.push(Action::EnsureWriteVipFree { id: cand.id });
+    }
     if !adopting {
         plan.push(Action::Promote { id: cand.id });
     }
@@ -945,14 +974,69 @@ mod tests {
                 host: "192.168.56.41".into()
             }
         );
-        assert_eq!(d.plan.len(), 4, "{:?}", d.plan);
-        assert!(d.plan[1..]
+        assert_eq!(d.plan.len(), 5, "{:?}", d.plan);
+        assert_eq!(
+            d.plan[4],
+            Action::CheckWriteVip {
+                via: "192.168.56.42".into()
+            }
+        );
+        assert!(d.plan[1..4]
             .iter()
             .all(|a| matches!(a, Action::CheckPeer { host, .. } if host == "192.168.56.41")));
         assert_eq!(
             d.reason,
             "Find database(192.168.56.41:5432) failed, repair it ...."
         );
+    }
+
+    #[test]
+    fn write_vip_answer_gathered_with_the_peers_decides_the_dad_step() {
+        // Free this round: no second check before promoting.
+        let free = primary_down(|f| {
+            peers(f, false);
+            f.write_vip_answered = Some(false);
+        });
+        let d = decide(&cluster(), &free, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert!(
+            !d.plan
+                .iter()
+                .any(|a| matches!(a, Action::EnsureWriteVipFree { .. })),
+            "{:?}",
+            d.plan
+        );
+        assert_eq!(d.plan[0], Action::Promote { id: 2 });
+        // Somebody answers while the old host is down: no failover.
+        let taken = primary_down(|f| {
+            peers(f, false);
+            f.write_vip_answered = Some(true);
+        });
+        let d = decide(&cluster(), &taken, &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(
+            d.reason
+                .contains("somebody still answers ARP for the write VIP"),
+            "{}",
+            d.reason
+        );
+        // Old host up (restart failed): delete the VIP there, then check again.
+        let up = facts(|f| {
+            f.seen.insert(1, down());
+            f.hosts.insert("192.168.56.41".into(), true);
+            f.restarts.insert(1, 2);
+            peers(f, false);
+            f.write_vip_answered = Some(true);
+        });
+        let d = decide(&cluster(), &up, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert_eq!(
+            d.plan[0],
+            Action::DeleteWriteVip {
+                host: "192.168.56.41".into()
+            }
+        );
+        assert_eq!(d.plan[1], Action::EnsureWriteVipFree { id: 2 });
     }
 
     #[test]

@@ -288,7 +288,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                     log::info!("{}", d.reason);
                 }
                 mem.last_reason = d.reason.clone();
-                gather(shared, &d.plan, &mut facts);
+                gather(shared, cluster, &d.plan, &mut facts);
             }
             _ if !unchanged(shared, name, cluster) => {
                 // Frozen, locked or edited while this round probed: what was
@@ -421,8 +421,20 @@ fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
     matches!(shared.store.load(), Ok(doc) if doc.clusters.get(name) == Some(cluster))
 }
 
+/// From `via` (which must not hold it), does anybody answer ARP for the
+/// cluster's write VIP?
+fn write_vip_answered(shared: &Shared, cluster: &Cluster, via: &str) -> Result<bool, String> {
+    let v = vip_of(&cluster.write_vip)?;
+    if vip::holds(&shared.ssh, via, v).map_err(|e| e.to_string())? {
+        return Ok(true);
+    }
+    let (ifname, _) =
+        vip::find_interface(&shared.ssh, via, shared.cfg.network).map_err(|e| e.to_string())?;
+    vip::held_by_other(&shared.ssh, via, &ifname, v).map_err(|e| e.to_string())
+}
+
 /// Run gather actions in parallel and record their answers.
-fn gather(shared: &Shared, plan: &[Action], facts: &mut Facts) {
+fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts) {
     let answers: Vec<(Action, Option<bool>)> = thread::scope(|s| {
         let hs: Vec<_> = plan
             .iter()
@@ -439,6 +451,13 @@ fn gather(shared: &Shared, plan: &[Action], facts: &mut Facts) {
                                 }
                             }
                         }
+                        Action::CheckWriteVip { via } => match write_vip_answered(shared, cluster, via) {
+                            Ok(b) => Some(b),
+                            Err(e) => {
+                                log::warn!("Cannot check from {via} whether the write vip answers: {e}");
+                                None
+                            }
+                        },
                         _ => None,
                     };
                     (a.clone(), r)
@@ -458,6 +477,7 @@ fn gather(shared: &Shared, plan: &[Action], facts: &mut Facts) {
                     facts.peer_sees_primary.insert(via, b);
                 }
             }
+            Action::CheckWriteVip { .. } => facts.write_vip_answered = r,
             _ => {}
         }
     }
@@ -633,6 +653,7 @@ fn step(
     match a {
         Action::CheckHost { .. }
         | Action::CheckPeer { .. }
+        | Action::CheckWriteVip { .. }
         | Action::RestartDb { .. }
         | Action::Repoint { .. } => Ok(()),
         Action::Fence { id } => {
