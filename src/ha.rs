@@ -49,9 +49,9 @@ pub struct Facts {
     pub peer_sees_primary: BTreeMap<String, bool>,
     /// The peer checks of this round were made (some may have failed).
     pub peers_asked: bool,
-    /// Asked this round from a standby's host: does anybody answer ARP for
-    /// the write VIP? None when not asked or the check failed.
-    pub write_vip_answered: Option<bool>,
+    /// Asked this round from a standby's host: who has the write VIP?
+    /// None when not asked or the check failed.
+    pub write_vip: Option<VipSeen>,
     /// Restarts already tried for a database in its current incident.
     pub restarts: BTreeMap<u32, u32>,
     /// The highest LSN the primary was last seen at.
@@ -60,6 +60,17 @@ pub struct Facts {
     pub sync_names: Option<String>,
     /// Standbys (repl_app_name) last seen with sync_state sync or quorum.
     pub sync_standbys: BTreeSet<String>,
+}
+
+/// What a standby's host saw of the write VIP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VipSeen {
+    /// Nobody answers ARP for it.
+    Free,
+    /// The asking host has it itself.
+    HeldBy(String),
+    /// Some other machine on the link answers for it.
+    Answered,
 }
 
 /// Tunables from clup.conf.
@@ -675,10 +686,17 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
     };
     let adopting = !promoted.is_empty();
     let old_host_up = facts.hosts.get(&primary.host) == Some(&true);
-    if !old_host_up && facts.write_vip_answered == Some(true) {
-        return Decision::nothing(format!(
-            "no failover: {why} but somebody still answers ARP for the write VIP; refusing to move it (split brain guard)"
-        ));
+    let refuse = |whom: &str| {
+        Decision::nothing(format!(
+            "no failover: {why} but {whom} still answers ARP for the write VIP; refusing to move it (split brain guard)"
+        ))
+    };
+    match &facts.write_vip {
+        Some(VipSeen::Answered) if !old_host_up => return refuse("somebody"),
+        Some(VipSeen::HeldBy(h)) if *h != cand.host && !(old_host_up && *h == primary.host) => {
+            return refuse(&format!("host {h}"))
+        }
+        _ => {}
     }
     let mut plan = Vec::new();
     if old_host_up {
@@ -687,7 +705,10 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         });
     }
     // Checked again after a delete; otherwise this round's answer will do.
-    if old_host_up || facts.write_vip_answered.is_none() {
+    // (free, or already on the candidate after an unfinished failover).
+    let vip_ok = matches!(&facts.write_vip, Some(VipSeen::Free))
+        || matches!(&facts.write_vip, Some(VipSeen::HeldBy(h)) if *h == cand.host);
+    if old_host_up || !vip_ok {
         plan.push(Action::EnsureWriteVipFree { id: cand.id });
     }
     if !adopting {
@@ -995,7 +1016,7 @@ mod tests {
         // Free this round: no second check before promoting.
         let free = primary_down(|f| {
             peers(f, false);
-            f.write_vip_answered = Some(false);
+            f.write_vip = Some(VipSeen::Free);
         });
         let d = decide(&cluster(), &free, &P, 0);
         assert_eq!(d.kind, Kind::Failover);
@@ -1010,7 +1031,7 @@ mod tests {
         // Somebody answers while the old host is down: no failover.
         let taken = primary_down(|f| {
             peers(f, false);
-            f.write_vip_answered = Some(true);
+            f.write_vip = Some(VipSeen::Answered);
         });
         let d = decide(&cluster(), &taken, &P, 0);
         assert_eq!(d.kind, Kind::Nothing);
@@ -1020,13 +1041,39 @@ mod tests {
             "{}",
             d.reason
         );
+        // On the candidate itself (an unfinished failover had moved it): fine.
+        let on_cand = primary_down(|f| {
+            peers(f, false);
+            f.write_vip = Some(VipSeen::HeldBy("192.168.56.42".into()));
+        });
+        let d = decide(&cluster(), &on_cand, &P, 0);
+        assert_eq!(d.kind, Kind::Failover);
+        assert!(
+            !d.plan
+                .iter()
+                .any(|a| matches!(a, Action::EnsureWriteVipFree { .. })),
+            "{:?}",
+            d.plan
+        );
+        // On another standby's host: hands off.
+        let elsewhere = primary_down(|f| {
+            peers(f, false);
+            f.write_vip = Some(VipSeen::HeldBy("192.168.56.44".into()));
+        });
+        let d = decide(&cluster(), &elsewhere, &P, 0);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(
+            d.reason.contains("host 192.168.56.44 still answers ARP"),
+            "{}",
+            d.reason
+        );
         // Old host up (restart failed): delete the VIP there, then check again.
         let up = facts(|f| {
             f.seen.insert(1, down());
             f.hosts.insert("192.168.56.41".into(), true);
             f.restarts.insert(1, 2);
             peers(f, false);
-            f.write_vip_answered = Some(true);
+            f.write_vip = Some(VipSeen::Answered);
         });
         let d = decide(&cluster(), &up, &P, 0);
         assert_eq!(d.kind, Kind::Failover);

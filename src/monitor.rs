@@ -20,7 +20,7 @@ use crate::exec::pg::{self, DbProbe};
 use crate::exec::recovery::Applied;
 use crate::exec::ssh::{self as exssh, Ssh};
 use crate::exec::{cstlb, pgctl, recovery, vip};
-use crate::ha::{self, Action, Decision, Facts, Kind, Params, Seen};
+use crate::ha::{self, Action, Decision, Facts, Kind, Params, Seen, VipSeen};
 use crate::home::Home;
 use crate::meta::{Cluster, Db, DB_FAULT};
 use crate::store::{update, MetaStore};
@@ -187,30 +187,44 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str) {
     }
 }
 
-/// Probe every database of the cluster in parallel, with the configured
-/// retries. Each probe is bounded by probe_timeout.
-fn probe_all(shared: &Shared, cluster: &Cluster) -> BTreeMap<u32, DbProbe> {
+/// One probe of each of `dbs`, in parallel, each bounded by probe_timeout.
+fn probe_dbs(shared: &Shared, dbs: &[&Db]) -> BTreeMap<u32, DbProbe> {
     let cfg = &shared.cfg;
     thread::scope(|s| {
-        let handles: Vec<_> = cluster
-            .db_list
+        let handles: Vec<_> = dbs
             .iter()
-            .map(|d| {
-                s.spawn(move || {
-                    let mut p = pg::probe(d, cfg, d.is_primary());
-                    for _ in 0..cfg.probe_retries {
-                        if p.ok {
-                            break;
-                        }
-                        thread::sleep(Duration::from_millis(200));
-                        p = pg::probe(d, cfg, d.is_primary());
-                    }
-                    (d.id, p)
-                })
-            })
+            .map(|d| s.spawn(move || (d.id, pg::probe(d, cfg, d.is_primary()))))
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     })
+}
+
+/// Probe again, up to probe_retries times, the databases that failed.
+fn retry_failed(shared: &Shared, cluster: &Cluster, probes: &mut BTreeMap<u32, DbProbe>) {
+    for _ in 0..shared.cfg.probe_retries {
+        let failed: Vec<&Db> = cluster
+            .db_list
+            .iter()
+            .filter(|d| probes.get(&d.id).is_some_and(|p| !p.ok))
+            .collect();
+        if failed.is_empty() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+        probes.extend(probe_dbs(shared, &failed));
+    }
+}
+
+/// What the probes saw, with what the loop remembers; mem is only read.
+fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
+    Facts {
+        seen: probes.iter().map(|(id, p)| (*id, seen_of(p))).collect(),
+        restarts: mem.restarts.clone(),
+        primary_last_lsn: mem.primary_last_lsn,
+        sync_names: mem.sync_names.clone(),
+        sync_standbys: mem.sync_standbys.clone(),
+        ..Default::default()
+    }
 }
 
 fn seen_of(p: &DbProbe) -> Seen {
@@ -227,13 +241,29 @@ fn seen_of(p: &DbProbe) -> Seen {
 
 fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) {
     let t0 = Instant::now();
-    let probes = probe_all(shared, cluster);
-    let mut facts = Facts {
-        restarts: mem.restarts.clone(),
-        ..Default::default()
-    };
+    let all: Vec<&Db> = cluster.db_list.iter().collect();
+    let mut probes = probe_dbs(shared, &all);
+    // A failed probe is retried before it counts. Meanwhile the checks the
+    // decision will ask for (host, peers, write VIP) already run: they only
+    // gather facts, and a retry that succeeds makes them moot. This takes
+    // the retry off a failover's critical path.
+    let mut early = Facts::default();
+    if probes.values().any(|p| !p.ok) && shared.cfg.probe_retries > 0 {
+        let first = facts_of(&probes, mem);
+        let d = ha::decide(cluster, &first, &shared.params(), crate::now_secs());
+        thread::scope(|s| {
+            if d.kind == Kind::Gather {
+                if d.reason != mem.last_reason {
+                    log::info!("{}", d.reason);
+                    mem.last_reason = d.reason.clone();
+                }
+                let (plan, early) = (&d.plan, &mut early);
+                s.spawn(move || gather(shared, cluster, plan, early));
+            }
+            retry_failed(shared, cluster, &mut probes);
+        });
+    }
     for (id, p) in &probes {
-        facts.seen.insert(*id, seen_of(p));
         if p.ok {
             mem.restarts.remove(id);
         } else {
@@ -260,10 +290,11 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 .collect();
         }
     }
-    facts.restarts = mem.restarts.clone();
-    facts.primary_last_lsn = mem.primary_last_lsn;
-    facts.sync_names = mem.sync_names.clone();
-    facts.sync_standbys = mem.sync_standbys.clone();
+    let mut facts = facts_of(&probes, mem);
+    facts.hosts = early.hosts;
+    facts.peer_sees_primary = early.peer_sees_primary;
+    facts.peers_asked = early.peers_asked;
+    facts.write_vip = early.write_vip;
 
     let mut reason = String::new();
     for _ in 0..8 {
@@ -421,64 +452,70 @@ fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
     matches!(shared.store.load(), Ok(doc) if doc.clusters.get(name) == Some(cluster))
 }
 
-/// From `via` (which must not hold it), does anybody answer ARP for the
-/// cluster's write VIP?
-fn write_vip_answered(shared: &Shared, cluster: &Cluster, via: &str) -> Result<bool, String> {
+/// From `via`: who has the cluster's write VIP?
+fn write_vip_seen(shared: &Shared, cluster: &Cluster, via: &str) -> Result<VipSeen, String> {
     let v = vip_of(&cluster.write_vip)?;
     if vip::holds(&shared.ssh, via, v).map_err(|e| e.to_string())? {
-        return Ok(true);
+        return Ok(VipSeen::HeldBy(via.to_string()));
     }
     let (ifname, _) =
         vip::find_interface(&shared.ssh, via, shared.cfg.network).map_err(|e| e.to_string())?;
-    vip::held_by_other(&shared.ssh, via, &ifname, v).map_err(|e| e.to_string())
+    match vip::held_by_other(&shared.ssh, via, &ifname, v).map_err(|e| e.to_string())? {
+        true => Ok(VipSeen::Answered),
+        false => Ok(VipSeen::Free),
+    }
 }
 
 /// Run gather actions in parallel and record their answers.
 fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts) {
-    let answers: Vec<(Action, Option<bool>)> = thread::scope(|s| {
+    /// One gathered fact.
+    enum Answer {
+        Host(String, bool),
+        Peer(String, Option<bool>),
+        Vip(Option<VipSeen>),
+        Nothing,
+    }
+    let answers: Vec<Answer> = thread::scope(|s| {
         let hs: Vec<_> = plan
             .iter()
             .map(|a| {
-                s.spawn(move || {
-                    let r = match a {
-                        Action::CheckHost { host } => Some(shared.ssh.host_up(host)),
-                        Action::CheckPeer { via, host, port } => {
-                            match exssh::peer_reaches(&shared.ssh, via, host, *port) {
-                                Ok(b) => Some(b),
-                                Err(e) => {
-                                    log::warn!("Cannot ask {via} about {host}:{port}: {e}");
-                                    None
-                                }
-                            }
+                s.spawn(move || match a {
+                    Action::CheckHost { host } => {
+                        Answer::Host(host.clone(), shared.ssh.host_up(host))
+                    }
+                    Action::CheckPeer { via, host, port } => {
+                        let r = exssh::peer_reaches(&shared.ssh, via, host, *port);
+                        if let Err(e) = &r {
+                            log::warn!("Cannot ask {via} about {host}:{port}: {e}");
                         }
-                        Action::CheckWriteVip { via } => match write_vip_answered(shared, cluster, via) {
-                            Ok(b) => Some(b),
-                            Err(e) => {
-                                log::warn!("Cannot check from {via} whether the write vip answers: {e}");
-                                None
-                            }
-                        },
-                        _ => None,
-                    };
-                    (a.clone(), r)
+                        Answer::Peer(via.clone(), r.ok())
+                    }
+                    Action::CheckWriteVip { via } => {
+                        let r = write_vip_seen(shared, cluster, via);
+                        if let Err(e) = &r {
+                            log::warn!("Cannot check from {via} who has the write vip: {e}");
+                        }
+                        Answer::Vip(r.ok())
+                    }
+                    _ => Answer::Nothing,
                 })
             })
             .collect();
         hs.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    for (a, r) in answers {
+    for a in answers {
         match a {
-            Action::CheckHost { host } => {
-                facts.hosts.insert(host, r.unwrap_or(false));
+            Answer::Host(host, up) => {
+                facts.hosts.insert(host, up);
             }
-            Action::CheckPeer { via, .. } => {
+            Answer::Peer(via, seen) => {
                 facts.peers_asked = true;
-                if let Some(b) = r {
+                if let Some(b) = seen {
                     facts.peer_sees_primary.insert(via, b);
                 }
             }
-            Action::CheckWriteVip { .. } => facts.write_vip_answered = r,
-            _ => {}
+            Answer::Vip(v) => facts.write_vip = v,
+            Answer::Nothing => {}
         }
     }
 }
