@@ -346,10 +346,6 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
             }
             follow_task(home, task, true)
         }
-        c if COMMANDS.iter().any(|(n, _)| *n == c) => Err(fail(
-            EXIT_FAILED,
-            format!("'{c}' is not available in this build yet"),
-        )),
         other => Err(fail(
             EXIT_USAGE,
             format!("unknown command '{other}'\n{}", usage()),

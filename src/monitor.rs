@@ -91,9 +91,9 @@ impl Shared {
     }
 }
 
-/// Start one probe thread per cluster in the meta; returns their handles.
-/// Clusters added later by `clupadm init --force` are picked up by
-/// [`supervise`].
+/// Start the supervisor, which keeps one probe thread per cluster of the
+/// meta (clusters added later by `clupadm init --force` included); returns
+/// its handle, joined at shutdown.
 pub fn start(shared: &Arc<Shared>) -> thread::JoinHandle<()> {
     let s = shared.clone();
     thread::Builder::new()
