@@ -16,6 +16,25 @@ use crate::util::Out;
 
 static LAB: Mutex<()> = Mutex::new(());
 
+/// Held while a test uses the lab, so that two processes (two test runs, a
+/// benchmark under `flock`) never share it: `flock /var/tmp/clup-lab.lock CMD`.
+pub const LAB_LOCK: &str = "/var/tmp/clup-lab.lock";
+
+/// Take the cross-process lab lock (blocking) and keep it while the file lives.
+fn lab_lock() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LAB_LOCK)
+        .expect("open the lab lock file");
+    // SAFETY: flock on a descriptor we own; released when the file is dropped.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {LAB_LOCK}: {}", std::io::Error::last_os_error());
+    f
+}
+
 pub const LAB_DIR: &str = "/var/tmp/clup-lab";
 pub const WRITE_VIP: &str = "10.213.0.40";
 pub const READ_VIP: &str = "10.213.0.45";
@@ -40,6 +59,7 @@ fn repo() -> PathBuf {
 
 pub struct Lab {
     _guard: MutexGuard<'static, ()>,
+    _lock: std::fs::File,
     pub home: PathBuf,
     server_started: bool,
     cstlb_hosts: Vec<String>,
@@ -55,6 +75,7 @@ impl Lab {
     /// As [`Lab::take`], with synchronous replication (ANY 1 of the standbys).
     pub fn take_opts(probe_interval: u32, sync: bool) -> Lab {
         let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = lab_lock();
         let mut up = Command::new(repo().join("scripts/lab"));
         up.arg("up");
         if sync {
@@ -103,6 +124,7 @@ impl Lab {
         );
         let lab = Lab {
             _guard: guard,
+            _lock: lock,
             home,
             server_started: false,
             cstlb_hosts: Vec::new(),
