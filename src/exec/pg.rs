@@ -340,6 +340,9 @@ SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
 SELECT to_jsonb(r) FROM pg_stat_replication r ORDER BY r.application_name, r.pid; \
 SELECT to_jsonb(w) FROM pg_stat_wal_receiver w";
 
+/// SQLSTATE too_many_connections.
+const TOO_MANY_CONNECTIONS: &str = "53300";
+
 const HEARTBEAT_WRITE_SQL: &str = "UPDATE cs_sys_heartbeat SET hb_time = now()";
 const HEARTBEAT_INSERT_SQL: &str = "INSERT INTO cs_sys_heartbeat (hb_time) VALUES (now())";
 const HEARTBEAT_AGE_SQL: &str = "SELECT greatest(0, extract(epoch FROM now() - max(hb_time)) * 1000)::int8 FROM cs_sys_heartbeat";
@@ -386,11 +389,7 @@ fn probe_on_thread(
     reader: &Target,
 ) -> DbProbe {
     let mut p = DbProbe::default();
-    let fail = |mut p: DbProbe, e: PgError| {
-        p.ok = false;
-        p.error = e.to_string();
-        p
-    };
+    let fail = |p: DbProbe, e: PgError| failed_probe(what, p, e);
     if primary {
         let mut wc = match writer.connect(what) {
             Ok(c) => c,
@@ -444,6 +443,20 @@ fn probe_on_thread(
         }
     }
     p.ok = true;
+    p
+}
+
+/// A probe that ended in `e`. "too many clients" is the exception: the
+/// server is up and answering, just full (say, sessions hung on a
+/// synchronous commit while every standby is down). Restarting it or
+/// failing over would not help and would cost every session, so it counts
+/// as alive, loudly.
+fn failed_probe(what: &str, mut p: DbProbe, e: PgError) -> DbProbe {
+    p.error = e.to_string();
+    p.ok = e.code.as_deref() == Some(TOO_MANY_CONNECTIONS);
+    if p.ok {
+        log::warn!("{what}: the database is up but refuses new connections (too many clients); counted as alive: {e}");
+    }
     p
 }
 
@@ -886,5 +899,25 @@ mod tests {
         };
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<DbProbe>(&j).unwrap(), p);
+    }
+
+    #[test]
+    fn too_many_clients_is_alive_other_errors_are_not() {
+        let full = PgError {
+            what: "probe 10.0.0.1:5432".into(),
+            msg: "sorry, too many clients already".into(),
+            code: Some("53300".into()),
+        };
+        let p = failed_probe("probe", DbProbe::default(), full);
+        assert!(p.ok);
+        assert!(p.error.contains("too many clients"), "{}", p.error);
+        for code in [None, Some("57P03".to_string()), Some("28P01".to_string())] {
+            let e = PgError {
+                what: "probe".into(),
+                msg: "no".into(),
+                code,
+            };
+            assert!(!failed_probe("probe", DbProbe::default(), e).ok);
+        }
     }
 }
