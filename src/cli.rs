@@ -387,10 +387,9 @@ fn init(home: &Home, file: PathBuf, force: bool) -> Result<String, Failure> {
         }
         Err(StoreError::Corrupt(..)) => {
             // Replacing a corrupt file: keep it aside, never delete it.
-            let aside = store
-                .path()
-                .with_extension(format!("corrupt.{}", crate::now_secs()));
-            std::fs::rename(store.path(), &aside).map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
+            store
+                .set_aside_corrupt()
+                .map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
             MetaDoc::default()
         }
         Err(e) => return Err(fail(EXIT_FAILED, e.to_string())),
