@@ -1,8 +1,8 @@
 //! The meta store: the one source of truth for cluster and db states, the
 //! cluster locks and the task records.
 //!
-//! It sits behind [`MetaStore`] so that an etcd-backed store can replace the
-//! embedded file store. The file store never half-writes: every save writes a
+//! It sits behind [`MetaStore`] so that an etcd-backed store
+//! ([`crate::etcd::EtcdStore`]) can replace the embedded file store. The file store never half-writes: every save writes a
 //! temporary file, fsyncs it, renames it over `meta.json` and fsyncs the
 //! directory, so a crash at any moment leaves the old or the new document.
 //! Saves are compare-and-swap on the document's version, so two writers (the
@@ -14,10 +14,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, StoreKind};
+use crate::etcd;
+use crate::home::Home;
 use crate::meta::{validate_cluster, Clusters};
 
 /// A background operation (failover, switch, repair) and its outcome.
@@ -139,6 +142,17 @@ pub trait MetaStore: Send + Sync {
             self.describe()
         )))
     }
+}
+
+/// The store clup.conf names: `data/meta.json` under the home, or etcd.
+pub fn open_store(cfg: &Config, home: &Home) -> Result<Arc<dyn MetaStore>, String> {
+    Ok(match cfg.meta_store {
+        StoreKind::File => Arc::new(FileStore::new(&home.data_dir())),
+        StoreKind::Etcd => {
+            let client = etcd::Client::new(&cfg.etcd_endpoints, cfg.etcd_timeout)?;
+            Arc::new(etcd::EtcdStore::new(Arc::new(client), &cfg.etcd_prefix))
+        }
+    })
 }
 
 /// The embedded store: one JSON file under `data/`.

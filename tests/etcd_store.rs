@@ -15,7 +15,7 @@ use clup::etcd::{Client, Elected, EtcdStore, FencedStore, Leader};
 use clup::meta::parse_clusters;
 use clup::store::{update, MetaDoc, MetaStore, StoreError, UpdateError};
 
-use crate::util::{free_port, wait_for, SAMPLE_INIT};
+use crate::util::{free_port, sample_conf, wait_for, TestHome, SAMPLE_INIT};
 
 const ETCD: &str = "/usr/bin/etcd";
 const SEC: Duration = Duration::from_secs(1);
@@ -592,4 +592,79 @@ fn etcd_quorum_loss_fails_writes_within_the_timeout() {
         wait_for(3, || leader.may_act_for() == Duration::ZERO),
         "a leader without quorum kept acting"
     );
+}
+
+#[test]
+fn etcd_clupadm_init_and_clupserver_use_the_etcd_store() {
+    let mut etcd = Etcd::start("cli", 1);
+    let h = TestHome::new("etcd-cli");
+    let port = free_port();
+    h.write(
+        "conf/clup.conf",
+        &format!(
+            "{}meta_store = etcd\netcd_endpoints = {}\netcd_prefix = /cli\n",
+            sample_conf(port),
+            etcd.url(0)
+        ),
+    );
+    h.write("conf/init.json", SAMPLE_INIT);
+    let out = h.run(&["adm", "init"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "into etcd /cli/meta at {} (version 1)",
+            etcd.url(0)
+        )),
+        "{}",
+        out.stdout
+    );
+    assert!(!h.root.join("data/meta.json").exists());
+    let out = h.run(&["adm", "init"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+
+    // A corrupt meta: refused, then set aside by --force.
+    let client = etcd.client(SEC);
+    client.put(b"/cli/meta", b"not json", 0).unwrap();
+    let out = h.run(&["adm", "init"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("etcd key /cli/meta is corrupt"),
+        "{}",
+        out.stderr
+    );
+    let before = clup::now_secs();
+    let out = h.run(&["adm", "init", "--force"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let aside = (before..=clup::now_secs())
+        .find_map(|s| {
+            client
+                .get(format!("/cli/meta.corrupt.{s}").as_bytes())
+                .unwrap()
+        })
+        .expect("the corrupt meta was set aside");
+    assert_eq!(aside.value, b"not json");
+
+    // The server runs on it.
+    let out = h.run(&["server", "start"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(h
+        .read("logs/clupserver.log")
+        .contains("Meta store: etcd /cli/meta"));
+    let out = h.run(&["adm", "show"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("cluster01"), "{}", out.stdout);
+    assert_eq!(h.run(&["server", "stop"]).code, 0);
+
+    // Without etcd the server does not start, and says why, quickly.
+    etcd.kill(0);
+    let t = Instant::now();
+    let out = h.run(&["server", "start"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("no etcd endpoint answered"),
+        "{}",
+        out.stderr
+    );
+    assert!(t.elapsed() < 3 * SEC, "{:?}", t.elapsed());
 }
