@@ -475,14 +475,15 @@ fn etcd_stale_leader_fenced_save_fails_and_new_state_is_intact() {
 fn etcd_endpoint_failover_from_a_dead_first_endpoint() {
     let etcd = Etcd::start("failover", 1);
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let client = Arc::new(Client::new(&[dead.clone(), etcd.url(0)], SEC).unwrap());
+    // A long timeout: had the dead endpoint been waited for, it would show.
+    let client = Arc::new(Client::new(&[dead.clone(), etcd.url(0)], 4 * SEC).unwrap());
     let store = EtcdStore::new(client.clone(), "/t");
     let t = Instant::now();
     assert_eq!(store.save(&doc()).unwrap(), 1);
     assert_eq!(store.load().unwrap().version, 1);
-    // A refused connection costs nothing: writes move on too (it was
+    // A refused connection costs no timeout: writes move on too (it was
     // never sent).
-    assert!(t.elapsed() < SEC / 2, "{:?}", t.elapsed());
+    assert!(t.elapsed() < 2 * SEC, "{:?}", t.elapsed());
     let c = clup::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
     let l = won(c.try_acquire().unwrap());
     assert!(l.keepalive().unwrap());
@@ -504,10 +505,11 @@ fn etcd_silent_endpoint_read_moves_on_write_reports_unknown_outcome() {
     assert_eq!(store.load().unwrap().version, 1);
     let took = t.elapsed();
     assert!(took >= SEC && took < 2 * SEC, "{took:?}");
-    // The endpoint that answered is asked first from then on.
+    // The endpoint that answered is asked first from then on (asking the
+    // silent one again would take the whole timeout).
     let t = Instant::now();
     store.load().unwrap();
-    assert!(t.elapsed() < SEC / 2, "{:?}", t.elapsed());
+    assert!(t.elapsed() < SEC * 9 / 10, "{:?}", t.elapsed());
 
     // A write that was sent and not answered is not sent elsewhere: its
     // outcome is unknown, and the caller is told so within the timeout.
@@ -534,11 +536,12 @@ fn etcd_unreachable_is_a_clear_error_within_the_timeout() {
         format!("http://127.0.0.1:{p1}"),
         format!("http://127.0.0.1:{p2}"),
     ];
-    let client = Arc::new(Client::new(&eps, SEC).unwrap());
+    // Refused at once: no timeout is waited (4 s would show).
+    let client = Arc::new(Client::new(&eps, 4 * SEC).unwrap());
     let store = EtcdStore::new(client.clone(), "/t");
     let t = Instant::now();
     let e = store.load().unwrap_err();
-    assert!(t.elapsed() < SEC, "{:?}", t.elapsed());
+    assert!(t.elapsed() < 2 * SEC, "{:?}", t.elapsed());
     let msg = e.to_string();
     assert!(
         msg.starts_with("meta etcd key /t/meta: no etcd endpoint answered: "),
@@ -549,7 +552,7 @@ fn etcd_unreachable_is_a_clear_error_within_the_timeout() {
     let c = clup::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
     let e = c.try_acquire().unwrap_err();
     assert!(e.to_string().contains("no etcd endpoint answered"), "{e}");
-    assert!(t.elapsed() < SEC, "{:?}", t.elapsed());
+    assert!(t.elapsed() < 2 * SEC, "{:?}", t.elapsed());
 }
 
 #[test]
