@@ -9,6 +9,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use serde_json::{json, Value};
 use crate::config::Config;
 use crate::home::Home;
 use crate::meta::{self, Cluster, Clusters};
-use crate::store::{FileStore, MetaDoc, MetaStore, StoreError, Task};
+use crate::store::{open_store, FileStore, MetaDoc, MetaStore, StoreError, Task};
 use crate::table::{self, col, Align};
 
 pub const EXIT_FAILED: u8 = 1;
@@ -368,14 +369,14 @@ fn init(home: &Home, file: PathBuf, force: bool) -> Result<String, Failure> {
     let clusters = meta::load_init_json(&file).map_err(|m| fail(EXIT_USAGE, m))?;
     home.ensure_dirs()
         .map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
-    let store = FileStore::new(&home.data_dir());
+    let store = init_store(home)?;
     let base = match store.load() {
         Ok(existing) if !force => {
             return Err(fail(
                 EXIT_FAILED,
                 format!(
                     "cluster meta already exists ({}, version {}); use --force to overwrite it",
-                    store.path().display(),
+                    store.describe(),
                     existing.version
                 ),
             ))
@@ -386,11 +387,10 @@ fn init(home: &Home, file: PathBuf, force: bool) -> Result<String, Failure> {
             return Err(fail(EXIT_FAILED, format!("{e}; use --force to replace it")))
         }
         Err(StoreError::Corrupt(..)) => {
-            // Replacing a corrupt file: keep it aside, never delete it.
-            let aside = store
-                .path()
-                .with_extension(format!("corrupt.{}", crate::now_secs()));
-            std::fs::rename(store.path(), &aside).map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
+            // Replacing a corrupt meta: keep it aside, never delete it.
+            store
+                .set_aside_corrupt()
+                .map_err(|e| fail(EXIT_FAILED, e.to_string()))?;
             MetaDoc::default()
         }
         Err(e) => return Err(fail(EXIT_FAILED, e.to_string())),
@@ -403,8 +403,19 @@ fn init(home: &Home, file: PathBuf, force: bool) -> Result<String, Failure> {
     Ok(format!(
         "Initialized {n} cluster(s) from {} into {} (version {v}).\n",
         file.display(),
-        store.path().display()
+        store.describe()
     ))
+}
+
+/// The store init writes: the one clup.conf names, or the file store when
+/// there is no clup.conf yet (meta_store's default).
+fn init_store(home: &Home) -> Result<Arc<dyn MetaStore>, Failure> {
+    let conf = home.conf_file();
+    if !conf.exists() {
+        return Ok(Arc::new(FileStore::new(&home.data_dir())));
+    }
+    let cfg = Config::load(&conf).map_err(|e| fail(EXIT_USAGE, e.to_string()))?;
+    open_store(&cfg, home).map_err(|m| fail(EXIT_USAGE, m))
 }
 
 /// POST an admin command to the local clupserver; the `data` of its answer.

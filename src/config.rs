@@ -63,6 +63,8 @@ pub enum Kind {
     Count,
     LogLevel,
     MetaStore,
+    /// Comma-separated `http://host:port` URLs.
+    Endpoints,
 }
 
 /// One clup.conf key. `default: None` means the key is required.
@@ -127,8 +129,23 @@ pub const KEYS: &[Key] = &[
     Key { name: "log_level", kind: Kind::LogLevel, default: Some("info"),
           doc: "debug, info, warn or error." },
     Key { name: "meta_store", kind: Kind::MetaStore, default: Some("file"),
-          doc: "Where the cluster meta lives: file (data/meta.json under the home)." },
+          doc: "Where the cluster meta lives: file (data/meta.json under the home) or etcd (the key <etcd_prefix>/meta in the etcd cluster at etcd_endpoints)." },
+    Key { name: "etcd_endpoints", kind: Kind::Endpoints, default: Some(""),
+          doc: "The etcd members, as http://host:port separated by commas; required when meta_store is etcd. Each request goes to the member that answered last, then to the others in order." },
+    Key { name: "etcd_prefix", kind: Kind::Text, default: Some("/clup"),
+          doc: "Prefix of clup's keys in etcd: the meta is <etcd_prefix>/meta, the leader key <etcd_prefix>/leader. Give each clup installation sharing an etcd its own prefix." },
+    Key { name: "etcd_timeout", kind: Kind::Seconds, default: Some("2"),
+          doc: "Seconds a request to one etcd member may take before the next member is tried (a request that may have been applied is not tried again)." },
+    Key { name: "leader_ttl", kind: Kind::Seconds, default: Some("10"),
+          doc: "Seconds of the etcd lease behind the leader key: a leader that cannot renew it stops acting before it expires, and another monitor may take over after it expires. At least 3 times etcd_timeout." },
 ];
+
+/// Where the meta lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    Etcd,
+}
 
 /// The parsed clup.conf.
 #[derive(Clone, Debug)]
@@ -159,6 +176,12 @@ pub struct Config {
     pub restart_tries: u32,
     pub cstlb_timeout: Duration,
     pub log_level: log::LevelFilter,
+    pub meta_store: StoreKind,
+    /// Checked `http://host:port` URLs; empty unless set.
+    pub etcd_endpoints: Vec<String>,
+    pub etcd_prefix: String,
+    pub etcd_timeout: Duration,
+    pub leader_ttl: Duration,
 }
 
 /// A problem in clup.conf, with enough context to fix it.
@@ -257,6 +280,7 @@ impl Config {
             let (line, v) = &values[def.name];
             check_value(def, v).map_err(|m| err(*line, Some(def.name), m))?;
         }
+        check_together(&values).map_err(|(k, m)| err(values[k].0, Some(k), m))?;
         let get = |k: &str| values[k].1.clone();
         let secs = |k: &str| Duration::from_secs(get(k).parse::<u64>().unwrap_or(1));
         let count = |k: &str| get(k).parse::<u32>().unwrap_or(0);
@@ -290,8 +314,52 @@ impl Config {
             restart_tries: count("restart_tries"),
             cstlb_timeout: secs("cstlb_timeout"),
             log_level: get("log_level").parse().expect("checked"),
+            meta_store: if get("meta_store") == "etcd" {
+                StoreKind::Etcd
+            } else {
+                StoreKind::File
+            },
+            etcd_endpoints: match get("etcd_endpoints").as_str() {
+                "" => Vec::new(),
+                v => crate::etcd::parse_endpoints(v).expect("checked"),
+            },
+            etcd_prefix: get("etcd_prefix"),
+            etcd_timeout: secs("etcd_timeout"),
+            leader_ttl: secs("leader_ttl"),
         })
     }
+}
+
+/// Rules between keys, each checked after every key alone is valid: the key
+/// to blame and why.
+fn check_together(
+    values: &BTreeMap<&'static str, (Option<usize>, String)>,
+) -> Result<(), (&'static str, String)> {
+    let get = |k: &str| values[k].1.as_str();
+    if get("meta_store") != "etcd" {
+        return Ok(());
+    }
+    if get("etcd_endpoints").is_empty() {
+        return Err((
+            "etcd_endpoints",
+            "required when meta_store = etcd (e.g. http://10.0.0.1:2379,http://10.0.0.2:2379)"
+                .to_string(),
+        ));
+    }
+    let (ttl, timeout): (u64, u64) = (
+        get("leader_ttl").parse().unwrap_or(0),
+        get("etcd_timeout").parse().unwrap_or(0),
+    );
+    if ttl < 3 * timeout {
+        return Err((
+            "leader_ttl",
+            format!(
+                "{ttl} s is less than 3 times etcd_timeout ({timeout} s): \
+                 a leader could lose its lease while one renewal times out"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unquote(v: &str) -> &str {
@@ -327,6 +395,12 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             {
                 return Err(format!(
                     "invalid value {}: use letters, digits, '_' and '-' only",
+                    shown(v)
+                ));
+            }
+            if def.name == "etcd_prefix" && (!is_safe_path(v) || v.contains("//")) {
+                return Err(format!(
+                    "invalid value {}: must start with '/' and hold letters, digits, '/', '.', '_' and '-' only",
                     shown(v)
                 ));
             }
@@ -386,9 +460,13 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             )),
         },
         Kind::MetaStore => match v {
-            "file" => Ok(()),
-            _ => Err(format!("invalid value {}: expected file", shown(v))),
+            "file" | "etcd" => Ok(()),
+            _ => Err(format!("invalid value {}: expected file or etcd", shown(v))),
         },
+        Kind::Endpoints if v.is_empty() => Ok(()),
+        Kind::Endpoints => crate::etcd::parse_endpoints(v)
+            .map(|_| ())
+            .map_err(|m| format!("invalid value: {m}")),
     }
 }
 
@@ -590,6 +668,118 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abcd"));
         assert!(!constant_time_eq(b"", b"a"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn etcd_keys_default_to_the_file_store() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.meta_store, StoreKind::File);
+        assert!(c.etcd_endpoints.is_empty());
+        assert_eq!(c.etcd_prefix, "/clup");
+        assert_eq!(c.etcd_timeout, Duration::from_secs(2));
+        assert_eq!(c.leader_ttl, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn etcd_store_parses() {
+        let c = parse(&format!(
+            "{SAMPLE}meta_store = etcd\n\
+             etcd_endpoints = http://10.0.0.1:2379, http://etcd-2.example:2379/\n\
+             etcd_prefix = /clup/prod-1\nleader_ttl = 6\n"
+        ))
+        .unwrap();
+        assert_eq!(c.meta_store, StoreKind::Etcd);
+        assert_eq!(
+            c.etcd_endpoints,
+            ["http://10.0.0.1:2379", "http://etcd-2.example:2379"]
+        );
+        assert_eq!(c.etcd_prefix, "/clup/prod-1");
+        assert_eq!(c.leader_ttl, Duration::from_secs(6));
+    }
+
+    #[test]
+    fn bad_etcd_values_name_the_key() {
+        for (extra, key, want) in [
+            (
+                "meta_store = zookeeper",
+                "meta_store",
+                "expected file or etcd",
+            ),
+            (
+                "etcd_endpoints = 10.0.0.1:2379",
+                "etcd_endpoints",
+                "not an http:// URL",
+            ),
+            (
+                "etcd_endpoints = https://h:2379",
+                "etcd_endpoints",
+                "https is not supported",
+            ),
+            ("etcd_endpoints = http://h", "etcd_endpoints", "has no port"),
+            (
+                "etcd_endpoints = http://h:0",
+                "etcd_endpoints",
+                "no valid port",
+            ),
+            (
+                "etcd_endpoints = http://u:pw@h:2379",
+                "etcd_endpoints",
+                "user@ is not supported",
+            ),
+            (
+                "etcd_endpoints = http://h_1:2379",
+                "etcd_endpoints",
+                "no valid host",
+            ),
+            (
+                "etcd_endpoints = http://h:2379/v3",
+                "etcd_endpoints",
+                "no valid port",
+            ),
+            (
+                "etcd_endpoints = http://h:1,,http://g:2",
+                "etcd_endpoints",
+                "empty endpoint",
+            ),
+            (
+                "etcd_endpoints = http://h:1,http://h:1",
+                "etcd_endpoints",
+                "listed twice",
+            ),
+            ("etcd_prefix = clup", "etcd_prefix", "must start with '/'"),
+            (
+                "etcd_prefix = /clup//x",
+                "etcd_prefix",
+                "must start with '/'",
+            ),
+            (
+                "etcd_prefix = /clup x",
+                "etcd_prefix",
+                "must start with '/'",
+            ),
+            ("leader_ttl = 0", "leader_ttl", "whole seconds"),
+        ] {
+            let e = parse(&format!("{SAMPLE}{extra}\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+            assert_eq!(e.line, Some(15), "{extra}: {e}");
+            assert!(e.msg.contains(want), "{extra}: {e}");
+        }
+        // Rules between keys.
+        let e = parse(&format!("{SAMPLE}meta_store = etcd\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("etcd_endpoints"));
+        assert!(e.msg.contains("required when meta_store = etcd"), "{e}");
+        let e = parse(&format!(
+            "{SAMPLE}meta_store = etcd\netcd_endpoints = http://h:2379\nleader_ttl = 5\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("leader_ttl"));
+        assert_eq!(e.line, Some(17));
+        assert!(
+            e.msg.contains("less than 3 times etcd_timeout (2 s)"),
+            "{e}"
+        );
+        // Without meta_store = etcd the etcd keys are only checked alone.
+        parse(&format!("{SAMPLE}leader_ttl = 1\n")).unwrap();
     }
 
     #[test]

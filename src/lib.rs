@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod etcd;
 pub mod exec;
 pub mod ha;
 pub mod health;

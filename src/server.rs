@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::daemon::{self, Ready};
 use crate::home::Home;
 use crate::monitor::{self, Shared};
-use crate::store::{FileStore, MetaStore};
+use crate::store::{open_store, MetaStore};
 
 const USAGE: &str = "\
 usage: clupserver <command> [options]
@@ -150,7 +150,13 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
         eprintln!("Program({pid}) is already running.");
         return ExitCode::from(1);
     }
-    let store = FileStore::new(&home.data_dir());
+    let store = match open_store(&cfg, home) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("clupserver: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = store.load() {
         eprintln!("clupserver: {e}");
         return ExitCode::from(1);
@@ -182,7 +188,7 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
     let files = daemon::raise_fd_limit();
     log::debug!("open files limit: {files}");
     let sigset = daemon::block_signals();
-    match run(home, cfg, Arc::new(store), &mut ready, &sigset) {
+    match run(home, cfg, store, &mut ready, &sigset) {
         Ok(()) => ExitCode::SUCCESS,
         Err(m) => {
             log::error!("{m}");

@@ -1,8 +1,8 @@
 //! The meta store: the one source of truth for cluster and db states, the
 //! cluster locks and the task records.
 //!
-//! It sits behind [`MetaStore`] so that an etcd-backed store can replace the
-//! embedded file store. The file store never half-writes: every save writes a
+//! It sits behind [`MetaStore`] so that an etcd-backed store
+//! ([`crate::etcd::EtcdStore`]) can replace the embedded file store. The file store never half-writes: every save writes a
 //! temporary file, fsyncs it, renames it over `meta.json` and fsyncs the
 //! directory, so a crash at any moment leaves the old or the new document.
 //! Saves are compare-and-swap on the document's version, so two writers (the
@@ -14,10 +14,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, StoreKind};
+use crate::etcd;
+use crate::home::Home;
 use crate::meta::{validate_cluster, Clusters};
 
 /// A background operation (failover, switch, repair) and its outcome.
@@ -75,10 +78,11 @@ impl MetaDoc {
 
 #[derive(Debug)]
 pub enum StoreError {
-    /// No document has been written yet (run `clupadm init`).
-    Missing(PathBuf),
+    /// No document has been written yet (run `clupadm init`). Names where
+    /// it was looked for (a file, an etcd key).
+    Missing(String),
     /// The document exists but cannot be read as one; never guessed at.
-    Corrupt(PathBuf, String),
+    Corrupt(String, String),
     /// Someone else saved since this writer loaded.
     Conflict {
         expected: u64,
@@ -87,20 +91,23 @@ pub enum StoreError {
     /// The new document breaks an invariant; nothing was written.
     Invalid(String),
     Io(PathBuf, std::io::Error),
+    /// A remote store (etcd) did not answer or refused; the message names
+    /// the endpoint, and says so when a save may or may not have happened.
+    Remote(String),
+    /// A save fenced on the leader lease, by a monitor that no longer holds
+    /// it; nothing was written.
+    NotLeader(String),
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Missing(p) => write!(
-                f,
-                "no cluster meta at {} (run 'clupadm init' first)",
-                p.display()
-            ),
+            StoreError::Missing(p) => {
+                write!(f, "no cluster meta at {p} (run 'clupadm init' first)")
+            }
             StoreError::Corrupt(p, m) => write!(
                 f,
-                "cluster meta {} is corrupt, refusing to act on it: {m}",
-                p.display()
+                "cluster meta {p} is corrupt, refusing to act on it: {m}"
             ),
             StoreError::Conflict { expected, found } => write!(
                 f,
@@ -108,6 +115,8 @@ impl fmt::Display for StoreError {
             ),
             StoreError::Invalid(m) => write!(f, "refused, the meta would be invalid: {m}"),
             StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Remote(m) => f.write_str(m),
+            StoreError::NotLeader(m) => f.write_str(m),
         }
     }
 }
@@ -125,6 +134,25 @@ pub trait MetaStore: Send + Sync {
     fn exists(&self) -> Result<bool, StoreError>;
     /// A short description for logs ("file /opt/clup/data/meta.json").
     fn describe(&self) -> String;
+    /// Move a corrupt document out of the way, never deleting it, so that a
+    /// new one can be saved (`clupadm init --force`); returns where it went.
+    fn set_aside_corrupt(&self) -> Result<String, StoreError> {
+        Err(StoreError::Invalid(format!(
+            "{} cannot set a corrupt meta aside",
+            self.describe()
+        )))
+    }
+}
+
+/// The store clup.conf names: `data/meta.json` under the home, or etcd.
+pub fn open_store(cfg: &Config, home: &Home) -> Result<Arc<dyn MetaStore>, String> {
+    Ok(match cfg.meta_store {
+        StoreKind::File => Arc::new(FileStore::new(&home.data_dir())),
+        StoreKind::Etcd => {
+            let client = etcd::Client::new(&cfg.etcd_endpoints, cfg.etcd_timeout)?;
+            Arc::new(etcd::EtcdStore::new(Arc::new(client), &cfg.etcd_prefix))
+        }
+    })
 }
 
 /// The embedded store: one JSON file under `data/`.
@@ -148,6 +176,10 @@ impl FileStore {
         &self.path
     }
 
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+
     fn io(&self, p: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
         let p = p.to_path_buf();
         move |e| StoreError::Io(p.clone(), e)
@@ -160,17 +192,17 @@ impl FileStore {
             Err(e) => return Err(StoreError::Io(self.path.clone(), e)),
         };
         let doc: MetaDoc = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(self.path.clone(), e.to_string()))?;
+            .map_err(|e| StoreError::Corrupt(self.shown(), e.to_string()))?;
         if doc.version == 0 {
             return Err(StoreError::Corrupt(
-                self.path.clone(),
+                self.shown(),
                 "version 0 in a saved document".to_string(),
             ));
         }
         // Saves validate, but the file may have been edited by hand: a
         // value that would reach a shell unchecked is refused here too.
         doc.validate()
-            .map_err(|m| StoreError::Corrupt(self.path.clone(), m))?;
+            .map_err(|m| StoreError::Corrupt(self.shown(), m))?;
         Ok(Some(doc))
     }
 }
@@ -227,7 +259,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl MetaStore for FileStore {
     fn load(&self) -> Result<MetaDoc, StoreError> {
         self.read()?
-            .ok_or_else(|| StoreError::Missing(self.path.clone()))
+            .ok_or_else(|| StoreError::Missing(self.path.display().to_string()))
     }
 
     fn save(&self, doc: &MetaDoc) -> Result<u64, StoreError> {
@@ -269,6 +301,14 @@ impl MetaStore for FileStore {
 
     fn describe(&self) -> String {
         format!("file {}", self.path.display())
+    }
+
+    fn set_aside_corrupt(&self) -> Result<String, StoreError> {
+        let aside = self
+            .path
+            .with_extension(format!("corrupt.{}", crate::now_secs()));
+        fs::rename(&self.path, &aside).map_err(self.io(&self.path))?;
+        Ok(aside.display().to_string())
     }
 }
 

@@ -8,6 +8,7 @@ mod util;
 
 mod abuse;
 mod cli_server;
+mod etcd_store;
 mod fuzz;
 mod inject;
 mod lab_foundation;
