@@ -7,6 +7,7 @@ mod lb_support;
 mod util;
 
 mod abuse;
+mod chaos;
 mod cli_server;
 mod etcd_store;
 mod fuzz;

@@ -93,11 +93,20 @@ impl Ssh {
     /// argument after `--`; ssh hands it to the remote login shell (which
     /// must be a POSIX shell: sh, bash, dash, ksh).
     pub fn args(&self, host: &str, script: &str) -> Vec<String> {
+        self.args_mux(host, script, true)
+    }
+
+    /// As [`Ssh::args`]; `mux == false` opens a connection of its own even
+    /// when a master connection exists (ControlPath=none).
+    fn args_mux(&self, host: &str, script: &str, mux: bool) -> Vec<String> {
         let secs = self.connect_timeout.as_secs().max(1);
         // ssh keeps the first value of an option: the operator's
         // ssh_options come first so they can override our defaults.
         let mut a: Vec<String> = self.options.clone();
-        if let Some(dir) = &self.control_dir {
+        if !mux {
+            a.push("-o".into());
+            a.push("ControlPath=none".into());
+        } else if let Some(dir) = &self.control_dir {
             a.push("-o".into());
             a.push("ControlMaster=auto".into());
             a.push("-o".into());
@@ -148,10 +157,31 @@ impl Ssh {
     }
 
     /// [`Ssh::host_up`] with the reason when it is not.
+    ///
+    /// Always a fresh connection, never the master's: a master connection
+    /// to a host that just died still looks established, and a command sent
+    /// through it waits for ServerAlive (seconds) or for our whole timeout,
+    /// where a new TCP connect fails within ConnectTimeout. This check is
+    /// on the failover's critical path.
     pub fn check_host(&self, host: &str) -> Result<(), CommandError> {
         let timeout = self.connect_timeout + Duration::from_secs(2);
-        self.run_script(host, "true", "true", None, timeout)
-            .map(|_| ())
+        let what = self.describe(host, "true");
+        let out = cmd::run_unchecked(
+            &what,
+            &self.program,
+            &self.args_mux(host, "true", false),
+            None,
+            timeout,
+        )?;
+        if out.code != 0 {
+            return Err(CommandError::Failed {
+                what,
+                code: out.code,
+                stderr: out.stderr,
+                stdout: out.stdout,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -309,6 +339,12 @@ mod tests {
             m[2..8].join(" "),
             "-o ControlMaster=auto -o ControlPath=/opt/clup/run/ssh-%C -o ControlPersist=60"
         );
+        // The host check never rides on a master connection.
+        let f = ssh()
+            .with_control_dir(std::path::Path::new("/opt/clup/run"))
+            .args_mux("h", "true", false);
+        assert!(f.join(" ").contains("-o ControlPath=none"), "{f:?}");
+        assert!(!f.join(" ").contains("ControlMaster"), "{f:?}");
         // The script is exactly one argument, the last.
         assert_eq!(a.last().unwrap(), "pg_ctl status\nexit 0");
         assert_eq!(a[a.len() - 2], "--");
