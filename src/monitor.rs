@@ -155,6 +155,9 @@ struct Memory {
     last_reason: String,
     /// Last error per cstlb, so an unreachable one is logged once, not every round.
     cstlb_errors: BTreeMap<String, String>,
+    /// The primary (db id) whose host was last seen holding the write VIP;
+    /// None until checked after this thread starts or after any action.
+    write_vip_seen_on: Option<u32>,
 }
 
 fn cluster_loop(shared: &Arc<Shared>, name: &str) {
@@ -311,6 +314,9 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 }
                 if !cluster.is_frozen() && cluster.lock_time <= crate::now_secs() {
                     reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
+                    if d.reason.starts_with("no action: primary") {
+                        reconcile_write_vip(shared, name, cluster, &mut mem.write_vip_seen_on);
+                    }
                 }
                 break;
             }
@@ -332,6 +338,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             }
             Kind::Restart => {
                 log::info!("{}", d.reason);
+                mem.write_vip_seen_on = None;
                 for a in &d.plan {
                     if let Action::RestartDb { id } = a {
                         *mem.restarts.entry(*id).or_insert(0) += 1;
@@ -349,6 +356,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             }
             _ => {
                 act(shared, name, cluster, &d);
+                mem.write_vip_seen_on = None;
                 // Forget what the old topology taught us.
                 if d.kind == Kind::Failover {
                     mem.primary_last_lsn = None;
@@ -369,6 +377,53 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             round_ms: t0.elapsed().as_millis() as u64,
         },
     );
+}
+
+/// Make sure the healthy primary's host holds the write VIP: checked once
+/// after this thread starts and after every action (one ssh call), not every
+/// round. A switch or failover interrupted by a clupserver restart between
+/// "delete write vip" and "add write vip" leaves the VIP nowhere; this puts
+/// it back on the primary the meta names (vip::add checks first that no
+/// other host answers for it).
+fn reconcile_write_vip(shared: &Shared, name: &str, cluster: &Cluster, seen: &mut Option<u32>) {
+    let Some(primary) = cluster.primary() else {
+        return;
+    };
+    if *seen == Some(primary.id) {
+        return;
+    }
+    let Ok(vip_addr) = cluster.write_vip.parse::<Ipv4Addr>() else {
+        return;
+    };
+    let ssh = &shared.ssh;
+    match vip::holds(ssh, &primary.host, vip_addr) {
+        Ok(true) => *seen = Some(primary.id),
+        Ok(false) => {
+            log::warn!(
+                "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}): adding it...",
+                primary.host
+            );
+            let added = vip::find_interface(ssh, &primary.host, shared.cfg.network)
+                .and_then(|(ifname, _)| vip::add(ssh, &primary.host, vip_addr, &ifname));
+            match added {
+                Ok(()) => {
+                    log::info!(
+                        "Cluster({name}): write vip({vip_addr}) added on host({}).",
+                        primary.host
+                    );
+                    *seen = Some(primary.id);
+                }
+                Err(e) => log::error!(
+                    "Cluster({name}): cannot add write vip({vip_addr}) on host({}): {e}",
+                    primary.host
+                ),
+            }
+        }
+        Err(e) => log::warn!(
+            "Cluster({name}): cannot check the write vip on host({}): {e}",
+            primary.host
+        ),
+    }
 }
 
 /// Bring every cstlb's backend list to the healthy Normal standbys: a cstlb
