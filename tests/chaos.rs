@@ -599,14 +599,7 @@ impl Scenario {
     }
 
     fn wait(&self, secs: u64, mut f: impl FnMut(&Scenario) -> bool) -> bool {
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if f(self) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        f(self)
+        crate::lab::poll(secs, || f(self))
     }
 
     fn in_log(&self, needle: &str) -> bool {
