@@ -11,6 +11,19 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::exec::cmd::{self, CommandError, Output};
 
+/// `out` if the script exited 0, else [`CommandError::Failed`] as `what`.
+fn exit_ok(what: String, out: Output) -> Result<Output, CommandError> {
+    if out.code != 0 {
+        return Err(CommandError::Failed {
+            what,
+            code: out.code,
+            stderr: out.stderr,
+            stdout: out.stdout,
+        });
+    }
+    Ok(out)
+}
+
 /// Somewhere a POSIX shell script can run: a database host.
 pub trait Remote {
     /// Run `script` on `host` with `stdin` fed to it, within `timeout`.
@@ -25,15 +38,7 @@ pub trait Remote {
         timeout: Duration,
     ) -> Result<Output, CommandError> {
         let out = self.run_script_unchecked(host, label, script, stdin, timeout)?;
-        if out.code != 0 {
-            return Err(CommandError::Failed {
-                what: self.describe(host, label),
-                code: out.code,
-                stderr: out.stderr,
-                stdout: out.stdout,
-            });
-        }
-        Ok(out)
+        exit_ok(self.describe(host, label), out)
     }
 
     /// Like [`Remote::run_script`] but any exit code of the script is an
@@ -165,15 +170,25 @@ impl Ssh {
     /// on the failover's critical path.
     pub fn check_host(&self, host: &str) -> Result<(), CommandError> {
         let timeout = self.connect_timeout + Duration::from_secs(2);
-        let what = self.describe(host, "true");
-        let out = cmd::run_unchecked(
-            &what,
-            &self.program,
-            &self.args_mux(host, "true", false),
-            None,
-            timeout,
-        )?;
-        if out.code != 0 {
+        let args = self.args_mux(host, "true", false);
+        let out = self.run_args(host, "true", &args, None, timeout)?;
+        exit_ok(self.describe(host, "true"), out).map(|_| ())
+    }
+
+    /// Run ssh with `args`; exit 255 (ssh's own failure: the script never
+    /// ran, or the connection was lost) is an error, any other code is the
+    /// script's answer.
+    fn run_args(
+        &self,
+        host: &str,
+        label: &str,
+        args: &[String],
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Output, CommandError> {
+        let what = self.describe(host, label);
+        let out = cmd::run_unchecked(&what, &self.program, args, stdin, timeout)?;
+        if out.code == SSH_CONNECT_FAILED {
             return Err(CommandError::Failed {
                 what,
                 code: out.code,
@@ -181,7 +196,7 @@ impl Ssh {
                 stdout: out.stdout,
             });
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -194,25 +209,7 @@ impl Remote for Ssh {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Output, CommandError> {
-        let what = self.describe(host, label);
-        let out = cmd::run_unchecked(
-            &what,
-            &self.program,
-            &self.args(host, script),
-            stdin,
-            timeout,
-        )?;
-        if out.code == SSH_CONNECT_FAILED {
-            // The script never ran (or ssh lost the connection): that is not
-            // an answer of the script.
-            return Err(CommandError::Failed {
-                what,
-                code: out.code,
-                stderr: out.stderr,
-                stdout: out.stdout,
-            });
-        }
-        Ok(out)
+        self.run_args(host, label, &self.args(host, script), stdin, timeout)
     }
 
     fn describe(&self, host: &str, label: &str) -> String {
