@@ -324,17 +324,7 @@ impl Clients {
         let (s, r) = (stop.clone(), rec.clone());
         threads.push(std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let mut holders = Vec::new();
-                for h in DB_HOSTS {
-                    let out = Command::new("ip")
-                        .args(["-n", &format!("clab-{h}"), "-o", "-4", "addr", "show"])
-                        .output();
-                    if let Ok(o) = out {
-                        if String::from_utf8_lossy(&o.stdout).contains(&format!(" {WRITE_VIP}/")) {
-                            holders.push(h);
-                        }
-                    }
-                }
+                let holders = vip_holders();
                 r.lock().unwrap().vip.push((epoch(), holders));
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -489,6 +479,19 @@ fn node_sql(host: &str, q: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{host}: '{q}' failed"))
 }
 
+/// The lab db hosts holding the write VIP, read from each host's own netns.
+fn vip_holders() -> Vec<&'static str> {
+    DB_HOSTS
+        .into_iter()
+        .filter(|h| {
+            let o = Command::new("ip")
+                .args(["-n", &format!("clab-{h}"), "-o", "-4", "addr", "show"])
+                .output();
+            o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {WRITE_VIP}/")))
+        })
+        .collect()
+}
+
 /// The meta matches reality: Ok, or what does not match.
 fn consistent(lab: &Lab) -> Result<MetaView, String> {
     let m = meta_view(lab);
@@ -498,17 +501,8 @@ fn consistent(lab: &Lab) -> Result<MetaView, String> {
     if node_sql(p, "select pg_is_in_recovery()")? != "f" {
         return Err(format!("the meta's primary {p} is in recovery"));
     }
-    let holders: Vec<String> = DB_HOSTS
-        .iter()
-        .filter(|h| {
-            let o = Command::new("ip")
-                .args(["-n", &format!("clab-{h}"), "-o", "-4", "addr", "show"])
-                .output();
-            o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {WRITE_VIP}/")))
-        })
-        .map(|h| h.to_string())
-        .collect();
-    if holders != [p.clone()] {
+    let holders = vip_holders();
+    if holders != [p.as_str()] {
         return Err(format!("write VIP held by {holders:?}, the primary is {p}"));
     }
     for s in &m.normal_standbys {
@@ -722,6 +716,16 @@ impl Scenario {
                 );
             }
             lost.extend(missing);
+        }
+        // Two holders happen legitimately while a primary is cut off (the
+        // isolated host keeps its address); shown, not judged.
+        let doubled = rec.vip.iter().filter(|(_, h)| h.len() > 1).count();
+        if doubled > 0 {
+            eprintln!(
+                "{}: write VIP on two hosts in {doubled} of {} samples",
+                self.name,
+                rec.vip.len()
+            );
         }
         let dups = duplicate_primaries(&rec.probes);
         for d in &dups {
