@@ -31,7 +31,12 @@ fn lab_lock() -> std::fs::File {
         .expect("open the lab lock file");
     // SAFETY: flock on a descriptor we own; released when the file is dropped.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock {LAB_LOCK}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "flock {LAB_LOCK}: {}",
+        std::io::Error::last_os_error()
+    );
     f
 }
 
