@@ -151,7 +151,7 @@ fn scenarios(major: u32, repair: Repair) {
         "cli",
         WRITE_VIP,
         "cs_sys_ha",
-        "create table ledger(id int primary key)",
+        "drop table if exists ledger; create table ledger(id int primary key)",
     )
     .unwrap();
     for id in 1..=50 {
