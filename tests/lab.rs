@@ -96,7 +96,14 @@ impl Lab {
 
     fn take_with(probe_interval: u32, sync: bool, major: Option<u32>) -> Lab {
         let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let waited = Instant::now();
         let lock = lab_lock();
+        if waited.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "waited {:.1} s for {LAB_LOCK} (another lab user)",
+                waited.elapsed().as_secs_f64()
+            );
+        }
         let mut up = Command::new(repo().join("scripts/lab"));
         up.arg("up");
         if sync {

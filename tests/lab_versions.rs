@@ -41,7 +41,10 @@ enum Repair {
 fn scenarios(major: u32, repair: Repair) {
     let t0 = Instant::now();
     let mut lab = Lab::take_version(1, true, major);
-    eprintln!("pg{major}: lab up in {:.1} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "pg{major}: lab taken and up in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let v = lab
         .sql(
             "cli",
