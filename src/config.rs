@@ -119,7 +119,7 @@ pub const KEYS: &[Key] = &[
     Key { name: "ssh_options", kind: Kind::Text, default: Some(""),
           doc: "Extra ssh options, split on white space (e.g. -i /opt/clup/conf/id_ed25519 -o UserKnownHostsFile=/opt/clup/conf/known_hosts). They come first and win over clup's own (a ConnectTimeout here overrides ssh_connect_timeout)." },
     Key { name: "pg_bin_dir", kind: Kind::Text, default: Some(""),
-          doc: "Directory of pg_ctl on the database hosts when it is not on os_user's PATH." },
+          doc: "Directory of the PostgreSQL programs on the database hosts, when pg_ctl is not on os_user's PATH. Besides pg_ctl: pg_rewind of the server's major (repair --rewind), pg_basebackup of that major or newer (repair --rebuild), pg_controldata (switch; without it clup reads global/pg_control itself)." },
     Key { name: "failover_max_lag", kind: Kind::Bytes, default: Some("16MB"),
           doc: "A standby further behind the primary's last known LSN than this is never promoted; 0 means no limit." },
     Key { name: "restart_tries", kind: Kind::Count, default: Some("3"),

@@ -351,12 +351,12 @@ fn restore_primary(shared: &Shared, c: &Cluster, old: &Db, t: &TaskHandle, pre: 
     }
 }
 
-/// The last checkpoint of a stopped server, from pg_controldata.
+/// The last checkpoint of a stopped server: from pg_controldata when the
+/// bin dir has it, else read from `global/pg_control` itself (a bin dir
+/// with only initdb, pg_ctl and postgres, as some packages ship; a
+/// pg_controldata of another major misreads the file, so none is borrowed).
 fn checkpoint_lsn(shared: &Shared, db: &Db) -> Result<u64, String> {
-    let script = format!(
-        "{}as_user \"$bin/pg_controldata\" -D \"$pgdata\"\n",
-        pgctl::prelude(db, &shared.cfg)
-    );
+    let script = checkpoint_script(db, &shared.cfg);
     let out = shared
         .ssh
         .run_script(
@@ -367,7 +367,53 @@ fn checkpoint_lsn(shared: &Shared, db: &Db) -> Result<u64, String> {
             Duration::from_secs(20),
         )
         .map_err(|e| e.to_string())?;
-    out.stdout
+    parse_checkpoint(&out.stdout)
+}
+
+fn checkpoint_script(db: &Db, cfg: &crate::config::Config) -> String {
+    format!(
+        r#"{}if [ -x "$bin/pg_controldata" ]; then as_user "$bin/pg_controldata" -D "$pgdata"
+else printf '{PG_CONTROL_TAG}%s\n' "$(od -An -v -t x1 -N 40 "$pgdata/global/pg_control" | tr -d ' \n')"; fi
+"#,
+        pgctl::prelude(db, cfg)
+    )
+}
+
+/// Marks the raw first bytes of pg_control in [`checkpoint_lsn`]'s output.
+const PG_CONTROL_TAG: &str = "pg_control bytes: ";
+
+/// The checkpoint location in pg_controldata's output, or in the first 40
+/// bytes of pg_control (hex, after [`PG_CONTROL_TAG`]). Their layout has
+/// been the same from 9.3 to 18 (ControlFileData: system_identifier u64,
+/// pg_control_version u32, catalog_version_no u32, state u32, padding,
+/// time i64, checkPoint u64; in the host's byte order, little-endian on the
+/// hosts clup supports); the version and the state (1, shut down) are
+/// checked so that another layout or a server not cleanly stopped is an
+/// error, never a wrong LSN.
+fn parse_checkpoint(stdout: &str) -> Result<u64, String> {
+    if let Some(hex) = stdout.lines().find_map(|l| l.strip_prefix(PG_CONTROL_TAG)) {
+        let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let b = match bytes {
+            Some(b) if b.len() == 40 && hex.len() == 80 => b,
+            _ => return Err(format!("cannot read global/pg_control (got '{hex}')")),
+        };
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let (version, state) = (u32_at(8), u32_at(16));
+        if !(942..1900).contains(&version) {
+            return Err(format!(
+                "global/pg_control: unknown pg_control version {version}; set pg_bin_dir to a bin dir with pg_controldata"
+            ));
+        }
+        if state != 1 {
+            return Err(format!(
+                "global/pg_control: the server was not shut down cleanly (state {state})"
+            ));
+        }
+        return Ok(u64::from_le_bytes(b[32..40].try_into().unwrap()));
+    }
+    stdout
         .lines()
         .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
         .and_then(|v| parse_lsn(v.trim()))
@@ -474,8 +520,9 @@ fn repair(
             t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));
             let t0 = Instant::now();
             let script = format!(
-                "{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
+                "{}{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
                 pgctl::prelude(&db, cfg),
+                need_tool("pg_rewind", "of the server's major version"),
                 quote(&format!(
                     "host={} port={} user={} dbname=postgres connect_timeout=5",
                     primary.host, primary.port, cfg.ha_db_user
@@ -521,7 +568,7 @@ fn repair(
             // old files go into a directory inside it, the copy is made
             // beside them on the same filesystem and moved up. Only renames.
             let script = format!(
-                r#"{prelude}IFS= read -r PGPASSWORD; export PGPASSWORD
+                r#"{prelude}{need}IFS= read -r PGPASSWORD; export PGPASSWORD
 if mountpoint -q "$pgdata" 2>/dev/null; then
   old="$pgdata/clup-old-{ts}"; new="$pgdata/clup-new-{ts}"
   mkdir -m 0700 "$old" || exit 1
@@ -541,6 +588,7 @@ else
 fi
 "#,
                 prelude = pgctl::prelude(&db, cfg),
+                need = need_tool("pg_basebackup", "of the server's major version or newer"),
                 aside = quote(&aside),
             );
             let pass = format!("{}\n", cfg.db_repl_pass.expose());
@@ -595,6 +643,14 @@ fi
     cstlb_all(shared, &c, &db.addr(), true, t);
     t.info(&format!("{hp}: all completed."));
     Ok(())
+}
+
+/// A script line that stops (before anything is moved or copied) when the
+/// bin dir lacks `tool`: a clear error, not a half-done repair.
+fn need_tool(tool: &str, which: &str) -> String {
+    format!(
+        "if [ ! -x \"$bin/{tool}\" ]; then echo \"clup: no {tool} in $bin; this repair needs a {tool} {which} there (pg_bin_dir)\" >&2; exit 127; fi\n"
+    )
 }
 
 /// pg_rewind needs wal_log_hints or data checksums on the source, and a
@@ -732,6 +788,123 @@ mod tests {
     use super::*;
     use crate::config::{Config, SAMPLE};
     use crate::meta::{parse_clusters, SAMPLE_INIT};
+
+    /// pg_controldata's line, or the raw bytes of pg_control as PG 10, 11,
+    /// 16 and 18 wrote them (taken from initdb'd, cleanly stopped clusters).
+    #[test]
+    fn checkpoint_from_pg_controldata_or_pg_control() {
+        let out = "pg_control version number:            1300\n\
+                   Latest checkpoint location:           0/3000028\n";
+        assert_eq!(parse_checkpoint(out), Ok(0x300_0028));
+        let raw = |hex: &str| format!("{PG_CONTROL_TAG}{hex}\n");
+        for (hex, lsn) in [
+            (
+                "ffd4dcd1ec37086bea030000cbce050c0100000000000000ed37086b000000002800000300000000",
+                0x300_0028,
+            ),
+            (
+                "34a5c805ee37086b4c0400009b5c070c0100000000000000ef37086b000000002800000300000000",
+                0x300_0028,
+            ),
+            (
+                "5b866a66f337086b14050000fff50e0c0100000000000000f437086b00000000c8de4d0100000000",
+                0x14D_DEC8,
+            ),
+            (
+                "b936c42df537086b080700003300120c0100000000000000f537086b0000000040b3740100000000",
+                0x174_B340,
+            ),
+        ] {
+            assert_eq!(parse_checkpoint(&raw(hex)), Ok(lsn), "{hex}");
+        }
+        // Not cleanly shut down (state 6, in production): an error.
+        let e = parse_checkpoint(&raw(
+            "b936c42df537086b080700003300120c0600000000000000f537086b0000000040b3740100000000",
+        ))
+        .unwrap_err();
+        assert!(e.contains("not shut down cleanly (state 6)"), "{e}");
+        // Another layout (or byte order): an error, not a wrong LSN.
+        let e = parse_checkpoint(&raw(
+            "b936c42df537086b000007083300120c0100000000000000f537086b0000000040b3740100000000",
+        ))
+        .unwrap_err();
+        assert!(e.contains("unknown pg_control version"), "{e}");
+        // A short or unreadable file.
+        assert!(parse_checkpoint(&raw("b936c42d")).is_err());
+        assert!(parse_checkpoint(&raw("")).is_err());
+        assert!(parse_checkpoint(&raw(&"zz".repeat(40))).is_err());
+        assert!(parse_checkpoint("pg_controldata: error: could not open file\n").is_err());
+    }
+
+    /// The script, run by the local sh: a bin dir without pg_controldata
+    /// reads pg_control's bytes, one with it runs it.
+    #[test]
+    fn checkpoint_script_runs_in_sh() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("clup-ckpt-{}", std::process::id()));
+        let (bin, pgdata) = (dir.join("bin"), dir.join("pgdata"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(pgdata.join("global")).unwrap();
+        let mut control = vec![0u8; 8192];
+        control[8..12].copy_from_slice(&1800u32.to_le_bytes());
+        control[16..20].copy_from_slice(&1u32.to_le_bytes());
+        control[32..40].copy_from_slice(&0x1_0174_B340u64.to_le_bytes());
+        std::fs::write(pgdata.join("global/pg_control"), control).unwrap();
+        let text = format!("{SAMPLE}pg_bin_dir = {}\n", bin.display());
+        let cfg = Config::parse(&text, std::path::Path::new("/c")).unwrap();
+        let mut db = parse_clusters(SAMPLE_INIT).unwrap()["cluster01"].db_list[0].clone();
+        db.pgdata = pgdata.display().to_string();
+        let me = crate::exec::cmd::run("id", &["-un".into()], None, Duration::from_secs(5))
+            .unwrap()
+            .stdout;
+        db.os_user = me.trim().to_string();
+        let run = || {
+            let out = crate::exec::cmd::run(
+                "sh",
+                &["-c".into(), checkpoint_script(&db, &cfg)],
+                None,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            parse_checkpoint(&out.stdout)
+        };
+        assert_eq!(run(), Ok(0x1_0174_B340));
+        let fake = bin.join("pg_controldata");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'Latest checkpoint location:           2/ABC'\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(run(), Ok(0x2_0000_0ABC));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A repair script stops at once when its tool is missing.
+    #[test]
+    fn need_tool_stops_the_script() {
+        let script = format!(
+            "bin=/nonexistent\n{}echo moved",
+            need_tool("pg_basebackup", "x")
+        );
+        let out = crate::exec::cmd::run("sh", &["-c".into(), script], None, Duration::from_secs(5));
+        match out {
+            Err(crate::exec::cmd::CommandError::Failed {
+                code,
+                stderr,
+                stdout,
+                ..
+            }) => {
+                assert_eq!(code, 127);
+                assert!(stdout.is_empty(), "{stdout}");
+                assert!(
+                    stderr.contains("clup: no pg_basebackup in /nonexistent"),
+                    "{stderr}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// The manual's advice (§3.2.3) when a node cannot follow the primary:
     /// the pg_basebackup command and the recovery settings, password masked.

@@ -2,7 +2,9 @@
 //! for the whole test binary, used by one test at a time. `Lab::take()`
 //! brings it to its starting state (pg01 primary, pg02..pg04 streaming) and
 //! lays out a fresh clup home for `mon`. A lab that cannot be built fails the
-//! test with the reason; it never passes silently.
+//! test with the reason; it never passes silently. `Lab::take_version` builds
+//! it from another PostgreSQL major (scripts/pg-dist) and, when done, puts
+//! the usual lab (Debian's 15) back before it lets the lab go.
 
 // Some helpers serve only the HA lab tests.
 #![allow(dead_code)]
@@ -68,6 +70,10 @@ pub struct Lab {
     pub home: PathBuf,
     server_started: bool,
     cstlb_hosts: Vec<String>,
+    /// The lab's PostgreSQL bin dir (PG_BIN of `$LAB_DIR/env`).
+    pub pg_bin: String,
+    /// Built with `--pg MAJOR`: the default lab is rebuilt on drop.
+    pub major: Option<u32>,
 }
 
 impl Lab {
@@ -79,12 +85,32 @@ impl Lab {
 
     /// As [`Lab::take`], with synchronous replication (ANY 1 of the standbys).
     pub fn take_opts(probe_interval: u32, sync: bool) -> Lab {
+        Lab::take_with(probe_interval, sync, None)
+    }
+
+    /// As [`Lab::take_opts`], with PostgreSQL `major` (10..18) from
+    /// scripts/pg-dist (`scripts/lab up --pg MAJOR`).
+    pub fn take_version(probe_interval: u32, sync: bool, major: u32) -> Lab {
+        Lab::take_with(probe_interval, sync, Some(major))
+    }
+
+    fn take_with(probe_interval: u32, sync: bool, major: Option<u32>) -> Lab {
         let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
+        let waited = Instant::now();
         let lock = lab_lock();
+        if waited.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "waited {:.1} s for {LAB_LOCK} (another lab user)",
+                waited.elapsed().as_secs_f64()
+            );
+        }
         let mut up = Command::new(repo().join("scripts/lab"));
         up.arg("up");
         if sync {
             up.arg("--sync");
+        }
+        if let Some(m) = major {
+            up.arg(format!("--pg={m}"));
         }
         let up = up.output().expect("run scripts/lab");
         assert!(
@@ -127,12 +153,20 @@ impl Lab {
             "lab-home: {}",
             String::from_utf8_lossy(&mk.stderr)
         );
+        let env = std::fs::read_to_string(format!("{LAB_DIR}/env")).unwrap_or_default();
+        let pg_bin = env
+            .lines()
+            .find_map(|l| l.strip_prefix("PG_BIN="))
+            .expect("PG_BIN in the lab's env")
+            .to_string();
         let lab = Lab {
             _guard: guard,
             _lock: lock,
             home,
             server_started: false,
             cstlb_hosts: Vec::new(),
+            pg_bin,
+            major,
         };
         let init = lab.adm(&["init"]);
         assert_eq!(init.code, 0, "clupadm init in the lab: {init:?}");
@@ -259,6 +293,7 @@ impl Lab {
 
     /// Start postgres on a db host by hand, as an operator would after a reboot.
     pub fn start_postgres(&self, host: &str) {
+        let pg_ctl = format!("{}/pg_ctl", self.pg_bin);
         let out = self.exec(
             host,
             &[
@@ -266,7 +301,7 @@ impl Lab {
                 "-u",
                 "postgres",
                 "--",
-                "/usr/lib/postgresql/15/bin/pg_ctl",
+                &pg_ctl,
                 "-D",
                 "/var/lib/postgresql/pgdata",
                 "start",
@@ -345,5 +380,13 @@ impl Drop for Lab {
         }
         // Leave no partition behind for the next test.
         let _ = self.lab(&["heal"]);
+        // Another major: the next user (another test, another process,
+        // whose scripts/lab may keep the recorded version) gets the usual lab.
+        if self.major.is_some() {
+            let out = self.lab(&["up"]);
+            if out.code != 0 {
+                eprintln!("could not put the default lab back: {out:?}");
+            }
+        }
     }
 }

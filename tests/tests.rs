@@ -15,6 +15,7 @@ mod inject;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
+mod lab_versions;
 mod lb_postgres;
 mod lb_proxy;
 mod meta_faults;

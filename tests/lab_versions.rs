@@ -1,0 +1,303 @@
+//! The core HA scenarios on other PostgreSQL majors: the lab built with
+//! `scripts/lab up --pg MAJOR` (server binaries from scripts/pg-dist,
+//! Debian's 15 client tools where they work with that major; see
+//! docs/pg-versions.md). One test per major runs the scenarios in sequence
+//! on one lab: restart in place, standby loss and repair, switch and back,
+//! primary failover and repair of the old primary. 11 is the last major
+//! with recovery.conf, 12 the first with standby.signal, 15 is Debian's
+//! (whose pg_rewind and pg_controldata fit), 18 the newest.
+
+use std::time::Instant;
+
+use crate::lab::{Lab, READ_VIP, WRITE_VIP};
+
+fn in_log(lab: &Lab, needle: &str) -> bool {
+    lab.log().contains(needle)
+}
+
+fn streaming(lab: &Lab) -> Option<String> {
+    lab.sql(
+        "cli",
+        WRITE_VIP,
+        "postgres",
+        "select count(*) from pg_stat_replication where state = 'streaming'",
+    )
+    .ok()
+}
+
+/// How the old primary is brought back after the failover: the tools the
+/// lab has for that major (scripts/lab's compose_pg_bin).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Repair {
+    /// pg_rewind of the server's own major (Debian's 15).
+    Rewind,
+    /// pg_basebackup no older than the server (Debian's 15 for 10..15).
+    Rebuild,
+    /// Neither (16 and newer): clupadm must refuse with the reason and
+    /// leave the old data where it was.
+    NoTool,
+}
+
+fn scenarios(major: u32, repair: Repair) {
+    let t0 = Instant::now();
+    let mut lab = Lab::take_version(1, true, major);
+    eprintln!(
+        "pg{major}: lab taken and up in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let v = lab
+        .sql(
+            "cli",
+            WRITE_VIP,
+            "postgres",
+            "select current_setting('server_version_num')",
+        )
+        .unwrap();
+    assert_eq!(v.parse::<u32>().unwrap() / 10000, major, "{v}");
+    assert_recovery_files(&lab, major, "pg02");
+    lab.start_server();
+    assert!(
+        lab.wait(10, |l| in_log(
+            l,
+            "no action: primary database(10.213.0.41:5432) ok, 3 standby(s) ok"
+        )),
+        "{}",
+        lab.log()
+    );
+
+    // Restart in place: a standby, then the primary; no failover.
+    let t = Instant::now();
+    lab.kill_postgres("pg04");
+    assert!(lab.wait(20, |l| in_log(l, "Host(10.213.0.44) is ok, only database(10.213.0.44:5432) failed, restart database ....")), "{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg04") == Some(true)),
+        "{}",
+        lab.log()
+    );
+    lab.kill_postgres("pg01");
+    assert!(lab.wait(20, |l| in_log(l, "Host(10.213.0.41) is ok, only database(10.213.0.41:5432) failed, restart database ....")), "{}", lab.log());
+    assert!(
+        lab.wait(20, |l| l.role("pg01") == Some(false)),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
+    assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some("pg01"));
+    assert!(!in_log(&lab, "Failover primary"), "{}", lab.log());
+    eprintln!(
+        "pg{major}: restart in place {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Standby loss: pg02 is Fault, the read VIP moves; repair brings it back.
+    let t = Instant::now();
+    assert_eq!(lab.lab(&["poweroff", "pg02"]).code, 0);
+    assert!(
+        lab.wait(30, |l| l.db_state(2).0 == "Fault"),
+        "{}",
+        lab.log()
+    );
+    assert!(
+        lab.wait(10, |l| l.vip_holder(READ_VIP).as_deref() == Some("pg03")),
+        "{}",
+        lab.log()
+    );
+    assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
+    assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
+    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2"]);
+    assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
+    assert_eq!(lab.db_state(2), ("Normal".to_string(), 0));
+    assert!(lab.wait(20, |l| streaming(l).as_deref() == Some("3")));
+    assert_recovery_files(&lab, major, "pg02");
+    eprintln!(
+        "pg{major}: standby loss + repair {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Switch to pg03 and back: the old primary's checkpoint is read from a
+    // stopped server (pg_controldata, or pg_control itself without one).
+    let t = Instant::now();
+    lab.sql(
+        "cli",
+        WRITE_VIP,
+        "cs_sys_ha",
+        "create table if not exists sw(id int)",
+    )
+    .unwrap();
+    for (target, host) in [(3u32, "pg03"), (1, "pg01")] {
+        let out = lab.adm(&["switch", "-c", "cluster01", "-i", &target.to_string()]);
+        assert_eq!(out.code, 0, "switch to {target}: {out:?}\n{}", lab.log());
+        assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some(host));
+        assert_eq!(lab.role(host), Some(false));
+        assert_eq!(lab.db_state(target), ("Normal".to_string(), 1));
+        lab.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            &format!("insert into sw values ({target})"),
+        )
+        .unwrap();
+        assert!(
+            lab.wait(30, |l| streaming(l).as_deref() == Some("3")),
+            "not all standbys follow {host}:\n{}",
+            lab.log()
+        );
+    }
+    assert_recovery_files(&lab, major, "pg03");
+    eprintln!(
+        "pg{major}: switch and back {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Failover: pg01's plug is pulled; no acknowledged commit is lost.
+    lab.sql(
+        "cli",
+        WRITE_VIP,
+        "cs_sys_ha",
+        "drop table if exists ledger; create table ledger(id int primary key)",
+    )
+    .unwrap();
+    for id in 1..=50 {
+        lab.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            &format!("insert into ledger values ({id})"),
+        )
+        .unwrap();
+    }
+    let off = Instant::now();
+    assert_eq!(lab.lab(&["poweroff", "pg01"]).code, 0);
+    let back = lab.wait(60, |l| {
+        l.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            "insert into ledger values (1000)",
+        )
+        .is_ok()
+    });
+    assert!(back, "write VIP never accepted writes:\n{}", lab.log());
+    let outage = off.elapsed();
+    let new = lab.vip_holder(WRITE_VIP).expect("write vip held by nobody");
+    assert_ne!(new, "pg01");
+    assert_eq!(lab.role(&new), Some(false));
+    assert_eq!(
+        lab.sql(
+            "cli",
+            WRITE_VIP,
+            "cs_sys_ha",
+            "select count(*) from ledger where id <= 50"
+        )
+        .as_deref(),
+        Ok("50"),
+        "acknowledged commits lost"
+    );
+    assert!(
+        lab.wait(10, |l| l.db_state(1) == ("Fault".to_string(), 0)),
+        "{}",
+        lab.log()
+    );
+    assert!(
+        lab.wait(30, |l| streaming(l).as_deref() == Some("2")),
+        "standbys not repointed:\n{}",
+        lab.log()
+    );
+    let other = ["pg02", "pg03", "pg04"]
+        .into_iter()
+        .find(|h| *h != new)
+        .unwrap();
+    assert_recovery_files(&lab, major, other);
+    eprintln!(
+        "pg{major}: failover, writes through the write VIP again {:.1} s after the power-off",
+        outage.as_secs_f64()
+    );
+
+    // Repair the old primary as a standby of the new one.
+    let t = Instant::now();
+    assert_eq!(lab.lab(&["poweron", "pg01"]).code, 0);
+    let flag = if repair == Repair::Rewind {
+        "--rewind"
+    } else {
+        "--rebuild"
+    };
+    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "1", flag]);
+    if repair == Repair::NoTool {
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stdout.contains(&format!(
+                "clup: no pg_basebackup in {}; this repair needs a pg_basebackup of the server's major version or newer",
+                lab.pg_bin
+            )),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(lab.db_state(1).0, "Fault");
+        // Nothing was moved: the old primary's data is where it was.
+        let kept = lab.exec(
+            "pg01",
+            &[
+                "sh",
+                "-c",
+                "test -f /var/lib/postgresql/pgdata/PG_VERSION && ! ls -d /var/lib/postgresql/pgdata/clup-*",
+            ],
+        );
+        assert_eq!(kept.code, 0, "{kept:?}");
+        eprintln!("pg{major}: repair {flag} refused (no pg_basebackup for {major} here)");
+    } else {
+        assert_eq!(out.code, 0, "repair {flag}: {out:?}\n{}", lab.log());
+        assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
+        assert!(lab.wait(20, |l| l.role("pg01") == Some(true)));
+        assert!(
+            lab.wait(30, |l| streaming(l).as_deref() == Some("3")),
+            "pg01 not streaming after repair {flag}:\n{}",
+            lab.log()
+        );
+        assert_recovery_files(&lab, major, "pg01");
+        eprintln!(
+            "pg{major}: repair {flag} {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let _ = lab.exec(
+            "pg01",
+            &["sh", "-c", "rm -rf /var/lib/postgresql/pgdata/clup-old-*"],
+        );
+    }
+    eprintln!(
+        "pg{major}: all scenarios in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// A standby of PG <= 11 has recovery.conf (and no standby.signal); from
+/// 12 on, standby.signal and no recovery.conf (12 refuses to start with one).
+fn assert_recovery_files(lab: &Lab, major: u32, host: &str) {
+    let (want, not) = if major <= 11 {
+        ("recovery.conf", "standby.signal")
+    } else {
+        ("standby.signal", "recovery.conf")
+    };
+    let script = format!("cd /var/lib/postgresql/pgdata && test -f {want} && ! test -e {not}");
+    let out = lab.exec(host, &["sh", "-c", &script]);
+    assert_eq!(out.code, 0, "{host} (PG {major}): want {want}, no {not}");
+}
+
+#[test]
+fn lab_versions_pg11_recovery_conf() {
+    scenarios(11, Repair::Rebuild);
+}
+
+#[test]
+fn lab_versions_pg12_standby_signal() {
+    scenarios(12, Repair::Rebuild);
+}
+
+#[test]
+fn lab_versions_pg15_with_pg_rewind() {
+    scenarios(15, Repair::Rewind);
+}
+
+#[test]
+fn lab_versions_pg18_newest() {
+    scenarios(18, Repair::NoTool);
+}
