@@ -92,7 +92,7 @@ pub struct PgError {
 }
 
 impl PgError {
-    fn new(what: &str, msg: impl Into<String>) -> PgError {
+    pub(crate) fn new(what: &str, msg: impl Into<String>) -> PgError {
         PgError {
             what: what.to_string(),
             msg: msg.into(),

@@ -4,6 +4,7 @@
 //! If PostgreSQL cannot be set up the test fails with the reason.
 
 mod lab;
+mod wire;
 
 use std::time::{Duration, Instant};
 
