@@ -168,3 +168,146 @@ fn wire_client_authenticates_queries_and_fails_cleanly() {
     let mut c = Client::connect(&params(&lab, "u_scram", lab::PROBE_PASS), "test", T).unwrap();
     check_session(&mut c);
 }
+
+#[test]
+fn probe_sessions_are_kept_replaced_and_bounded() {
+    let cfg = lab::config(T);
+    let mut lab = server();
+    {
+        let mut c = lab.sql(0, "postgres");
+        c.batch_execute(&format!(
+            "CREATE ROLE clup_probe LOGIN PASSWORD {}",
+            pg::sql_literal(lab::PROBE_PASS)
+        ))
+        .unwrap();
+        c.batch_execute("CREATE DATABASE cs_sys_ha").unwrap();
+        lab.sql(0, "cs_sys_ha")
+            .batch_execute(
+                "CREATE TABLE cs_sys_heartbeat(hb_time TIMESTAMP); \
+                 GRANT SELECT, UPDATE, INSERT ON cs_sys_heartbeat TO clup_probe;",
+            )
+            .unwrap();
+    }
+    let db = lab.dbs[0].clone();
+    let clup_sessions = || -> i64 {
+        lab.sql(0, "postgres")
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'clup'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+
+    eprintln!("== a probe session is reused across rounds");
+    let mut conns = pg::ProbeConns::default();
+    let first = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(first[&db.id].ok, "{:#?}", first[&db.id]);
+    // probe_user and ha_db_user differ: a writer and a reader session.
+    let pids = conns.backend_pids(db.id);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for _ in 0..5 {
+        let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+        assert!(
+            p[&db.id].ok && p[&db.id].error.is_empty(),
+            "{:#?}",
+            p[&db.id]
+        );
+        assert_eq!(conns.backend_pids(db.id), pids);
+    }
+    assert_eq!(clup_sessions(), 2);
+    // As a standby (role changed): one reader; the writer is closed.
+    let p = pg::probe_many(&[(&db, false)], &cfg, &mut conns);
+    assert!(p[&db.id].ok);
+    assert_eq!(conns.backend_pids(db.id).len(), 1);
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(p[&db.id].ok);
+    let pids = conns.backend_pids(db.id);
+
+    eprintln!("== restarted between rounds: the dead session is replaced, no failure");
+    pgctl::stop_fast(&LocalSh, &db, &cfg).unwrap();
+    pgctl::start(&LocalSh, &db, &cfg).unwrap();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+    let new_pids = conns.backend_pids(db.id);
+    assert_eq!(new_pids.len(), 2);
+    assert!(
+        new_pids.iter().all(|p| !pids.contains(p)),
+        "{pids:?} {new_pids:?}"
+    );
+
+    eprintln!("== killed: the probe fails fast; back: sessions are opened again");
+    pgctl::stop_fast(&LocalSh, &db, &cfg).unwrap();
+    let started = Instant::now();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(!p[&db.id].ok);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(conns.is_empty());
+    pgctl::start(&LocalSh, &db, &cfg).unwrap();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+    assert_eq!(conns.len(), 2);
+
+    eprintln!("== a server that accepts but never answers does not hold up the others");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut hung = db.clone();
+    hung.id = 99;
+    hung.port = silent.local_addr().unwrap().port();
+    let started = Instant::now();
+    let p = pg::probe_many(&[(&hung, true), (&db, true)], &cfg, &mut conns);
+    let took = started.elapsed();
+    assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+    assert!(!p[&99].ok);
+    assert!(
+        p[&99].error.contains("no answer within 2.0s"),
+        "{}",
+        p[&99].error
+    );
+    assert!(
+        took >= T && took < T + Duration::from_millis(300),
+        "{took:?}"
+    );
+    assert!(p[&db.id].probe_ms < 1000, "{:#?}", p[&db.id]);
+
+    eprintln!("== SIGSTOP: bounded by probe_timeout, sessions dropped; resumed: back");
+    lab.freeze(0);
+    let started = Instant::now();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    let took = started.elapsed();
+    assert!(!p[&db.id].ok);
+    assert!(took < T + Duration::from_millis(300), "{took:?}");
+    assert!(conns.is_empty(), "a timed-out session is never kept");
+    lab.thaw();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+
+    eprintln!("== too many clients: a kept session still probes; a new one counts as alive");
+    let mut filler = Vec::new();
+    let full = loop {
+        match Client::connect(&params(&lab, "postgres", lab::SUPERUSER_PASS), "fill", T) {
+            Ok(c) => filler.push(c),
+            Err(e) => break e,
+        }
+        assert!(filler.len() < 50, "the server never filled up");
+    };
+    assert_eq!(full.code.as_deref(), Some("53300"), "{full}");
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(
+        p[&db.id].ok && p[&db.id].error.is_empty(),
+        "{:#?}",
+        p[&db.id]
+    );
+    let fresh = pg::probe(&db, &cfg, true);
+    assert!(fresh.ok, "{fresh:#?}");
+    assert!(fresh.error.contains("too many clients"), "{}", fresh.error);
+    drop(filler);
+
+    eprintln!("== no secret in any error seen");
+    for e in [&p[&db.id].error, &fresh.error] {
+        assert!(!e.contains(lab::PROBE_PASS) && !e.contains(lab::SUPERUSER_PASS));
+    }
+}
