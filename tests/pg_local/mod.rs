@@ -143,12 +143,28 @@ fn replication_cluster_end_to_end() {
     eprintln!("== probe cost");
     for (db, primary) in [(&db1, true), (&db2, false)] {
         let started = Instant::now();
+        let cpu0 = cpu_time();
         for _ in 0..5 {
             assert!(pg::probe(db, &cfg, primary).ok);
         }
         let each = started.elapsed() / 5;
+        let cpu = (cpu_time() - cpu0) / 5;
         // A figure, not an assertion: speed is for the benchmarks.
-        eprintln!("   probe of {} (primary: {primary}): {each:?}", db.addr());
+        eprintln!(
+            "   probe of {} (primary: {primary}) on new sessions: {each:?}, {cpu:?} CPU",
+            db.addr()
+        );
+        let mut conns = pg::ProbeConns::default();
+        let cpu0 = cpu_time();
+        let started = Instant::now();
+        for _ in 0..50 {
+            assert!(pg::probe_many(&[(db, primary)], &cfg, &mut conns)[&db.id].ok);
+        }
+        eprintln!(
+            "   on a kept session: {:?} per probe, {:?} CPU of this process",
+            started.elapsed() / 50,
+            (cpu_time() - cpu0) / 50
+        );
     }
 
     eprintln!("== synchronous_standby_names");
@@ -302,4 +318,16 @@ fn replication_cluster_end_to_end() {
         }
     }
     drop(lab);
+}
+
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills a local struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
