@@ -189,8 +189,9 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str) {
     }
 }
 
-/// One probe of each of `dbs`, in parallel on this thread, all bounded by
-/// one probe_timeout, on the sessions the loop keeps in `conns`.
+/// One probe of each of `dbs`, in parallel (scoped threads joined before
+/// returning), all bounded by one probe_timeout, on the sessions the loop
+/// keeps in `conns`.
 fn probe_dbs(shared: &Shared, dbs: &[&Db], conns: &mut pg::ProbeConns) -> BTreeMap<u32, DbProbe> {
     let with_role: Vec<(&Db, bool)> = dbs.iter().map(|d| (*d, d.is_primary())).collect();
     pg::probe_many(&with_role, &shared.cfg, conns)

@@ -7,8 +7,9 @@
 //! literal quoting. Must not: decide what a probe result means, retry, or
 //! show a password anywhere.
 //!
-//! Probes go through [`wire`] on the caller's thread: all of a cluster's
-//! databases at once, under one deadline, on sessions kept between rounds.
+//! Probes go through [`wire`]: all of a cluster's databases at once (one
+//! scoped thread per database but the first, joined before returning),
+//! under one deadline, on sessions kept between rounds.
 //! The one-off admin calls use the `postgres` client on a worker thread that
 //! is abandoned at its deadline, so a stopped or hanging server can never
 //! stall the caller; while an abandoned call to a server is still stuck,
@@ -411,9 +412,14 @@ pub fn probe(db: &Db, cfg: &Config, role_hint_primary: bool) -> DbProbe {
         .unwrap_or_default()
 }
 
-/// Probe `dbs` (each with its role hint: primary or not) in parallel on
-/// this thread, all within one `cfg.probe_timeout`, reusing and refilling
-/// `conns`.
+/// Probe `dbs` (each with its role hint: primary or not) in parallel,
+/// all within one `cfg.probe_timeout`, reusing and refilling `conns`.
+///
+/// The first db is probed on this thread, each other one on a scoped
+/// thread of its own that takes the db's kept sessions and hands back the
+/// ones still good. Every socket call is bounded by the round's deadline,
+/// so every thread ends by it (plus a few milliseconds) and none outlives
+/// the call: at rest a cluster has its loop's thread and no other.
 ///
 /// As primary: update cs_sys_heartbeat in probe_db_name as probe_user
 /// (with synchronous_commit=local, so a missing synchronous standby cannot
@@ -425,40 +431,48 @@ pub fn probe_many(
     cfg: &Config,
     conns: &mut ProbeConns,
 ) -> BTreeMap<u32, DbProbe> {
-    let started = Instant::now();
-    let tasks: Vec<wire::Task<'_, (DbProbe, Vec<wire::Conn>)>> = dbs
+    let deadline = wire::Deadline::after(cfg.probe_timeout);
+    let mut jobs: Vec<(&Db, bool, Vec<wire::Conn>)> = dbs
         .iter()
-        .map(|(db, primary)| {
-            let held = conns.0.remove(&db.id).unwrap_or_default();
-            Box::pin(probe_task(db, cfg, *primary, held)) as wire::Task<'_, _>
-        })
+        .map(|&(db, primary)| (db, primary, conns.0.remove(&db.id).unwrap_or_default()))
         .collect();
-    let done = wire::run_all(tasks, started + cfg.probe_timeout);
-    let mut out = BTreeMap::new();
-    for ((db, _), r) in dbs.iter().zip(done) {
-        let (p, keep) = r.unwrap_or_else(|| {
-            let what = format!("probe {}", db.addr());
-            let p = DbProbe {
-                ok: false,
-                error: wire::no_answer(&what, cfg.probe_timeout).to_string(),
-                probe_ms: started.elapsed().as_millis() as u64,
-                ..DbProbe::default()
-            };
-            (p, Vec::new())
-        });
-        if !keep.is_empty() {
-            conns.0.insert(db.id, keep);
+    let done: Vec<(u32, DbProbe, Vec<wire::Conn>)> = thread::scope(|s| {
+        let rest = jobs.split_off(jobs.len().min(1));
+        let handles: Vec<_> = rest
+            .into_iter()
+            .map(|(db, primary, held)| {
+                s.spawn(move || (db.id, probe_one(db, cfg, primary, held, deadline)))
+            })
+            .collect();
+        let mut done: Vec<_> = jobs
+            .into_iter()
+            .map(|(db, primary, held)| (db.id, probe_one(db, cfg, primary, held, deadline)))
+            .collect();
+        for h in handles {
+            // A panic in a probe is a bug: it reaches the caller, as one on
+            // this thread would.
+            done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
         }
-        out.insert(db.id, p);
+        done.into_iter()
+            .map(|(id, (p, keep))| (id, p, keep))
+            .collect()
+    });
+    let mut out = BTreeMap::new();
+    for (id, p, keep) in done {
+        if !keep.is_empty() {
+            conns.0.insert(id, keep);
+        }
+        out.insert(id, p);
     }
     out
 }
 
-async fn probe_task(
+fn probe_one(
     db: &Db,
     cfg: &Config,
     primary: bool,
     mut held: Vec<wire::Conn>,
+    deadline: wire::Deadline,
 ) -> (DbProbe, Vec<wire::Conn>) {
     let started = Instant::now();
     let what = format!("probe {}", db.addr());
@@ -475,40 +489,43 @@ async fn probe_task(
     let fallback = Target::status(db, cfg, "postgres").params();
     let mut keep = Vec::new();
     let mut p = if primary {
-        probe_primary(&what, same_login, &writer, &fallback, &mut held, &mut keep).await
+        probe_primary(
+            &what, same_login, &writer, &fallback, &mut held, &mut keep, deadline,
+        )
     } else {
-        probe_standby(&what, &reader, &fallback, &mut held, &mut keep).await
+        probe_standby(&what, &reader, &fallback, &mut held, &mut keep, deadline)
     };
     p.probe_ms = started.elapsed().as_millis() as u64;
     keep.retain(|c| !c.is_broken());
     (p, keep)
 }
 
-async fn probe_primary(
+fn probe_primary(
     what: &str,
     same_login: bool,
     writer: &wire::Params,
     other: &wire::Params,
     held: &mut Vec<wire::Conn>,
     keep: &mut Vec<wire::Conn>,
+    deadline: wire::Deadline,
 ) -> DbProbe {
     let p = DbProbe::default();
-    let mut w = match Session::open(held, writer, what).await {
+    let mut w = match Session::open(held, writer, what, deadline) {
         Ok(s) => s,
         Err(e) => return failed_probe(what, p, e),
     };
-    let write = heartbeat(&mut w, what).await;
+    let write = heartbeat(&mut w, what, deadline);
     let mut r = if same_login {
         w
     } else {
         keep.push(w.conn);
-        match Session::open(held, other, what).await {
+        match Session::open(held, other, what, deadline) {
             Ok(s) => s,
             Err(e) => return failed_probe(what, p, e),
         }
     };
     let mut p = p;
-    let status = read_status(&mut r, what, &mut p).await;
+    let status = read_status(&mut r, what, &mut p, deadline);
     keep.push(r.conn);
     if let Err(e) = status {
         return failed_probe(what, p, e);
@@ -520,12 +537,13 @@ async fn probe_primary(
     p
 }
 
-async fn probe_standby(
+fn probe_standby(
     what: &str,
     reader: &wire::Params,
     fallback: &wire::Params,
     held: &mut Vec<wire::Conn>,
     keep: &mut Vec<wire::Conn>,
+    deadline: wire::Deadline,
 ) -> DbProbe {
     let mut p = DbProbe::default();
     // A kept session on the postgres database means the probe database
@@ -534,12 +552,12 @@ async fn probe_standby(
         Some(s) => Ok((s, true)),
         None => match Session::take(held, fallback) {
             Some(s) => Ok((s, false)),
-            None => match Session::open(held, reader, what).await {
+            None => match Session::open(held, reader, what, deadline) {
                 Ok(s) => Ok((s, true)),
                 // No probe database (yet): the status is readable elsewhere.
-                Err(e) if e.code.as_deref() == Some("3D000") => Session::open(held, fallback, what)
-                    .await
-                    .map(|s| (s, false)),
+                Err(e) if e.code.as_deref() == Some("3D000") => {
+                    Session::open(held, fallback, what, deadline).map(|s| (s, false))
+                }
                 Err(e) => Err(e),
             },
         },
@@ -548,10 +566,10 @@ async fn probe_standby(
         Ok(x) => x,
         Err(e) => return failed_probe(what, p, e),
     };
-    let status = read_status(&mut s, what, &mut p).await;
+    let status = read_status(&mut s, what, &mut p, deadline);
     if status.is_ok() && in_probe_db {
         // Optional: a missing table or privilege only leaves it unknown.
-        if let Ok(res) = s.query(what, HEARTBEAT_AGE_SQL).await {
+        if let Ok(res) = s.query(what, HEARTBEAT_AGE_SQL, deadline) {
             let res = rows_of(res);
             p.heartbeat_age_ms = cell(&res, 0, 0, 0).and_then(|v| v.parse().ok());
         }
@@ -582,16 +600,17 @@ impl Session {
         })
     }
 
-    async fn open(
+    fn open(
         held: &mut Vec<wire::Conn>,
         t: &wire::Params,
         what: &str,
+        deadline: wire::Deadline,
     ) -> Result<Session, PgError> {
         if let Some(s) = Session::take(held, t) {
             return Ok(s);
         }
         Ok(Session {
-            conn: wire::Conn::connect(t, what).await?,
+            conn: wire::Conn::connect(t, what, deadline)?,
             reused: false,
         })
     }
@@ -600,14 +619,19 @@ impl Session {
     /// (the server restarted or closed idle sessions since) is replaced
     /// once by a new one, within the same deadline: a probe on a new
     /// connection, as clup made before it kept them, would not have failed.
-    async fn query(&mut self, what: &str, sql: &str) -> Result<Vec<wire::QueryResult>, PgError> {
-        let r = self.conn.simple_query(what, sql).await;
+    fn query(
+        &mut self,
+        what: &str,
+        sql: &str,
+        deadline: wire::Deadline,
+    ) -> Result<Vec<wire::QueryResult>, PgError> {
+        let r = self.conn.simple_query(what, sql, deadline);
         if !std::mem::replace(&mut self.reused, false) || r.is_ok() || !self.conn.is_broken() {
             return r;
         }
         let params = self.conn.params().clone();
-        self.conn = wire::Conn::connect(&params, what).await?;
-        self.conn.simple_query(what, sql).await
+        self.conn = wire::Conn::connect(&params, what, deadline)?;
+        self.conn.simple_query(what, sql, deadline)
     }
 }
 
@@ -630,12 +654,12 @@ fn failed_probe(what: &str, mut p: DbProbe, e: PgError) -> DbProbe {
     p
 }
 
-async fn heartbeat(s: &mut Session, what: &str) -> Result<(), PgError> {
+fn heartbeat(s: &mut Session, what: &str, deadline: wire::Deadline) -> Result<(), PgError> {
     let what = format!("{what}: heartbeat write");
     let count = |r: Vec<wire::QueryResult>| r.iter().map(wire::QueryResult::count).sum::<u64>();
     // An UPDATE of no row writes no WAL and proves nothing: add the row.
-    if count(s.query(&what, HEARTBEAT_WRITE_SQL).await?) == 0 {
-        s.query(&what, HEARTBEAT_INSERT_SQL).await?;
+    if count(s.query(&what, HEARTBEAT_WRITE_SQL, deadline)?) == 0 {
+        s.query(&what, HEARTBEAT_INSERT_SQL, deadline)?;
     }
     Ok(())
 }
@@ -644,8 +668,13 @@ fn cell(res: &Results, stmt: usize, row: usize, col: usize) -> Option<&str> {
     res.get(stmt)?.get(row)?.get(col)?.as_deref()
 }
 
-async fn read_status(s: &mut Session, what: &str, p: &mut DbProbe) -> Result<(), PgError> {
-    let res = rows_of(s.query(what, STATUS_SQL).await?);
+fn read_status(
+    s: &mut Session,
+    what: &str,
+    p: &mut DbProbe,
+    deadline: wire::Deadline,
+) -> Result<(), PgError> {
+    let res = rows_of(s.query(what, STATUS_SQL, deadline)?);
     fill_status(&res, p).map_err(|m| PgError::new(what, m))
 }
 

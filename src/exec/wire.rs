@@ -3,28 +3,21 @@
 //! binding), simple queries with text results, Terminate on drop. No TLS
 //! (clup connects with sslmode=disable), no extended protocol, no COPY.
 //!
-//! Owns: the message codec (pure functions, tested without sockets), a
-//! connection over a non-blocking TCP socket whose operations are `async fn`s,
-//! and a tiny executor ([`run_all`], [`block_on`]) that drives several of
-//! them on the calling thread with poll(2) until one deadline. That executor
-//! is the whole "runtime": no threads, no wakers, no timers; each waiting
-//! operation names the socket and the event it waits for, and the executor
-//! polls those sockets. A monitor round thereby probes all of a cluster's
-//! databases in parallel on the cluster's own thread, and a server that
-//! accepts the TCP connection but never answers (SIGSTOP) costs nothing but
-//! its deadline.
+//! Owns: the message codec (pure functions, tested without sockets) and a
+//! connection over a blocking TCP socket whose every call takes one
+//! [`Deadline`]: before each connect, read and write the socket's timeout
+//! is set to what is left of it, so a login or a query ends by the deadline
+//! whatever the server does, and a server that accepts the TCP connection
+//! but never answers (SIGSTOP) costs the caller its deadline and nothing
+//! more. No threads, no runtime: parallelism is the caller's business
+//! (`pg::probe_many` runs one scoped thread per database).
 //!
 //! Must not: log or put a password (or anything derived from one) in an
 //! error; reuse a connection after a timeout or an I/O error (it is
 //! "broken" and only good for dropping); decide what a result means.
 
-use std::future::Future;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use postgres_protocol::authentication::{md5_hash, sasl};
@@ -327,129 +320,36 @@ impl Collect {
     }
 }
 
-// ---------------------------------------------------------------- executor
+// ---------------------------------------------------------------- deadline
 
-thread_local! {
-    /// What the future being polled waits for: (socket, poll events).
-    static WANT: std::cell::Cell<Option<(RawFd, i16)>> = const { std::cell::Cell::new(None) };
+/// One bound for a whole piece of work (a login, a query, a probe round):
+/// every socket operation under it gets what is left of it, so the work
+/// ends by `at` whatever the server does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: Instant,
+    /// The whole allowance, for the error message.
+    pub limit: Duration,
 }
 
-/// Wait until `fd` is ready for `events` (POLLIN / POLLOUT), as seen by the
-/// executor's poll(2). Resolves on the next poll after readiness (or an
-/// error condition, which the following read or write reports).
-struct Readiness {
-    fd: RawFd,
-    events: i16,
-    asked: bool,
-}
-
-impl Future for Readiness {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-        if self.asked {
-            return Poll::Ready(());
+impl Deadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            limit,
         }
-        self.asked = true;
-        WANT.with(|w| w.set(Some((self.fd, self.events))));
-        Poll::Pending
     }
-}
 
-fn ready(fd: RawFd, events: i16) -> Readiness {
-    Readiness {
-        fd,
-        events,
-        asked: false,
-    }
-}
-
-/// The executor re-polls by readiness, not by wake-ups.
-struct NoWake;
-
-impl Wake for NoWake {
-    fn wake(self: Arc<Self>) {}
-}
-
-/// A future the executor can drive.
-pub type Task<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
-
-/// A task waiting on its socket: (index, task, what it polls).
-type Waiting<'a, T> = (usize, Task<'a, T>, libc::pollfd);
-
-/// Drive `tasks` on this thread until each finishes or `deadline` passes.
-/// Result `i` is None when task `i` did not finish in time; it is dropped
-/// then, closing whatever connections it held.
-pub fn run_all<'a, T>(tasks: Vec<Task<'a, T>>, deadline: Instant) -> Vec<Option<T>> {
-    let waker = Waker::from(Arc::new(NoWake));
-    let mut cx = Context::from_waker(&waker);
-    let mut out: Vec<Option<T>> = tasks.iter().map(|_| None).collect();
-    let mut waiting: Vec<Waiting<'a, T>> = Vec::new();
-    let step = |i: usize,
-                mut t: Task<'a, T>,
-                cx: &mut Context<'_>,
-                waiting: &mut Vec<Waiting<'a, T>>,
-                out: &mut Vec<Option<T>>| {
-        WANT.with(|w| w.set(None));
-        match t.as_mut().poll(cx) {
-            Poll::Ready(v) => out[i] = Some(v),
-            Poll::Pending => {
-                // Every await in this module is a Readiness; a task that
-                // waits on nothing could never be woken.
-                let (fd, events) = WANT
-                    .with(|w| w.take())
-                    .expect("a wire task waits on a socket");
-                waiting.push((
-                    i,
-                    t,
-                    libc::pollfd {
-                        fd,
-                        events,
-                        revents: 0,
-                    },
-                ));
-            }
-        }
-    };
-    for (i, t) in tasks.into_iter().enumerate() {
-        step(i, t, &mut cx, &mut waiting, &mut out);
-    }
-    while !waiting.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
+    /// What is left; a TimedOut error once nothing is (a zero socket
+    /// timeout would mean "wait forever").
+    pub fn remaining(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break;
+            return Err(io::ErrorKind::TimedOut.into());
         }
-        let mut fds: Vec<libc::pollfd> = waiting.iter().map(|w| w.2).collect();
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: fds is a valid, exclusively borrowed array of fds.len()
-        // pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            break;
-        }
-        if n == 0 {
-            continue;
-        }
-        let mut still = Vec::with_capacity(waiting.len());
-        for ((i, t, pfd), polled) in waiting.into_iter().zip(fds) {
-            if polled.revents != 0 {
-                step(i, t, &mut cx, &mut still, &mut out);
-            } else {
-                still.push((i, t, pfd));
-            }
-        }
-        waiting = still;
+        Ok(left)
     }
-    out
-}
-
-/// Drive one future until it finishes or `deadline` passes (None).
-pub fn block_on<'a, T>(f: impl Future<Output = T> + 'a, deadline: Instant) -> Option<T> {
-    run_all(vec![Box::pin(f) as Task<'a, T>], deadline)
-        .pop()
-        .flatten()
 }
 
 // ---------------------------------------------------------------- connection
@@ -511,80 +411,29 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    // A name: resolved by the system (blocking; clup's metas use addresses).
+    // A name: resolved by the system, blocking and outside the deadline
+    // (clup's metas use addresses).
     (host, port)
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address for the host"))
 }
 
-/// Start a non-blocking TCP connect; the socket is writable once it is done.
-fn start_connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let family = match addr {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: plain socket(2); the fd is checked, then owned by the stream.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket nobody else owns; the stream closes it.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    // SAFETY: the sockaddr structs are zeroed, filled and passed with their
-    // exact sizes; fd is a valid socket.
-    let r = unsafe {
-        match addr {
-            SocketAddr::V4(a) => {
-                let mut sa: libc::sockaddr_in = std::mem::zeroed();
-                sa.sin_family = libc::AF_INET as libc::sa_family_t;
-                sa.sin_port = a.port().to_be();
-                sa.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-                libc::connect(
-                    fd,
-                    &sa as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            }
-            SocketAddr::V6(a) => {
-                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sa.sin6_port = a.port().to_be();
-                sa.sin6_addr.s6_addr = a.ip().octets();
-                sa.sin6_scope_id = a.scope_id();
-                libc::connect(
-                    fd,
-                    &sa as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                )
-            }
-        }
-    };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINPROGRESS) {
-            return Err(e);
-        }
-    }
-    Ok(stream)
-}
-
 impl Conn {
-    /// Connect and log in. Runs under an executor; its deadline bounds it.
-    pub async fn connect(p: &Params, what: &str) -> Result<Conn, PgError> {
+    /// Connect and log in, all by `deadline`.
+    pub fn connect(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
         let connecting = |e: io::Error| err(what, format!("error connecting to server: {e}"));
         let addr = resolve(&p.host, p.port).map_err(connecting)?;
-        let stream = start_connect(addr).map_err(connecting)?;
-        ready(stream.as_raw_fd(), libc::POLLOUT).await;
-        if let Some(e) = stream.take_error().map_err(connecting)? {
-            return Err(connecting(e));
-        }
+        let left = deadline
+            .remaining()
+            .map_err(|_| timed_out(what, deadline.limit))?;
+        let stream = TcpStream::connect_timeout(&addr, left).map_err(|e| {
+            if is_timeout(&e) {
+                timed_out(what, deadline.limit)
+            } else {
+                connecting(e)
+            }
+        })?;
         let _ = stream.set_nodelay(true);
         let mut c = Conn {
             stream,
@@ -594,12 +443,12 @@ impl Conn {
             broken: true,
             pid: 0,
         };
-        c.login(what).await?;
+        c.login(what, deadline)?;
         c.broken = false;
         Ok(c)
     }
 
-    async fn login(&mut self, what: &str) -> Result<(), PgError> {
+    fn login(&mut self, what: &str, deadline: Deadline) -> Result<(), PgError> {
         let p = self.params.clone();
         let mut params = vec![
             ("user", p.user.as_str()),
@@ -610,7 +459,7 @@ impl Conn {
         if !p.options.is_empty() {
             params.push(("options", p.options.as_str()));
         }
-        self.send(what, &startup(&params)).await?;
+        self.send(what, &startup(&params), deadline)?;
         let pw = p.password.expose().as_bytes();
         let need_pw = || {
             if pw.is_empty() {
@@ -621,16 +470,16 @@ impl Conn {
         };
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
-            match self.recv(what).await? {
+            match self.recv(what, deadline)? {
                 Backend::Auth(Auth::Ok) => break,
                 Backend::Auth(Auth::Cleartext) => {
                     need_pw()?;
-                    self.send(what, &password(pw)).await?;
+                    self.send(what, &password(pw), deadline)?;
                 }
                 Backend::Auth(Auth::Md5(salt)) => {
                     need_pw()?;
                     let h = md5_hash(p.user.as_bytes(), pw, salt);
-                    self.send(what, &password(h.as_bytes())).await?;
+                    self.send(what, &password(h.as_bytes()), deadline)?;
                 }
                 Backend::Auth(Auth::Sasl(mechs)) => {
                     need_pw()?;
@@ -641,8 +490,7 @@ impl Conn {
                         ));
                     }
                     let s = sasl::ScramSha256::new(pw, sasl::ChannelBinding::unsupported());
-                    self.send(what, &sasl_initial("SCRAM-SHA-256", s.message()))
-                        .await?;
+                    self.send(what, &sasl_initial("SCRAM-SHA-256", s.message()), deadline)?;
                     scram = Some(s);
                 }
                 Backend::Auth(Auth::SaslContinue(data)) => {
@@ -652,7 +500,7 @@ impl Conn {
                     s.update(&data)
                         .map_err(|e| err(what, format!("SCRAM authentication: {e}")))?;
                     let reply = sasl_response(s.message());
-                    self.send(what, &reply).await?;
+                    self.send(what, &reply, deadline)?;
                 }
                 Backend::Auth(Auth::SaslFinal(data)) => {
                     let s = scram
@@ -673,7 +521,7 @@ impl Conn {
             }
         }
         loop {
-            match self.recv(what).await? {
+            match self.recv(what, deadline)? {
                 Backend::ReadyForQuery(_) => return Ok(()),
                 Backend::BackendKeyData { pid, .. } => self.pid = pid,
                 Backend::ParameterStatus(..) | Backend::Notice(_) | Backend::Other(_) => {}
@@ -683,23 +531,24 @@ impl Conn {
         }
     }
 
-    /// Run `sql` (one or more statements): one result per statement that
-    /// completed, or the server's error. A timeout (the executor's deadline)
-    /// or a lost connection leaves the connection broken.
-    pub async fn simple_query(
+    /// Run `sql` (one or more statements) by `deadline`: one result per
+    /// statement that completed, or the server's error. A timeout or a lost
+    /// connection leaves the connection broken.
+    pub fn simple_query(
         &mut self,
         what: &str,
         sql: &str,
+        deadline: Deadline,
     ) -> Result<Vec<QueryResult>, PgError> {
         if self.broken {
             return Err(err(what, "connection broken by an earlier error"));
         }
         let q = query(sql).map_err(|m| err(what, m))?;
         self.broken = true;
-        self.send(what, &q).await?;
+        self.send(what, &q, deadline)?;
         let mut collect = Collect::default();
         let status = loop {
-            let m = match self.recv(what).await {
+            let m = match self.recv(what, deadline) {
                 Ok(m) => m,
                 Err(e) => {
                     // A FATAL error (shutdown, terminated backend) comes
@@ -738,23 +587,24 @@ impl Conn {
         self.pid
     }
 
-    async fn send(&mut self, what: &str, buf: &[u8]) -> Result<(), PgError> {
+    fn send(&mut self, what: &str, buf: &[u8], deadline: Deadline) -> Result<(), PgError> {
         let mut off = 0;
         while off < buf.len() {
-            match (&self.stream).write(&buf[off..]) {
-                Ok(0) => return Err(self.lost(what, io::ErrorKind::WriteZero.into())),
+            let r = deadline
+                .remaining()
+                .and_then(|left| self.stream.set_write_timeout(Some(left)))
+                .and_then(|()| (&self.stream).write(&buf[off..]));
+            match r {
+                Ok(0) => return Err(self.lost(what, io::ErrorKind::WriteZero.into(), deadline)),
                 Ok(n) => off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready(self.stream.as_raw_fd(), libc::POLLOUT).await
-                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.lost(what, e)),
+                Err(e) => return Err(self.lost(what, e, deadline)),
             }
         }
         Ok(())
     }
 
-    async fn recv(&mut self, what: &str) -> Result<Backend, PgError> {
+    fn recv(&mut self, what: &str, deadline: Deadline) -> Result<Backend, PgError> {
         loop {
             match decode(&self.inbuf[self.start..]) {
                 Ok(Some((m, used))) => {
@@ -776,39 +626,57 @@ impl Conn {
                 self.start = 0;
             }
             let mut chunk = [0u8; 8192];
-            match (&self.stream).read(&mut chunk) {
+            let r = deadline
+                .remaining()
+                .and_then(|left| self.stream.set_read_timeout(Some(left)))
+                .and_then(|()| (&self.stream).read(&mut chunk));
+            match r {
                 Ok(0) => {
                     self.broken = true;
                     return Err(err(what, "server closed the connection unexpectedly"));
                 }
                 Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready(self.stream.as_raw_fd(), libc::POLLIN).await
-                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.lost(what, e)),
+                Err(e) => return Err(self.lost(what, e, deadline)),
             }
         }
     }
 
-    fn lost(&mut self, what: &str, e: io::Error) -> PgError {
+    /// The error for a failed read or write; the connection is broken.
+    fn lost(&mut self, what: &str, e: io::Error, deadline: Deadline) -> PgError {
         self.broken = true;
-        err(what, format!("connection lost: {e}"))
+        if is_timeout(&e) {
+            timed_out(what, deadline.limit)
+        } else {
+            err(what, format!("connection lost: {e}"))
+        }
     }
+}
+
+/// A socket timeout: EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO, or our own
+/// TimedOut once the deadline has passed.
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
         if !self.broken {
-            // Best effort, never waits: the socket is non-blocking.
-            let _ = (&self.stream).write(&TERMINATE);
+            // Best effort, never waits: a dropped session must not hold up
+            // the round that drops it.
+            if self.stream.set_nonblocking(true).is_ok() {
+                let _ = (&self.stream).write(&TERMINATE);
+            }
         }
     }
 }
 
-/// A blocking session for one-off callers: every call is bounded by its
-/// timeout; after a timeout the session is broken and every later call
-/// fails at once.
+/// A session for one-off callers: every call is bounded by its timeout;
+/// after a timeout the session is broken and every later call fails at
+/// once.
 pub struct Client {
     conn: Conn,
     what: String,
@@ -823,9 +691,7 @@ fn timed_out(what: &str, limit: Duration) -> PgError {
 
 impl Client {
     pub fn connect(p: &Params, what: &str, timeout: Duration) -> Result<Client, PgError> {
-        let deadline = Instant::now() + timeout;
-        let conn = block_on(Conn::connect(p, what), deadline)
-            .unwrap_or_else(|| Err(timed_out(what, timeout)))?;
+        let conn = Conn::connect(p, what, Deadline::after(timeout))?;
         Ok(Client {
             conn,
             what: what.to_string(),
@@ -837,14 +703,8 @@ impl Client {
         sql: &str,
         timeout: Duration,
     ) -> Result<Vec<QueryResult>, PgError> {
-        let deadline = Instant::now() + timeout;
         let what = self.what.clone();
-        let r = block_on(self.conn.simple_query(&what, sql), deadline);
-        r.unwrap_or_else(|| {
-            // Dropped mid-query: the session state is unknown.
-            self.conn.broken = true;
-            Err(timed_out(&what, timeout))
-        })
+        self.conn.simple_query(&what, sql, Deadline::after(timeout))
     }
 
     pub fn backend_pid(&self) -> i32 {
@@ -854,11 +714,6 @@ impl Client {
     pub fn is_broken(&self) -> bool {
         self.conn.broken
     }
-}
-
-/// The error for a task that did not finish by its deadline.
-pub fn no_answer(what: &str, limit: Duration) -> PgError {
-    timed_out(what, limit)
 }
 
 #[cfg(test)]
@@ -1007,27 +862,43 @@ mod tests {
     }
 
     #[test]
-    fn executor_runs_tasks_together_and_drops_late_ones() {
+    fn deadline_bounds_a_silent_server() {
         use std::net::TcpListener;
-        // A listener that accepts (the kernel does) but never answers: the
-        // read waits until the deadline; a finished task is unaffected.
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let silent = async move {
-            let s = start_connect(addr).unwrap();
-            ready(s.as_raw_fd(), libc::POLLOUT).await;
-            ready(s.as_raw_fd(), libc::POLLIN).await;
-            "answered"
+        let d = Deadline::after(Duration::from_millis(50));
+        assert!(d.remaining().unwrap() <= Duration::from_millis(50));
+        let past = Deadline {
+            at: Instant::now() - Duration::from_millis(1),
+            limit: Duration::from_millis(100),
         };
-        let quick = async { "quick" };
-        let started = Instant::now();
-        let out = run_all(
-            vec![Box::pin(silent) as Task<'_, &str>, Box::pin(quick)],
-            Instant::now() + Duration::from_millis(300),
+        assert_eq!(
+            past.remaining().unwrap_err().kind(),
+            io::ErrorKind::TimedOut
         );
+
+        // A listener that accepts (the kernel does) but never answers: the
+        // login waits until the deadline, then the error says so.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = Params {
+            host: "127.0.0.1".into(),
+            port: l.local_addr().unwrap().port(),
+            user: "u".into(),
+            dbname: "d".into(),
+            password: Secret::new("pw"),
+            options: String::new(),
+        };
+        let started = Instant::now();
+        let e = Conn::connect(&p, "test", Deadline::after(Duration::from_millis(300)))
+            .err()
+            .unwrap();
         let took = started.elapsed();
-        assert_eq!(out, vec![None, Some("quick")]);
-        assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(2));
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(e.msg, "no answer within 0.3s");
+        // Past the deadline: no socket call at all.
+        let e = Conn::connect(&p, "test", past).err().unwrap();
+        assert_eq!(e.msg, "no answer within 0.1s");
     }
 
     #[test]

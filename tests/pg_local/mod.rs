@@ -213,7 +213,7 @@ fn replication_cluster_end_to_end() {
         "{}",
         hung.error
     );
-    // The standbys answered in the same round, on the same thread, at once.
+    // The standbys answered in the same round, at once.
     for db in [&db2, &db3] {
         let p = &round[&db.id];
         assert!(p.ok && p.probe_ms < 1000, "{p:#?}");
