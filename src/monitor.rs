@@ -158,6 +158,8 @@ struct Memory {
     /// The primary (db id) whose host was last seen holding the write VIP;
     /// None until checked after this thread starts or after any action.
     write_vip_seen_on: Option<u32>,
+    /// The probe sessions kept between rounds (closed with the loop).
+    conns: pg::ProbeConns,
 }
 
 fn cluster_loop(shared: &Arc<Shared>, name: &str) {
@@ -190,20 +192,21 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str) {
     }
 }
 
-/// One probe of each of `dbs`, in parallel, each bounded by probe_timeout.
-fn probe_dbs(shared: &Shared, dbs: &[&Db]) -> BTreeMap<u32, DbProbe> {
-    let cfg = &shared.cfg;
-    thread::scope(|s| {
-        let handles: Vec<_> = dbs
-            .iter()
-            .map(|d| s.spawn(move || (d.id, pg::probe(d, cfg, d.is_primary()))))
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    })
+/// One probe of each of `dbs`, in parallel (scoped threads joined before
+/// returning), all bounded by one probe_timeout, on the sessions the loop
+/// keeps in `conns`.
+fn probe_dbs(shared: &Shared, dbs: &[&Db], conns: &mut pg::ProbeConns) -> BTreeMap<u32, DbProbe> {
+    let with_role: Vec<(&Db, bool)> = dbs.iter().map(|d| (*d, d.is_primary())).collect();
+    pg::probe_many(&with_role, &shared.cfg, conns)
 }
 
 /// Probe again, up to probe_retries times, the databases that failed.
-fn retry_failed(shared: &Shared, cluster: &Cluster, probes: &mut BTreeMap<u32, DbProbe>) {
+fn retry_failed(
+    shared: &Shared,
+    cluster: &Cluster,
+    probes: &mut BTreeMap<u32, DbProbe>,
+    conns: &mut pg::ProbeConns,
+) {
     for _ in 0..shared.cfg.probe_retries {
         let failed: Vec<&Db> = cluster
             .db_list
@@ -214,7 +217,7 @@ fn retry_failed(shared: &Shared, cluster: &Cluster, probes: &mut BTreeMap<u32, D
             return;
         }
         thread::sleep(Duration::from_millis(200));
-        probes.extend(probe_dbs(shared, &failed));
+        probes.extend(probe_dbs(shared, &failed, conns));
     }
 }
 
@@ -245,7 +248,9 @@ fn seen_of(p: &DbProbe) -> Seen {
 fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) {
     let t0 = Instant::now();
     let all: Vec<&Db> = cluster.db_list.iter().collect();
-    let mut probes = probe_dbs(shared, &all);
+    let ids: Vec<u32> = all.iter().map(|d| d.id).collect();
+    mem.conns.retain(&ids);
+    let mut probes = probe_dbs(shared, &all, &mut mem.conns);
     // A failed probe is retried before it counts. Meanwhile the checks the
     // decision will ask for (host, peers, write VIP) already run: they only
     // gather facts, and a retry that succeeds makes them moot. This takes
@@ -263,7 +268,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 let (plan, early) = (&d.plan, &mut early);
                 s.spawn(move || gather(shared, cluster, plan, early));
             }
-            retry_failed(shared, cluster, &mut probes);
+            retry_failed(shared, cluster, &mut probes, &mut mem.conns);
         });
     }
     for (id, p) in &probes {

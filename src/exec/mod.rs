@@ -17,6 +17,7 @@ pub mod recovery;
 pub mod shell;
 pub mod ssh;
 pub mod vip;
+pub mod wire;
 
 pub use cmd::{CommandError, Output};
 pub use ssh::{Remote, Ssh};

@@ -2,18 +2,25 @@
 //! statements clup needs (promote, synchronous_standby_names, checkpoint).
 //!
 //! Owns: connection settings (timeouts, application_name=clup, no TLS), the
-//! probe's queries and their parsing into [`DbProbe`], LSN text <-> u64, SQL
+//! probe's queries and their parsing into [`DbProbe`], the probe sessions a
+//! cluster keeps between rounds ([`ProbeConns`]), LSN text <-> u64, SQL
 //! literal quoting. Must not: decide what a probe result means, retry, or
-//! show a password anywhere. Every call runs on a worker thread and is
-//! abandoned at its deadline, so a stopped or hanging server can never stall
-//! the caller; while an abandoned call to a server is still stuck, further
-//! calls to that server fail at once instead of piling up threads.
+//! show a password anywhere.
+//!
+//! Probes go through [`wire`]: all of a cluster's databases at once (one
+//! scoped thread per database but the first, joined before returning),
+//! under one deadline, on sessions kept between rounds.
+//! The one-off admin calls use the `postgres` client on a worker thread that
+//! is abandoned at its deadline, so a stopped or hanging server can never
+//! stall the caller; while an abandoned call to a server is still stuck,
+//! further admin calls to that server fail at once instead of piling up
+//! threads.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Mutex;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::config::SslMode;
 use postgres::{Client, NoTls, SimpleQueryMessage};
@@ -21,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Secret};
 use crate::exec::ssh::Remote;
-use crate::exec::{pgctl, Error};
+use crate::exec::{pgctl, wire, Error};
 use crate::meta::Db;
 
 /// A standby's WAL receiver, from `pg_stat_wal_receiver`.
@@ -92,7 +99,7 @@ pub struct PgError {
 }
 
 impl PgError {
-    fn new(what: &str, msg: impl Into<String>) -> PgError {
+    pub(crate) fn new(what: &str, msg: impl Into<String>) -> PgError {
         PgError {
             what: what.to_string(),
             msg: msg.into(),
@@ -189,7 +196,8 @@ impl Target {
         format!("{}:{}", self.host, self.port)
     }
 
-    fn connect(&self, what: &str) -> Result<Client, PgError> {
+    /// The startup `options`: `-c name=value` settings for the session.
+    fn options(&self) -> String {
         let mut options = format!(
             "-c statement_timeout={} -c lock_timeout={}",
             self.statement_timeout.as_millis().max(1),
@@ -198,6 +206,23 @@ impl Target {
         for (k, v) in &self.settings {
             options.push_str(&format!(" -c {k}={v}"));
         }
+        options
+    }
+
+    /// The same session for [`wire`].
+    fn params(&self) -> wire::Params {
+        wire::Params {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            dbname: self.dbname.clone(),
+            password: self.password.clone(),
+            options: self.options(),
+        }
+    }
+
+    fn connect(&self, what: &str) -> Result<Client, PgError> {
+        let options = self.options();
         let mut c = postgres::Config::new();
         c.host(&self.host)
             .port(self.port)
@@ -347,17 +372,110 @@ const HEARTBEAT_WRITE_SQL: &str = "UPDATE cs_sys_heartbeat SET hb_time = now()";
 const HEARTBEAT_INSERT_SQL: &str = "INSERT INTO cs_sys_heartbeat (hb_time) VALUES (now())";
 const HEARTBEAT_AGE_SQL: &str = "SELECT greatest(0, extract(epoch FROM now() - max(hb_time)) * 1000)::int8 FROM cs_sys_heartbeat";
 
-/// Probe one database within `cfg.probe_timeout` (connect plus queries).
-/// As primary (`role_hint_primary`): update cs_sys_heartbeat in
-/// probe_db_name as probe_user (with synchronous_commit=local, so a missing
-/// synchronous standby cannot make the probe wait), then read the status; a
-/// failed write means `ok == false`. As standby: read-only, as ha_db_user.
-/// When probe_user and ha_db_user are the same login, one connection does
-/// both.
+/// The probe sessions a cluster's loop keeps between rounds, by db id: at
+/// most one per (server, login, database, settings) the probe of that db
+/// used last time. A session that failed is never kept; one the probe did
+/// not need (the db changed role, host or port) is closed.
+#[derive(Default)]
+pub struct ProbeConns(BTreeMap<u32, Vec<wire::Conn>>);
+
+impl ProbeConns {
+    /// Close the sessions of databases not in `ids` (removed from the meta).
+    pub fn retain(&mut self, ids: &[u32]) {
+        self.0.retain(|id, _| ids.contains(id));
+    }
+
+    /// How many sessions are open.
+    pub fn len(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The server pids of db `id`'s sessions (to see them reused).
+    pub fn backend_pids(&self, id: u32) -> Vec<i32> {
+        self.0
+            .get(&id)
+            .map(|v| v.iter().map(wire::Conn::backend_pid).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Probe one database within `cfg.probe_timeout` (connect plus queries),
+/// on new sessions closed afterwards. See [`probe_many`].
 pub fn probe(db: &Db, cfg: &Config, role_hint_primary: bool) -> DbProbe {
-    let addr = db.addr();
-    let what = format!("probe {addr}");
-    let primary = role_hint_primary;
+    let mut none = ProbeConns::default();
+    probe_many(&[(db, role_hint_primary)], cfg, &mut none)
+        .remove(&db.id)
+        .unwrap_or_default()
+}
+
+/// Probe `dbs` (each with its role hint: primary or not) in parallel,
+/// all within one `cfg.probe_timeout`, reusing and refilling `conns`.
+///
+/// The first db is probed on this thread, each other one on a scoped
+/// thread of its own that takes the db's kept sessions and hands back the
+/// ones still good. Every socket call is bounded by the round's deadline,
+/// so every thread ends by it (plus a few milliseconds) and none outlives
+/// the call: at rest a cluster has its loop's thread and no other.
+///
+/// As primary: update cs_sys_heartbeat in probe_db_name as probe_user
+/// (with synchronous_commit=local, so a missing synchronous standby cannot
+/// make the probe wait), then read the status; a failed write means
+/// `ok == false`. As standby: read-only, as ha_db_user. When probe_user and
+/// ha_db_user are the same login, one session does both.
+pub fn probe_many(
+    dbs: &[(&Db, bool)],
+    cfg: &Config,
+    conns: &mut ProbeConns,
+) -> BTreeMap<u32, DbProbe> {
+    let deadline = wire::Deadline::after(cfg.probe_timeout);
+    let mut jobs: Vec<(&Db, bool, Vec<wire::Conn>)> = dbs
+        .iter()
+        .map(|&(db, primary)| (db, primary, conns.0.remove(&db.id).unwrap_or_default()))
+        .collect();
+    let done: Vec<(u32, DbProbe, Vec<wire::Conn>)> = thread::scope(|s| {
+        let rest = jobs.split_off(jobs.len().min(1));
+        let handles: Vec<_> = rest
+            .into_iter()
+            .map(|(db, primary, held)| {
+                s.spawn(move || (db.id, probe_one(db, cfg, primary, held, deadline)))
+            })
+            .collect();
+        let mut done: Vec<_> = jobs
+            .into_iter()
+            .map(|(db, primary, held)| (db.id, probe_one(db, cfg, primary, held, deadline)))
+            .collect();
+        for h in handles {
+            // A panic in a probe is a bug: it reaches the caller, as one on
+            // this thread would.
+            done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        done.into_iter()
+            .map(|(id, (p, keep))| (id, p, keep))
+            .collect()
+    });
+    let mut out = BTreeMap::new();
+    for (id, p, keep) in done {
+        if !keep.is_empty() {
+            conns.0.insert(id, keep);
+        }
+        out.insert(id, p);
+    }
+    out
+}
+
+fn probe_one(
+    db: &Db,
+    cfg: &Config,
+    primary: bool,
+    mut held: Vec<wire::Conn>,
+    deadline: wire::Deadline,
+) -> (DbProbe, Vec<wire::Conn>) {
+    let started = Instant::now();
+    let what = format!("probe {}", db.addr());
     let same_login = cfg.probe_user == cfg.ha_db_user && cfg.probe_password == cfg.ha_db_pass;
     let writer = Target {
         dbname: cfg.probe_db_name.clone(),
@@ -365,85 +483,161 @@ pub fn probe(db: &Db, cfg: &Config, role_hint_primary: bool) -> DbProbe {
         password: cfg.probe_password.clone(),
         settings: vec![("synchronous_commit", "local")],
         ..Target::status(db, cfg, &cfg.probe_db_name)
+    }
+    .params();
+    let reader = Target::status(db, cfg, &cfg.probe_db_name).params();
+    let fallback = Target::status(db, cfg, "postgres").params();
+    let mut keep = Vec::new();
+    let mut p = if primary {
+        probe_primary(
+            &what, same_login, &writer, &fallback, &mut held, &mut keep, deadline,
+        )
+    } else {
+        probe_standby(&what, &reader, &fallback, &mut held, &mut keep, deadline)
     };
-    let reader = Target::status(db, cfg, &cfg.probe_db_name);
-    let w = what.clone();
-    let started = std::time::Instant::now();
-    let r = bounded(&addr, &what, cfg.probe_timeout, move || {
-        Ok(probe_on_thread(&w, primary, same_login, &writer, &reader))
-    });
-    let mut p = r.unwrap_or_else(|e| DbProbe {
-        ok: false,
-        error: e.to_string(),
-        ..DbProbe::default()
-    });
     p.probe_ms = started.elapsed().as_millis() as u64;
+    keep.retain(|c| !c.is_broken());
+    (p, keep)
+}
+
+fn probe_primary(
+    what: &str,
+    same_login: bool,
+    writer: &wire::Params,
+    other: &wire::Params,
+    held: &mut Vec<wire::Conn>,
+    keep: &mut Vec<wire::Conn>,
+    deadline: wire::Deadline,
+) -> DbProbe {
+    let p = DbProbe::default();
+    let mut w = match Session::open(held, writer, what, deadline) {
+        Ok(s) => s,
+        Err(e) => return failed_probe(what, p, e),
+    };
+    let write = heartbeat(&mut w, what, deadline);
+    let mut r = if same_login {
+        w
+    } else {
+        keep.push(w.conn);
+        match Session::open(held, other, what, deadline) {
+            Ok(s) => s,
+            Err(e) => return failed_probe(what, p, e),
+        }
+    };
+    let mut p = p;
+    let status = read_status(&mut r, what, &mut p, deadline);
+    keep.push(r.conn);
+    if let Err(e) = status {
+        return failed_probe(what, p, e);
+    }
+    match write {
+        Ok(()) => p.ok = true,
+        Err(e) => return failed_probe(what, p, e),
+    }
     p
 }
 
-fn probe_on_thread(
+fn probe_standby(
     what: &str,
-    primary: bool,
-    same_login: bool,
-    writer: &Target,
-    reader: &Target,
+    reader: &wire::Params,
+    fallback: &wire::Params,
+    held: &mut Vec<wire::Conn>,
+    keep: &mut Vec<wire::Conn>,
+    deadline: wire::Deadline,
 ) -> DbProbe {
     let mut p = DbProbe::default();
-    let fail = |p: DbProbe, e: PgError| failed_probe(what, p, e);
-    if primary {
-        let mut wc = match writer.connect(what) {
-            Ok(c) => c,
-            Err(e) => return fail(p, e),
-        };
-        let write = heartbeat(&mut wc, what);
-        let mut rc = if same_login {
-            wc
-        } else {
-            drop(wc);
-            let other = Target {
-                dbname: "postgres".to_string(),
-                ..reader.clone()
-            };
-            match other.connect(what) {
-                Ok(c) => c,
-                Err(e) => return fail(p, e),
-            }
-        };
-        if let Err(e) = read_status(&mut rc, what, &mut p) {
-            return fail(p, e);
-        }
-        match write {
-            Ok(()) => p.ok = true,
-            Err(e) => return fail(p, e),
-        }
-        return p;
-    }
-    let (mut c, in_probe_db) = match reader.connect(what) {
-        Ok(c) => (c, true),
-        // No probe database (yet): the status is readable elsewhere.
-        Err(e) if e.code.as_deref() == Some("3D000") => {
-            let other = Target {
-                dbname: "postgres".to_string(),
-                ..reader.clone()
-            };
-            match other.connect(what) {
-                Ok(c) => (c, false),
-                Err(e) => return fail(p, e),
-            }
-        }
-        Err(e) => return fail(p, e),
+    // A kept session on the postgres database means the probe database
+    // was missing when it was opened; it serves until it fails.
+    let opened = match Session::take(held, reader) {
+        Some(s) => Ok((s, true)),
+        None => match Session::take(held, fallback) {
+            Some(s) => Ok((s, false)),
+            None => match Session::open(held, reader, what, deadline) {
+                Ok(s) => Ok((s, true)),
+                // No probe database (yet): the status is readable elsewhere.
+                Err(e) if e.code.as_deref() == Some("3D000") => {
+                    Session::open(held, fallback, what, deadline).map(|s| (s, false))
+                }
+                Err(e) => Err(e),
+            },
+        },
     };
-    if let Err(e) = read_status(&mut c, what, &mut p) {
-        return fail(p, e);
-    }
-    if in_probe_db {
+    let (mut s, in_probe_db) = match opened {
+        Ok(x) => x,
+        Err(e) => return failed_probe(what, p, e),
+    };
+    let status = read_status(&mut s, what, &mut p, deadline);
+    if status.is_ok() && in_probe_db {
         // Optional: a missing table or privilege only leaves it unknown.
-        if let Ok(res) = simple(&mut c, what, HEARTBEAT_AGE_SQL) {
+        if let Ok(res) = s.query(what, HEARTBEAT_AGE_SQL, deadline) {
+            let res = rows_of(res);
             p.heartbeat_age_ms = cell(&res, 0, 0, 0).and_then(|v| v.parse().ok());
         }
     }
+    keep.push(s.conn);
+    if let Err(e) = status {
+        return failed_probe(what, p, e);
+    }
     p.ok = true;
     p
+}
+
+/// A probe's session: one kept from an earlier round, or a new one.
+struct Session {
+    conn: wire::Conn,
+    /// Kept from an earlier round and not used yet in this one.
+    reused: bool,
+}
+
+impl Session {
+    fn take(held: &mut Vec<wire::Conn>, t: &wire::Params) -> Option<Session> {
+        let i = held
+            .iter()
+            .position(|c| !c.is_broken() && c.params().same_session(t))?;
+        Some(Session {
+            conn: held.swap_remove(i),
+            reused: true,
+        })
+    }
+
+    fn open(
+        held: &mut Vec<wire::Conn>,
+        t: &wire::Params,
+        what: &str,
+        deadline: wire::Deadline,
+    ) -> Result<Session, PgError> {
+        if let Some(s) = Session::take(held, t) {
+            return Ok(s);
+        }
+        Ok(Session {
+            conn: wire::Conn::connect(t, what, deadline)?,
+            reused: false,
+        })
+    }
+
+    /// Run `sql`. A kept session found dead at its first use in a round
+    /// (the server restarted or closed idle sessions since) is replaced
+    /// once by a new one, within the same deadline: a probe on a new
+    /// connection, as clup made before it kept them, would not have failed.
+    fn query(
+        &mut self,
+        what: &str,
+        sql: &str,
+        deadline: wire::Deadline,
+    ) -> Result<Vec<wire::QueryResult>, PgError> {
+        let r = self.conn.simple_query(what, sql, deadline);
+        if !std::mem::replace(&mut self.reused, false) || r.is_ok() || !self.conn.is_broken() {
+            return r;
+        }
+        let params = self.conn.params().clone();
+        self.conn = wire::Conn::connect(&params, what, deadline)?;
+        self.conn.simple_query(what, sql, deadline)
+    }
+}
+
+/// Each statement's rows, as [`simple`] gives them.
+fn rows_of(res: Vec<wire::QueryResult>) -> Results {
+    res.into_iter().map(|r| r.rows).collect()
 }
 
 /// A probe that ended in `e`. "too many clients" is the exception: the
@@ -460,11 +654,12 @@ fn failed_probe(what: &str, mut p: DbProbe, e: PgError) -> DbProbe {
     p
 }
 
-fn heartbeat(c: &mut Client, what: &str) -> Result<(), PgError> {
+fn heartbeat(s: &mut Session, what: &str, deadline: wire::Deadline) -> Result<(), PgError> {
     let what = format!("{what}: heartbeat write");
+    let count = |r: Vec<wire::QueryResult>| r.iter().map(wire::QueryResult::count).sum::<u64>();
     // An UPDATE of no row writes no WAL and proves nothing: add the row.
-    if affected(c, &what, HEARTBEAT_WRITE_SQL)? == 0 {
-        affected(c, &what, HEARTBEAT_INSERT_SQL)?;
+    if count(s.query(&what, HEARTBEAT_WRITE_SQL, deadline)?) == 0 {
+        s.query(&what, HEARTBEAT_INSERT_SQL, deadline)?;
     }
     Ok(())
 }
@@ -473,8 +668,13 @@ fn cell(res: &Results, stmt: usize, row: usize, col: usize) -> Option<&str> {
     res.get(stmt)?.get(row)?.get(col)?.as_deref()
 }
 
-fn read_status(c: &mut Client, what: &str, p: &mut DbProbe) -> Result<(), PgError> {
-    let res = simple(c, what, STATUS_SQL)?;
+fn read_status(
+    s: &mut Session,
+    what: &str,
+    p: &mut DbProbe,
+    deadline: wire::Deadline,
+) -> Result<(), PgError> {
+    let res = rows_of(s.query(what, STATUS_SQL, deadline)?);
     fill_status(&res, p).map_err(|m| PgError::new(what, m))
 }
 
