@@ -230,13 +230,24 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
         Err(r) => return r,
     };
     match cmd {
-        "show" | "get_meta" => match arg_str(args, "cluster") {
-            None => Resp::ok(json!({ "clusters": clusters })),
-            Some(_) => match pick_cluster(&clusters, args) {
-                Ok(name) => Resp::ok(json!({ "clusters": { name.clone(): clusters[&name] } })),
-                Err(r) => r,
-            },
-        },
+        "show" | "get_meta" => {
+            let mut v = match arg_str(args, "cluster") {
+                None => json!({ "clusters": clusters }),
+                Some(_) => match pick_cluster(&clusters, args) {
+                    Ok(name) => json!({ "clusters": { name.clone(): clusters[&name] } }),
+                    Err(r) => return r,
+                },
+            };
+            if let Some(g) = ctx
+                .monitor
+                .as_ref()
+                .map(|m| &m.gate)
+                .filter(|g| g.is_elected())
+            {
+                v["monitor"] = json!(g.role());
+            }
+            Resp::ok(v)
+        }
         "froze" | "unfroze" => {
             let name = match pick_cluster(&clusters, args) {
                 Ok(n) => n,

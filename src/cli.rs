@@ -242,11 +242,15 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
         }
         "show" => {
             let o = parse_opts(p, cmd)?;
-            let clusters = fetch_clusters(home, o.cluster.as_deref(), "show")?;
-            Ok(if o.json {
-                show_json(&clusters)
-            } else {
-                show_text(&clusters)
+            let d = call(home, "show", json!({ "cluster": o.cluster }))?;
+            let clusters: Clusters = field_of(&d, "clusters")?;
+            // With etcd: which clupserver leads (absent with the file store,
+            // where the manual's layout is left as it is).
+            let monitor = d["monitor"].as_str();
+            Ok(match (o.json, monitor) {
+                (true, m) => show_json(&clusters, m),
+                (false, None) => show_text(&clusters),
+                (false, Some(m)) => format!("{}\nmonitor: {m}\n", show_text(&clusters)),
             })
         }
         "get_meta" => {
@@ -554,8 +558,9 @@ pub fn show_text(clusters: &Clusters) -> String {
     out
 }
 
-/// `clupadm show --json`: the same facts, state names spelled out.
-pub fn show_json(clusters: &Clusters) -> String {
+/// `clupadm show --json`: the same facts, state names spelled out, and
+/// with etcd which clupserver leads (`monitor`).
+pub fn show_json(clusters: &Clusters, monitor: Option<&str>) -> String {
     let cl: Vec<Value> = clusters
         .iter()
         .map(|(name, c): (&String, &Cluster)| {
@@ -590,7 +595,11 @@ pub fn show_json(clusters: &Clusters) -> String {
         .collect();
     format!(
         "{}\n",
-        serde_json::to_string_pretty(&json!({"clusters": cl, "dbs": dbs})).expect("json")
+        serde_json::to_string_pretty(&match monitor {
+            None => json!({"clusters": cl, "dbs": dbs}),
+            Some(m) => json!({"clusters": cl, "dbs": dbs, "monitor": m}),
+        })
+        .expect("json")
     )
 }
 
@@ -822,7 +831,7 @@ cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     post
     #[test]
     fn show_json_is_parseable_with_names() {
         let c = parse_clusters(SAMPLE_INIT).unwrap();
-        let v: Value = serde_json::from_str(&show_json(&c)).unwrap();
+        let v: Value = serde_json::from_str(&show_json(&c, None)).unwrap();
         assert_eq!(v["clusters"][0]["state"], "Normal");
         assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
         assert_eq!(v["dbs"][0]["primary"], 1);

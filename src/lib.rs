@@ -17,6 +17,7 @@ pub mod ha;
 pub mod health;
 pub mod home;
 pub mod lb;
+pub mod leader;
 pub mod logging;
 pub mod meta;
 pub mod metrics;

@@ -56,6 +56,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     pub observed: Mutex<BTreeMap<String, Observed>>,
     pub counters: Counters,
+    /// Whether this clupserver may act (the leader lease with etcd).
+    pub gate: Arc<crate::leader::Gate>,
 }
 
 impl Shared {
@@ -68,7 +70,14 @@ impl Shared {
             stop: AtomicBool::new(false),
             observed: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
+            gate: Arc::new(crate::leader::Gate::always()),
         }
+    }
+
+    /// As [`Shared::new`], acting only while `gate` is open.
+    pub fn with_gate(mut self, gate: Arc<crate::leader::Gate>) -> Shared {
+        self.gate = gate;
+        self
     }
 
     pub fn params(&self) -> Params {
@@ -105,16 +114,24 @@ pub fn start(shared: &Arc<Shared>) -> thread::JoinHandle<()> {
 /// Keep exactly one probe thread per cluster of the meta.
 fn supervise(shared: &Arc<Shared>) {
     let mut threads: BTreeMap<String, thread::JoinHandle<()>> = BTreeMap::new();
-    for t in task::mark_interrupted(&*shared.store) {
-        log::warn!(
-            "Task {} ({}) was interrupted by a restart of clupserver; cluster {} is re-examined now.",
-            t.id,
-            t.name,
-            t.cluster
-        );
-    }
-    task::release_stale_locks(&*shared.store);
+    let mut leading = false;
     while !shared.stop.load(Ordering::Relaxed) {
+        // On becoming the acting monitor (at start with the file store):
+        // the tasks of the previous one are finished or rolled forward by
+        // the next rounds, and its locks released.
+        let now_leading = shared.gate.may_act();
+        if now_leading && !leading {
+            for t in task::mark_interrupted(&*shared.store) {
+                log::warn!(
+                    "Task {} ({}) was interrupted by a restart of clupserver; cluster {} is re-examined now.",
+                    t.id,
+                    t.name,
+                    t.cluster
+                );
+            }
+            task::release_stale_locks(&*shared.store);
+        }
+        leading = now_leading;
         if let Ok(doc) = shared.store.load() {
             for name in doc.clusters.keys() {
                 let alive = threads.get(name).is_some_and(|h| !h.is_finished());
@@ -181,7 +198,9 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str) {
                 continue;
             }
         };
-        if !cluster.is_frozen() {
+        // A follower stays warm (it has just loaded the meta) and acts on
+        // nothing.
+        if !cluster.is_frozen() && shared.gate.may_act() {
             round(shared, name, &cluster, &mut mem);
         }
         let took = started.elapsed();
@@ -308,6 +327,13 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     for _ in 0..8 {
         let d = ha::decide(cluster, &facts, &shared.params(), crate::now_secs());
         reason = d.reason.clone();
+        if !matches!(d.kind, Kind::Nothing | Kind::Gather) && !shared.gate.may_act() {
+            log::warn!(
+                "Cluster({name}): not acting on '{}': this clupserver no longer leads",
+                d.reason
+            );
+            break;
+        }
         match d.kind {
             Kind::Nothing => {
                 if d.reason != mem.last_reason {

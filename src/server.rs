@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::daemon::{self, Ready};
 use crate::home::Home;
 use crate::monitor::{self, Shared};
-use crate::store::{open_store, MetaStore};
+use crate::store::MetaStore;
 
 const USAGE: &str = "\
 usage: clupserver <command> [options]
@@ -27,7 +27,8 @@ usage: clupserver <command> [options]
           -f              stay in the foreground, log to stderr too
           -l LEVEL        log level: debug, info, warn or error
       stop            : stop the running monitor gracefully
-      status          : tell whether the monitor is running
+      status          : tell whether the monitor is running (and, with
+                        etcd, whether it leads)
     clupserver --version | --help
 ";
 
@@ -94,6 +95,11 @@ fn status(home: &Home) -> ExitCode {
     match daemon::running_pid(&home.pid_file()) {
         Some(pid) => {
             println!("Program({pid}) is running.");
+            // With etcd, whether it leads (written by its campaign thread).
+            if let Ok(role) = std::fs::read_to_string(home.run_dir().join(crate::leader::ROLE_FILE))
+            {
+                println!("Role: {}", role.trim());
+            }
             ExitCode::SUCCESS
         }
         None => {
@@ -150,7 +156,7 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
         eprintln!("Program({pid}) is already running.");
         return ExitCode::from(1);
     }
-    let store = match open_store(&cfg, home) {
+    let (store, gate) = match crate::leader::open(&cfg, home) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("clupserver: {e}");
@@ -188,7 +194,7 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
     let files = daemon::raise_fd_limit();
     log::debug!("open files limit: {files}");
     let sigset = daemon::block_signals();
-    match run(home, cfg, store, &mut ready, &sigset) {
+    match run(home, cfg, store, gate, &mut ready, &sigset) {
         Ok(()) => ExitCode::SUCCESS,
         Err(m) => {
             log::error!("{m}");
@@ -202,6 +208,7 @@ fn run(
     home: &Home,
     cfg: Config,
     store: Arc<dyn MetaStore>,
+    gate: Arc<crate::leader::Gate>,
     ready: &mut Ready,
     sigset: &libc::sigset_t,
 ) -> Result<(), String> {
@@ -212,7 +219,10 @@ fn run(
     log::info!("Meta store: {}", store.describe());
     let stop = Arc::new(AtomicBool::new(false));
 
-    let monitor = Arc::new(Shared::new(cfg.clone(), home.clone(), store.clone()));
+    // The lease is given back only after the probe threads stopped acting.
+    let lead_stop = Arc::new(AtomicBool::new(false));
+    let leader_thread = crate::leader::start(gate.clone(), lead_stop.clone(), home.run_dir());
+    let monitor = Arc::new(Shared::new(cfg.clone(), home.clone(), store.clone()).with_gate(gate));
     log::info!("Start ha checking thread... ");
     let supervisor = monitor::start(&monitor);
     log::info!("Start health checking thread... ");
@@ -265,6 +275,10 @@ fn run(
     let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
     thread::spawn(move || {
         let _ = supervisor.join();
+        lead_stop.store(true, Ordering::SeqCst);
+        if let Some(l) = leader_thread {
+            let _ = l.join();
+        }
         for w in workers {
             let _ = w.join();
         }

@@ -671,3 +671,107 @@ fn etcd_clupadm_init_and_clupserver_use_the_etcd_store() {
     );
     assert!(t.elapsed() < 3 * SEC, "{:?}", t.elapsed());
 }
+
+/// Two clupservers on one etcd: exactly one leads; a follower answers reads
+/// and refuses writes naming the leader; when the leader dies (kill -9) the
+/// follower takes over within about one lease.
+#[test]
+fn etcd_two_clupservers_one_leads_and_the_other_takes_over() {
+    let etcd = Etcd::start("lead", 1);
+    let conf = |port: u16| {
+        format!(
+            "{}meta_store = etcd\netcd_endpoints = {}\netcd_prefix = /lead\netcd_timeout = 1\nleader_ttl = 3\n",
+            sample_conf(port),
+            etcd.url(0)
+        )
+    };
+    let homes: Vec<TestHome> = ["lead-a", "lead-b"]
+        .iter()
+        .map(|tag| {
+            let h = TestHome::new(tag);
+            h.write("conf/clup.conf", &conf(free_port()));
+            h.write("conf/init.json", SAMPLE_INIT);
+            h
+        })
+        .collect();
+    assert_eq!(homes[0].run(&["adm", "init"]).code, 0);
+    // Started at once.
+    std::thread::scope(|s| {
+        for h in &homes {
+            s.spawn(move || assert_eq!(h.run(&["server", "start"]).code, 0));
+        }
+    });
+    let log = |h: &TestHome| h.read("logs/clupserver.log");
+    assert!(
+        wait_for(10, || homes.iter().all(
+            |h| log(h).contains("now leads") || log(h).contains("stands by")
+        )),
+        "a: {}\nb: {}",
+        log(&homes[0]),
+        log(&homes[1])
+    );
+    let leaders: Vec<usize> = (0..2)
+        .filter(|&i| log(&homes[i]).contains("now leads"))
+        .collect();
+    assert_eq!(
+        leaders.len(),
+        1,
+        "a: {}\nb: {}",
+        log(&homes[0]),
+        log(&homes[1])
+    );
+    let (lead, follow) = (&homes[leaders[0]], &homes[1 - leaders[0]]);
+
+    // Reads from both; a write through the follower is refused, and names
+    // the leader; nothing was written.
+    for h in &homes {
+        let out = h.run(&["adm", "show"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        // Either one says who leads.
+        assert!(out.stdout.contains("\nmonitor: "), "{}", out.stdout);
+    }
+    let role = |h: &TestHome| h.run(&["server", "status"]).stdout;
+    assert!(
+        wait_for(5, || role(lead).contains("Role: leader (")),
+        "{}",
+        role(lead)
+    );
+    assert!(
+        role(follow).contains("Role: follower ("),
+        "{}",
+        role(follow)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&follow.run(&["adm", "show", "--json"]).stdout).unwrap();
+    assert!(v["monitor"].as_str().unwrap().contains("; leader: "), "{v}");
+    let out = follow.run(&["adm", "unfroze", "-c", "cluster01"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("does not lead"), "{}", out.stderr);
+    assert!(out.stderr.contains("ask the leader"), "{}", out.stderr);
+    let shown = lead.run(&["adm", "show"]).stdout;
+    assert!(shown.contains("Frozen"), "{shown}");
+
+    // The leader dies; the follower takes over within the lease (3 s)
+    // plus a campaign retry (1 s) and some slack.
+    let pid = lead.read("run/clupserver.pid");
+    let t = Instant::now();
+    let rc = unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    assert!(
+        wait_for(10, || log(follow).contains("now leads")),
+        "the follower did not take over:\n{}",
+        log(follow)
+    );
+    println!("takeover after the leader's kill -9: {:?}", t.elapsed());
+    // Now it writes.
+    let out = follow.run(&["adm", "unfroze", "-c", "cluster01"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(follow.run(&["adm", "froze", "-c", "cluster01"]).code, 0);
+    assert_eq!(follow.run(&["server", "stop"]).code, 0);
+    // A clean stop gives the lease back.
+    let client = etcd.client(SEC);
+    assert!(wait_for(5, || client
+        .get(b"/lead/leader")
+        .unwrap()
+        .is_none()));
+}
