@@ -593,7 +593,7 @@ impl Scenario {
     }
 
     fn wait(&self, secs: u64, mut f: impl FnMut(&Scenario) -> bool) -> bool {
-        crate::lab::poll(secs, || f(self))
+        crate::util::wait_every(secs, 200, || f(self))
     }
 
     fn in_log(&self, needle: &str) -> bool {

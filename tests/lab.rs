@@ -354,20 +354,8 @@ impl Lab {
 
     /// Poll `f` every 200 ms for up to `secs`.
     pub fn wait(&self, secs: u64, mut f: impl FnMut(&Lab) -> bool) -> bool {
-        poll(secs, || f(self))
+        crate::util::wait_every(secs, 200, || f(self))
     }
-}
-
-/// Poll `f` every 200 ms for up to `secs`; whether it became true.
-pub fn poll(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    f()
 }
 
 impl Drop for Lab {

@@ -127,13 +127,18 @@ http_port = {port}\n"
 pub const SAMPLE_INIT: &str = include_str!("data/init.json");
 
 /// Poll `f` every 50 ms for up to `secs`; true as soon as it holds.
-pub fn wait_for(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+pub fn wait_for(secs: u64, f: impl FnMut() -> bool) -> bool {
+    wait_every(secs, 50, f)
+}
+
+/// Poll `f` every `ms` for up to `secs`; true as soon as it holds.
+pub fn wait_every(secs: u64, ms: u64, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while std::time::Instant::now() < end {
         if f() {
             return true;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
     f()
 }
