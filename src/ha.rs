@@ -60,7 +60,16 @@ pub struct Facts {
     pub sync_names: Option<String>,
     /// Standbys (repl_app_name) last seen with sync_state sync or quorum.
     pub sync_standbys: BTreeSet<String>,
+    /// Normal standbys that answer but do not stream from the primary, by
+    /// db id: since when (epoch seconds), as the monitor has watched it.
+    pub not_streaming_since: BTreeMap<u32, u64>,
 }
+
+/// How long a Normal standby may answer without streaming from the primary
+/// before it is marked Fault: longer than a primary restart or a repoint
+/// (the WAL receiver retries every 5 s), short enough that the meta does not
+/// call a diverged standby Normal for long.
+pub const STUCK_STANDBY_SECS: u64 = 30;
 
 /// What a standby's host saw of the write VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +332,28 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         }
     }
 
+    // Standbys that answer but have not streamed from the primary for a
+    // while: after a failover one whose WAL went past the new timeline's
+    // fork cannot follow it. The meta must not call it Normal.
+    for d in cluster.normal_standbys() {
+        if let Some(&since) = facts.not_streaming_since.get(&d.id) {
+            if now.saturating_sub(since) >= STUCK_STANDBY_SECS {
+                return Decision {
+                    kind: Kind::StandbyFault,
+                    plan: fault_plan(cluster, d, facts),
+                    reason: format!(
+                        "standby database({}) answers but has not streamed from the primary {} for {} s (its WAL may have gone past the new timeline): switch database({})... repair it",
+                        d.addr(),
+                        primary.host,
+                        now - since,
+                        d.addr()
+                    ),
+                    subject: Some(d.id),
+                };
+            }
+        }
+    }
+
     let ok = cluster.normal_standbys().filter(|d| !failed(d)).count();
     Decision::nothing(format!(
         "no action: primary database({}) ok, {ok} standby(s) ok",
@@ -424,19 +455,7 @@ fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decis
             }
         }
         Some(up) => {
-            let mut plan = vec![Action::CstlbDelete { backend: d.addr() }];
-            if cluster.read_vip_host == d.host {
-                if let Some(to) = read_vip_target(cluster, facts, &[d.id]) {
-                    plan.push(Action::MoveReadVip {
-                        from: d.host.clone(),
-                        to,
-                    });
-                }
-            }
-            plan.push(Action::MetaDbState {
-                id: d.id,
-                state: DB_FAULT,
-            });
+            let plan = fault_plan(cluster, d, facts);
             let why = if *up {
                 format!("database({}) did not come back after restarts", d.addr())
             } else {
@@ -450,6 +469,25 @@ fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decis
             }
         }
     }
+}
+
+/// Take a standby out of service: out of the cstlbs, the read VIP off its
+/// host, Fault in the meta.
+fn fault_plan(cluster: &Cluster, d: &Db, facts: &Facts) -> Vec<Action> {
+    let mut plan = vec![Action::CstlbDelete { backend: d.addr() }];
+    if cluster.read_vip_host == d.host {
+        if let Some(to) = read_vip_target(cluster, facts, &[d.id]) {
+            plan.push(Action::MoveReadVip {
+                from: d.host.clone(),
+                to,
+            });
+        }
+    }
+    plan.push(Action::MetaDbState {
+        id: d.id,
+        state: DB_FAULT,
+    });
+    plan
 }
 
 /// Where the read VIP should go: the first healthy Normal standby (by id)
@@ -931,6 +969,43 @@ mod tests {
         assert_eq!(
             d.reason,
             "Host(192.168.56.44) is not ok, switch database(192.168.56.44:5432)..."
+        );
+    }
+
+    #[test]
+    fn standby_not_streaming_for_long_is_marked_fault() {
+        let f = facts(|f| {
+            f.seen.insert(
+                3,
+                Seen {
+                    upstream_host: None,
+                    upstream_status: None,
+                    ..ok_standby(900, 900)
+                },
+            );
+            f.not_streaming_since.insert(3, 100);
+        });
+        // Not yet: a repoint or a primary restart takes a few seconds.
+        let d = decide(&cluster(), &f, &P, 100 + STUCK_STANDBY_SECS - 1);
+        assert_eq!(d.kind, Kind::Nothing, "{}", d.reason);
+        let d = decide(&cluster(), &f, &P, 100 + STUCK_STANDBY_SECS);
+        assert_eq!(d.kind, Kind::StandbyFault, "{}", d.reason);
+        assert_eq!(
+            d.plan,
+            [
+                Action::CstlbDelete {
+                    backend: "192.168.56.43:5432".into()
+                },
+                Action::MetaDbState {
+                    id: 3,
+                    state: DB_FAULT
+                },
+            ]
+        );
+        assert!(
+            d.reason.contains("has not streamed from the primary"),
+            "{}",
+            d.reason
         );
     }
 

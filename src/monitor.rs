@@ -177,6 +177,8 @@ struct Memory {
     write_vip_seen_on: Option<u32>,
     /// The probe sessions kept between rounds (closed with the loop).
     conns: pg::ProbeConns,
+    /// Normal standbys answering without streaming from the primary: since when.
+    not_streaming_since: BTreeMap<u32, u64>,
 }
 
 fn cluster_loop(shared: &Arc<Shared>, name: &str) {
@@ -248,7 +250,46 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
         primary_last_lsn: mem.primary_last_lsn,
         sync_names: mem.sync_names.clone(),
         sync_standbys: mem.sync_standbys.clone(),
+        not_streaming_since: mem.not_streaming_since.clone(),
         ..Default::default()
+    }
+}
+
+/// Note since when each Normal standby has answered without streaming
+/// from the primary's host; forget those that stream, fail or are not
+/// Normal standbys (any more), and everything while the primary is down.
+fn watch_streaming(
+    cluster: &Cluster,
+    probes: &BTreeMap<u32, DbProbe>,
+    since: &mut BTreeMap<u32, u64>,
+) {
+    // Only while the primary answers as a primary: when it is down its
+    // standbys cannot stream, and that is the primary's failure, not theirs.
+    let Some(primary) = cluster.primary().filter(|p| {
+        probes
+            .get(&p.id)
+            .is_some_and(|pr| pr.ok && pr.in_recovery == Some(false))
+    }) else {
+        since.clear();
+        return;
+    };
+    let stuck: Vec<u32> = cluster
+        .normal_standbys()
+        .filter(|d| {
+            probes.get(&d.id).is_some_and(|p| {
+                p.ok && p.in_recovery == Some(true)
+                    && !p.upstream.as_ref().is_some_and(|u| {
+                        u.status == "streaming"
+                            && u.sender_host.as_deref() == Some(primary.host.as_str())
+                    })
+            })
+        })
+        .map(|d| d.id)
+        .collect();
+    since.retain(|id, _| stuck.contains(id));
+    let now = crate::now_secs();
+    for id in stuck {
+        since.entry(id).or_insert(now);
     }
 }
 
@@ -317,6 +358,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 .collect();
         }
     }
+    watch_streaming(cluster, &probes, &mut mem.not_streaming_since);
     let mut facts = facts_of(&probes, mem);
     facts.hosts = early.hosts;
     facts.peer_sees_primary = early.peer_sees_primary;
@@ -392,6 +434,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 if d.kind == Kind::Failover {
                     mem.primary_last_lsn = None;
                     mem.restarts.clear();
+                    mem.not_streaming_since.clear();
                 }
                 break;
             }
