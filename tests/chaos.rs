@@ -822,7 +822,7 @@ fn meta_primary(lab: &Lab) -> String {
 
 fn sigstop_postgres(lab: &Lab, host: &str, sig: &str) {
     let script = format!(
-        "p=$(head -1 /var/lib/postgresql/pgdata/postmaster.pid) && kill -{sig} $p $(ps -o pid= --ppid $p)"
+        "p=$(head -1 /var/lib/postgresql/pgdata/postmaster.pid) && kill -{sig} $p && {{ kill -{sig} $(ps -o pid= --ppid $p) 2>/dev/null; true; }}"
     );
     let out = lab.exec(host, &["sh", "-c", &script]);
     assert_eq!(out.code, 0, "kill -{sig} postgres on {host}: {out:?}");

@@ -55,6 +55,8 @@ pub fn ip(host: &str) -> &'static str {
         "pg03" => "10.213.0.43",
         "pg04" => "10.213.0.44",
         "mon" => MON,
+        "mon2" => "10.213.0.10",
+        "mon3" => "10.213.0.11",
         "cli" => "10.213.0.50",
         _ => panic!("no lab host {host}"),
     }
@@ -74,6 +76,10 @@ pub struct Lab {
     pub pg_bin: String,
     /// Built with `--pg MAJOR`: the default lab is rebuilt on drop.
     pub major: Option<u32>,
+    /// With etcd: the monitor hosts whose clupserver (own home) was started.
+    monitors: Vec<String>,
+    /// With etcd: the hosts running an etcd member.
+    etcd_hosts: Vec<String>,
 }
 
 impl Lab {
@@ -167,6 +173,8 @@ impl Lab {
             cstlb_hosts: Vec::new(),
             pg_bin,
             major,
+            monitors: Vec::new(),
+            etcd_hosts: Vec::new(),
         };
         let init = lab.adm(&["init"]);
         assert_eq!(init.code, 0, "clupadm init in the lab: {init:?}");
@@ -358,8 +366,142 @@ impl Lab {
     }
 }
 
+/// The monitor hosts of the etcd lab; each runs an etcd member.
+pub const MONITORS: [&str; 3] = ["mon", "mon2", "mon3"];
+
+/// The lab's etcd client URLs.
+pub fn etcd_endpoints() -> String {
+    MONITORS
+        .iter()
+        .map(|h| format!("http://{}:2379", ip(h)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Lab {
+    /// [`Lab::take_opts`] with synchronous replication, then a 3-member etcd
+    /// on mon, mon2 and mon3, every monitor's home (mon's, and
+    /// `$LAB_DIR/<host>-home` for the others) on `meta_store = etcd` with
+    /// `leader_ttl`, and the meta initialized in etcd. No server started.
+    pub fn take_etcd(probe_interval: u32, leader_ttl: u32) -> Lab {
+        let mut lab = Lab::take_opts(probe_interval, true);
+        let cluster = MONITORS
+            .iter()
+            .map(|h| format!("{h}=http://{}:2380", ip(h)))
+            .collect::<Vec<_>>()
+            .join(",");
+        for h in MONITORS {
+            let dir = format!("{LAB_DIR}/etcd/{h}");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let a = ip(h);
+            let script = format!(
+                "setsid /usr/bin/etcd --name {h} --data-dir {dir} \
+                 --listen-client-urls http://{a}:2379 --advertise-client-urls http://{a}:2379 \
+                 --listen-peer-urls http://{a}:2380 --initial-advertise-peer-urls http://{a}:2380 \
+                 --initial-cluster {cluster} --initial-cluster-state new --initial-cluster-token clup-lab \
+                 </dev/null >{dir}.log 2>&1 & echo $! > /run/etcd.pid"
+            );
+            let out = lab.exec(h, &["sh", "-c", &script]);
+            assert_eq!(out.code, 0, "start etcd on {h}: {out:?}");
+            lab.etcd_hosts.push(h.to_string());
+        }
+        assert!(
+            lab.wait(20, |l| l
+                .exec(
+                    "mon",
+                    &["curl", "-s", "-m", "1", "http://10.213.0.9:2379/health"]
+                )
+                .stdout
+                .contains("\"health\":\"true\"")),
+            "the lab's etcd did not become healthy"
+        );
+        let extra = format!(
+            "meta_store = etcd\netcd_endpoints = {}\netcd_prefix = /clup-lab\netcd_timeout = 1\nleader_ttl = {leader_ttl}\n",
+            etcd_endpoints()
+        );
+        for h in MONITORS {
+            let home = lab.home_of(h);
+            if h != "mon" {
+                let _ = std::fs::remove_dir_all(&home);
+                let mk = Command::new(repo().join("scripts/lab-home"))
+                    .arg(&home)
+                    .args([
+                        "--bin",
+                        crate::util::BIN,
+                        "--probe-interval",
+                        &probe_interval.to_string(),
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(mk.status.success(), "lab-home {h}");
+            }
+            let conf = home.join("conf/clup.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap();
+            text.push_str(&extra);
+            std::fs::write(&conf, text).unwrap();
+        }
+        let init = lab.adm(&["init"]);
+        assert_eq!(init.code, 0, "clupadm init into etcd: {init:?}");
+        lab
+    }
+
+    /// The clup home of a monitor host.
+    pub fn home_of(&self, host: &str) -> PathBuf {
+        if host == "mon" {
+            self.home.clone()
+        } else {
+            PathBuf::from(format!("{LAB_DIR}/{host}-home"))
+        }
+    }
+
+    /// `clup <args>` on monitor `host` with its own home.
+    pub fn clup_on(&self, host: &str, args: &[&str]) -> Out {
+        let home = self.home_of(host);
+        let env = format!("CLUP_HOME={}", home.display());
+        let bin = home.join("bin/clup");
+        let mut all = vec!["env", env.as_str(), bin.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.exec(host, &all)
+    }
+
+    /// Start the clupserver of monitor `host`.
+    pub fn start_monitor(&mut self, host: &str) {
+        let out = self.clup_on(host, &["server", "start"]);
+        assert_eq!(out.code, 0, "clupserver start in {host}: {out:?}");
+        if host == "mon" {
+            self.server_started = true;
+        } else {
+            self.monitors.push(host.to_string());
+        }
+    }
+
+    /// The clupserver log of monitor `host`.
+    pub fn log_of(&self, host: &str) -> String {
+        std::fs::read_to_string(self.home_of(host).join("logs/clupserver.log")).unwrap_or_default()
+    }
+
+    /// Kill the etcd member on `host` (by its pid file).
+    pub fn kill_etcd(&self, host: &str) {
+        let _ = self.exec(
+            host,
+            &[
+                "sh",
+                "-c",
+                "[ -f /run/etcd.pid ] && kill -9 $(cat /run/etcd.pid)",
+            ],
+        );
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        for h in self.monitors.clone() {
+            let _ = self.clup_on(&h, &["server", "stop"]);
+        }
+        for h in self.etcd_hosts.clone() {
+            self.kill_etcd(&h);
+        }
         for h in self.cstlb_hosts.clone() {
             self.stop_cstlb(&h);
         }

@@ -12,6 +12,7 @@ mod cli_server;
 mod etcd_store;
 mod fuzz;
 mod inject;
+mod lab_etcd;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
