@@ -224,7 +224,35 @@ fn refused(e: UpdateError) -> Resp {
     }
 }
 
+/// The admin commands that change something: only the leading clupserver
+/// takes them.
+const WRITES: [&str; 5] = ["froze", "unfroze", "change_meta", "switch", "repair"];
+
+/// A follower's answer to a write: 421 with the leader's `host:port`, which
+/// clupadm asks instead.
+fn not_leader(ctx: &Ctx) -> Option<Resp> {
+    let gate = &ctx.monitor.as_ref()?.gate;
+    let leader = gate.not_leading()?;
+    let msg = match &leader {
+        Some(l) => format!("clupserver {} does not lead; the leader is {l}", gate.id()),
+        None => format!(
+            "clupserver {} does not lead and no clupserver leads now (is etcd reachable?)",
+            gate.id()
+        ),
+    };
+    Some(Resp {
+        status: 421,
+        body: json!({"ok": false, "error": msg, "leader": leader}),
+        text: None,
+    })
+}
+
 fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
+    if WRITES.contains(&cmd) {
+        if let Some(r) = not_leader(ctx) {
+            return r;
+        }
+    }
     let clusters = match load(ctx) {
         Ok(c) => c,
         Err(r) => return r,

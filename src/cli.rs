@@ -429,13 +429,35 @@ pub fn call(home: &Home, cmd: &str, args: Value) -> Result<Value, Failure> {
 }
 
 pub fn call_with(cfg: &Config, cmd: &str, args: Value) -> Result<Value, Failure> {
+    let local = format!("127.0.0.1:{}", cfg.http_port);
+    match post(cfg, &local, cmd, &args)? {
+        Posted::Done(v) => Ok(v),
+        // A follower (meta_store = etcd): ask the leader it names, once.
+        Posted::Leader(leader, msg) => {
+            eprintln!("clupadm: {msg}; asking it");
+            match post(cfg, &leader, cmd, &args)? {
+                Posted::Done(v) => Ok(v),
+                Posted::Leader(_, msg) => Err(fail(EXIT_FAILED, msg)),
+            }
+        }
+    }
+}
+
+/// What one clupserver answered.
+enum Posted {
+    Done(Value),
+    /// It does not lead: the leader's `host:port`, and its message.
+    Leader(String, String),
+}
+
+fn post(cfg: &Config, addr: &str, cmd: &str, args: &Value) -> Result<Posted, Failure> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(3)))
         .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
         .build()
         .into();
-    let url = format!("http://127.0.0.1:{}/admin/{cmd}", cfg.http_port);
+    let url = format!("http://{addr}/admin/{cmd}");
     let mut resp = agent
         .post(&url)
         .header("X-Clup-Pass", cfg.ha_rpc_pass.expose())
@@ -454,9 +476,12 @@ pub fn call_with(cfg: &Config, cmd: &str, args: Value) -> Result<Value, Failure>
         .map_err(|e| fail(EXIT_UNREACHABLE, format!("Can not connect clupserver: {e}")))?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     if status == 200 && v["ok"] == json!(true) {
-        return Ok(v["data"].clone());
+        return Ok(Posted::Done(v["data"].clone()));
     }
     let msg = v["error"].as_str().unwrap_or("no reason given").to_string();
+    if let (421, Some(leader)) = (status, v["leader"].as_str()) {
+        return Ok(Posted::Leader(leader.to_string(), msg));
+    }
     Err(match status {
         401 => fail(
             EXIT_FAILED,

@@ -62,6 +62,25 @@ impl Gate {
         self.campaign.is_some()
     }
 
+    /// When this clupserver does not lead: who does (its `host:port`), if
+    /// known. None when it leads or with the file store.
+    pub fn not_leading(&self) -> Option<Option<String>> {
+        if self.may_act() {
+            return None;
+        }
+        Some(self.state().other.clone())
+    }
+
+    /// This clupserver's name in the leader key.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether the last call to etcd (campaign or renewal) worked.
+    pub fn etcd_ok(&self) -> bool {
+        self.state().error.is_none()
+    }
+
     /// Whether this clupserver may probe-and-act now.
     pub fn may_act(&self) -> bool {
         self.campaign.is_none() || self.leader().is_some()
@@ -205,8 +224,13 @@ impl MetaStore for GatedStore {
     }
 }
 
-/// This clupserver's name in the leader key: host name and HTTP port.
+/// This clupserver's name in the leader key, which is also where clupadm
+/// reaches it: `http_listen:http_port`, or the host name when it listens
+/// on every address.
 fn my_id(cfg: &Config) -> String {
+    if !cfg.http_listen.is_unspecified() {
+        return format!("{}:{}", cfg.http_listen, cfg.http_port);
+    }
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -243,15 +243,49 @@ pub fn serve(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Resp {
     if let Some(r) = api::check_token(ctx, req, query) {
         return r;
     }
+    let gate = ctx
+        .monitor
+        .as_ref()
+        .map(|m| &m.gate)
+        .filter(|g| g.is_elected());
     let clusters = match api::load(ctx) {
         Ok(c) => c,
+        // With etcd down the meta cannot be read, and that is exactly when
+        // the leader and etcd families matter: scrape without the clusters.
+        Err(_) if gate.is_some() => Clusters::new(),
         Err(r) => return r,
     };
     let observed = crate::health::snapshot(ctx);
     let none = Counters::default();
     let counters = ctx.monitor.as_ref().map_or(&none, |m| &m.counters);
-    let text = render(&clusters, &observed, counters, crate::now_secs());
+    let mut text = render(&clusters, &observed, counters, crate::now_secs());
+    // With etcd: whether this clupserver leads, and whether etcd answers.
+    if let Some(g) = gate {
+        text.push_str(&leader_metrics(g.may_act(), g.etcd_ok()));
+    }
     Resp::text(200, CONTENT_TYPE, text)
+}
+
+/// The families of a clupserver on etcd.
+fn leader_metrics(leading: bool, etcd_ok: bool) -> String {
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "clup_leader",
+            "1 while this clupserver holds the leader lease and acts (meta_store = etcd).",
+            leading,
+        ),
+        (
+            "clup_etcd_reachable",
+            "0 when the last call to etcd (campaign or lease renewal) failed: nobody can act.",
+            etcd_ok,
+        ),
+    ] {
+        let mut f = Family::new(name, "gauge", help);
+        f.add(String::new(), u8::from(v));
+        f.write(&mut out);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -332,6 +366,19 @@ mod tests {
         counters.failovers.store(1, Ordering::Relaxed);
         counters.last_failover_ms.store(4250, Ordering::Relaxed);
         (clusters, observed, counters)
+    }
+
+    #[test]
+    fn leader_families() {
+        assert_eq!(
+            leader_metrics(true, false),
+            "# HELP clup_leader 1 while this clupserver holds the leader lease and acts (meta_store = etcd).\n\
+             # TYPE clup_leader gauge\n\
+             clup_leader 1\n\
+             # HELP clup_etcd_reachable 0 when the last call to etcd (campaign or lease renewal) failed: nobody can act.\n\
+             # TYPE clup_etcd_reachable gauge\n\
+             clup_etcd_reachable 0\n"
+        );
     }
 
     #[test]

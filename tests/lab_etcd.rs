@@ -181,6 +181,31 @@ fn lab_etcd_quorum_loss_means_no_action_and_the_databases_untouched() {
         "{}",
         lab.log_of(lead)
     );
+    // The metrics say so.
+    let metrics = |h: &str| {
+        let url = format!("http://{}:8080/metrics", ip(h));
+        lab.exec(
+            "cli",
+            &[
+                "curl",
+                "-s",
+                "-m",
+                "5",
+                "-H",
+                "X-Clup-Token: lab_http_token",
+                &url,
+            ],
+        )
+        .stdout
+    };
+    assert!(
+        lab.wait(10, |_| {
+            let m = metrics(lead);
+            m.contains("\nclup_leader 0\n") && m.contains("\nclup_etcd_reachable 0\n")
+        }),
+        "{}",
+        metrics(lead)
+    );
     // A standby's postgres dies: nobody may act, so it stays down, and the
     // primary keeps taking writes all along.
     lab.kill_postgres("pg04");
