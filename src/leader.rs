@@ -126,7 +126,9 @@ impl Gate {
             }
             return l.keepalive_every();
         }
-        let retry = self.ttl / 3;
+        // A follower asks often (one small read): when the lease expires it
+        // should take over at once, not up to a third of a lease later.
+        let retry = (self.ttl / 10).max(Duration::from_millis(200));
         match c.try_acquire() {
             Ok(Elected::Won(l)) => {
                 log::warn!(

@@ -366,6 +366,9 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     facts.write_vip = early.write_vip;
 
     let mut reason = String::new();
+    // A calm round ends by bringing cstlb and the write VIP in line; done
+    // after the observation is published, which they must not delay.
+    let mut reconcile = false;
     for _ in 0..8 {
         let d = ha::decide(cluster, &facts, &shared.params(), crate::now_secs());
         reason = d.reason.clone();
@@ -385,12 +388,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                         log::warn!("Cluster({name}): {}", d.reason);
                     }
                 }
-                if !cluster.is_frozen() && cluster.lock_time <= crate::now_secs() {
-                    reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
-                    if d.reason.starts_with("no action: primary") {
-                        reconcile_write_vip(shared, name, cluster, &mut mem.write_vip_seen_on);
-                    }
-                }
+                reconcile = !cluster.is_frozen() && cluster.lock_time <= crate::now_secs();
                 break;
             }
             Kind::Gather => {
@@ -441,16 +439,26 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
         }
     }
     mem.last_reason = reason.clone();
-    let mut obs = shared.observed.lock().unwrap_or_else(|p| p.into_inner());
-    obs.insert(
-        name.to_string(),
-        Observed {
-            probes,
-            at: crate::now_secs(),
-            last_reason: reason,
-            round_ms: t0.elapsed().as_millis() as u64,
-        },
-    );
+    let primary_ok = reason.starts_with("no action: primary");
+    shared
+        .observed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            name.to_string(),
+            Observed {
+                probes,
+                at: crate::now_secs(),
+                last_reason: reason,
+                round_ms: t0.elapsed().as_millis() as u64,
+            },
+        );
+    if reconcile {
+        reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
+        if primary_ok {
+            reconcile_write_vip(shared, name, cluster, &mut mem.write_vip_seen_on);
+        }
+    }
 }
 
 /// Make sure the healthy primary's host holds the write VIP: checked once
