@@ -175,6 +175,9 @@ struct Memory {
     /// The primary (db id) whose host was last seen holding the write VIP;
     /// None until checked after this thread starts or after any action.
     write_vip_seen_on: Option<u32>,
+    /// When that check last failed (epoch seconds): it is retried only every
+    /// VIP_RECHECK_SECS, not every round (an ssh per round and cluster).
+    write_vip_failed_at: u64,
     /// The probe sessions kept between rounds (closed with the loop).
     conns: pg::ProbeConns,
     /// Normal standbys answering without streaming from the primary: since when.
@@ -456,10 +459,18 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     if reconcile {
         reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
         if primary_ok {
-            reconcile_write_vip(shared, name, cluster, &mut mem.write_vip_seen_on);
+            let now = crate::now_secs();
+            if now.saturating_sub(mem.write_vip_failed_at) >= VIP_RECHECK_SECS
+                && !reconcile_write_vip(shared, name, cluster, &mut mem.write_vip_seen_on)
+            {
+                mem.write_vip_failed_at = now;
+            }
         }
     }
 }
+
+/// How long a failed write-VIP check waits before it is tried again.
+const VIP_RECHECK_SECS: u64 = 30;
 
 /// Make sure the healthy primary's host holds the write VIP: checked once
 /// after this thread starts and after every action (one ssh call), not every
@@ -467,19 +478,28 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
 /// "delete write vip" and "add write vip" leaves the VIP nowhere; this puts
 /// it back on the primary the meta names (vip::add checks first that no
 /// other host answers for it).
-fn reconcile_write_vip(shared: &Shared, name: &str, cluster: &Cluster, seen: &mut Option<u32>) {
+/// Returns false when the check or the repair failed (retried later).
+fn reconcile_write_vip(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    seen: &mut Option<u32>,
+) -> bool {
     let Some(primary) = cluster.primary() else {
-        return;
+        return true;
     };
     if *seen == Some(primary.id) {
-        return;
+        return true;
     }
     let Ok(vip_addr) = cluster.write_vip.parse::<Ipv4Addr>() else {
-        return;
+        return true;
     };
     let ssh = &shared.ssh;
     match vip::holds(ssh, &primary.host, vip_addr) {
-        Ok(true) => *seen = Some(primary.id),
+        Ok(true) => {
+            *seen = Some(primary.id);
+            true
+        }
         Ok(false) => {
             log::warn!(
                 "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}): adding it...",
@@ -494,17 +514,24 @@ fn reconcile_write_vip(shared: &Shared, name: &str, cluster: &Cluster, seen: &mu
                         primary.host
                     );
                     *seen = Some(primary.id);
+                    true
                 }
-                Err(e) => log::error!(
-                    "Cluster({name}): cannot add write vip({vip_addr}) on host({}): {e}",
-                    primary.host
-                ),
+                Err(e) => {
+                    log::error!(
+                        "Cluster({name}): cannot add write vip({vip_addr}) on host({}): {e}",
+                        primary.host
+                    );
+                    false
+                }
             }
         }
-        Err(e) => log::warn!(
-            "Cluster({name}): cannot check the write vip on host({}): {e}",
-            primary.host
-        ),
+        Err(e) => {
+            log::warn!(
+                "Cluster({name}): cannot check the write vip on host({}): {e}",
+                primary.host
+            );
+            false
+        }
     }
 }
 
