@@ -143,22 +143,7 @@ impl Lab {
                 .arg("[ -f /run/cstlb.pid ] && kill $(cat /run/cstlb.pid); rm -f /run/cstlb.pid")
                 .output();
         }
-        let _ = std::fs::remove_dir_all(&home);
-        let mk = Command::new(repo().join("scripts/lab-home"))
-            .arg(&home)
-            .args([
-                "--bin",
-                crate::util::BIN,
-                "--probe-interval",
-                &probe_interval.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            mk.status.success(),
-            "lab-home: {}",
-            String::from_utf8_lossy(&mk.stderr)
-        );
+        lay_out_home(&home, probe_interval);
         let env = std::fs::read_to_string(format!("{LAB_DIR}/env")).unwrap_or_default();
         let pg_bin = env
             .lines()
@@ -366,6 +351,27 @@ impl Lab {
     }
 }
 
+/// A fresh clup home at `home` for a lab monitor (scripts/lab-home).
+fn lay_out_home(home: &std::path::Path, probe_interval: u32) {
+    let _ = std::fs::remove_dir_all(home);
+    let mk = Command::new(repo().join("scripts/lab-home"))
+        .arg(home)
+        .args([
+            "--bin",
+            crate::util::BIN,
+            "--probe-interval",
+            &probe_interval.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "lab-home {}: {}",
+        home.display(),
+        String::from_utf8_lossy(&mk.stderr)
+    );
+}
+
 /// The monitor hosts of the etcd lab; each runs an etcd member.
 pub const MONITORS: [&str; 3] = ["mon", "mon2", "mon3"];
 
@@ -423,18 +429,7 @@ impl Lab {
         for h in MONITORS {
             let home = lab.home_of(h);
             if h != "mon" {
-                let _ = std::fs::remove_dir_all(&home);
-                let mk = Command::new(repo().join("scripts/lab-home"))
-                    .arg(&home)
-                    .args([
-                        "--bin",
-                        crate::util::BIN,
-                        "--probe-interval",
-                        &probe_interval.to_string(),
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(mk.status.success(), "lab-home {h}");
+                lay_out_home(&home, probe_interval);
             }
             let conf = home.join("conf/clup.conf");
             let mut text = std::fs::read_to_string(&conf).unwrap();
