@@ -57,6 +57,8 @@ pub enum Kind {
     Ipv4,
     /// Whole seconds, at least 1.
     Seconds,
+    /// Seconds with up to three decimals (0.5, 1, 2.25), from 0.1 up.
+    Timeout,
     Port,
     /// A byte count; accepts kB, MB, GB suffixes (powers of 1024).
     Bytes,
@@ -108,12 +110,12 @@ pub const KEYS: &[Key] = &[
           doc: "Address the HTTP and admin interface listens on." },
     Key { name: "http_port", kind: Kind::Port, default: Some("8080"),
           doc: "Port of the HTTP and admin interface; clupadm connects to it on 127.0.0.1." },
-    Key { name: "probe_timeout", kind: Kind::Seconds, default: Some("3"),
-          doc: "Seconds a probe may take (connect plus query) before it counts as failed." },
+    Key { name: "probe_timeout", kind: Kind::Timeout, default: Some("3"),
+          doc: "Seconds a probe may take (connect plus query) before it counts as failed; decimals allowed (0.5)." },
     Key { name: "probe_retries", kind: Kind::Count, default: Some("1"),
           doc: "Extra attempts, within the interval, before a failed probe counts." },
-    Key { name: "ssh_connect_timeout", kind: Kind::Seconds, default: Some("3"),
-          doc: "ssh ConnectTimeout, in seconds, when checking or acting on a database host." },
+    Key { name: "ssh_connect_timeout", kind: Kind::Timeout, default: Some("3"),
+          doc: "Seconds a database host may take to answer a TCP connection (host check, a standby's check of the primary) and the DAD probe of a VIP (at most 1 s); decimals allowed (0.5). ssh's own ConnectTimeout is this rounded up to whole seconds." },
     Key { name: "ssh_user", kind: Kind::Text, default: Some("root"),
           doc: "User clupserver logs in as on the database hosts." },
     Key { name: "ssh_options", kind: Kind::Text, default: Some(""),
@@ -283,6 +285,7 @@ impl Config {
         check_together(&values).map_err(|(k, m)| err(values[k].0, Some(k), m))?;
         let get = |k: &str| values[k].1.clone();
         let secs = |k: &str| Duration::from_secs(get(k).parse::<u64>().unwrap_or(1));
+        let timeout = |k: &str| parse_timeout(&get(k)).unwrap_or(Duration::from_secs(1));
         let count = |k: &str| get(k).parse::<u32>().unwrap_or(0);
         Ok(Config {
             path: path.to_path_buf(),
@@ -301,9 +304,9 @@ impl Config {
             cstlb_token: Secret(get("cstlb_token")),
             http_listen: get("http_listen").parse().expect("checked"),
             http_port: get("http_port").parse().expect("checked"),
-            probe_timeout: secs("probe_timeout"),
+            probe_timeout: timeout("probe_timeout"),
             probe_retries: count("probe_retries"),
-            ssh_connect_timeout: secs("ssh_connect_timeout"),
+            ssh_connect_timeout: timeout("ssh_connect_timeout"),
             ssh_user: get("ssh_user"),
             ssh_options: get("ssh_options")
                 .split_whitespace()
@@ -372,6 +375,21 @@ fn unquote(v: &str) -> &str {
 }
 
 /// Check one value against its kind. The message never repeats a secret.
+/// Seconds with up to three decimals ("3", "0.5", "1.25"); no sign, no
+/// exponent, no unit.
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    let (whole, frac) = v.split_once('.').unwrap_or((v, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || whole.len() > 9 || frac.len() > 3 || !digits(whole) || !digits(frac) {
+        return None;
+    }
+    if v.ends_with('.') {
+        return None;
+    }
+    let ms: u64 = format!("{frac:0<3}").parse().ok()?;
+    Some(Duration::from_millis(whole.parse::<u64>().ok()? * 1000 + ms))
+}
+
 fn check_value(def: &Key, v: &str) -> Result<(), String> {
     let shown = |v: &str| {
         if def.kind == Kind::Secret {
@@ -429,6 +447,15 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             Ok(n) if (1..=86_400).contains(&n) => Ok(()),
             _ => Err(format!(
                 "invalid value {}: expected whole seconds from 1 to 86400",
+                shown(v)
+            )),
+        },
+        Kind::Timeout => match parse_timeout(v) {
+            Some(d) if d >= Duration::from_millis(100) && d <= Duration::from_secs(86_400) => {
+                Ok(())
+            }
+            _ => Err(format!(
+                "invalid value {}: expected seconds from 0.1 to 86400, at most 3 decimals (e.g. 0.5)",
                 shown(v)
             )),
         },
@@ -583,6 +610,29 @@ mod tests {
             e.to_string(),
             "/opt/clup/conf/clup.conf:16: key 'probe_intervall': unknown key"
         );
+    }
+
+    #[test]
+    fn timeouts_take_decimal_seconds() {
+        let c = parse(&format!(
+            "{SAMPLE}probe_timeout = 0.5\nssh_connect_timeout = 1.25\n"
+        ))
+        .unwrap();
+        assert_eq!(c.probe_timeout, Duration::from_millis(500));
+        assert_eq!(c.ssh_connect_timeout, Duration::from_millis(1250));
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.probe_timeout, Duration::from_secs(3));
+        assert_eq!(c.ssh_connect_timeout, Duration::from_secs(3));
+        for (v, want) in [("2", Some(2000)), ("0.1", Some(100)), ("10.05", Some(10_050))] {
+            assert_eq!(parse_timeout(v), want.map(Duration::from_millis), "{v}");
+        }
+        for bad in ["", ".5", "1.", "0.0005", "-1", "1e3", "1,5", "1s", "0.05", "0"] {
+            let e = parse(&format!("{SAMPLE}probe_timeout = {bad}\n"));
+            assert!(e.is_err(), "probe_timeout = '{bad}' was accepted");
+            if let Err(e) = e {
+                assert_eq!(e.key.as_deref(), Some("probe_timeout"), "{bad}: {e}");
+            }
+        }
     }
 
     #[test]

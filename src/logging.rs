@@ -67,8 +67,14 @@ struct Logger {
 }
 
 impl Log for Logger {
+    /// Other crates' records only from warn up: at debug, the postgres
+    /// client logs every statement it sends, and ALTER SYSTEM SET
+    /// primary_conninfo carries the replication password.
     fn enabled(&self, m: &Metadata) -> bool {
-        m.level() <= self.level && !m.target().starts_with("tiny_http")
+        let ours = m.target() == "clup" || m.target().starts_with("clup::");
+        m.level() <= self.level
+            && !m.target().starts_with("tiny_http")
+            && (ours || m.level() <= Level::Warn)
     }
 
     fn log(&self, r: &Record) {
@@ -138,5 +144,27 @@ mod tests {
             stamp.chars().filter(char::is_ascii_digit).count() == 17,
             "{stamp}"
         );
+    }
+
+    #[test]
+    fn other_crates_log_only_warnings_even_at_debug() {
+        let l = Logger {
+            file: None,
+            stderr: false,
+            level: LevelFilter::Debug,
+        };
+        fn m(target: &str, level: Level) -> Metadata<'_> {
+            log::MetadataBuilder::new()
+                .target(target)
+                .level(level)
+                .build()
+        }
+        assert!(l.enabled(&m("clup::monitor", Level::Debug)));
+        assert!(l.enabled(&m("clup", Level::Debug)));
+        assert!(!l.enabled(&m("tokio_postgres::query", Level::Debug)));
+        assert!(!l.enabled(&m("clupish", Level::Debug)));
+        assert!(!l.enabled(&m("ureq::unit", Level::Info)));
+        assert!(l.enabled(&m("ureq::unit", Level::Warn)));
+        assert!(!l.enabled(&m("clup::monitor", Level::Trace)));
     }
 }

@@ -225,11 +225,15 @@ fn probe_dbs(shared: &Shared, dbs: &[&Db], conns: &mut pg::ProbeConns) -> BTreeM
 }
 
 /// Probe again, up to probe_retries times, the databases that failed.
+/// Each attempt starts at least 200 ms after the one before it began
+/// failing (`took` = how long the first attempt ran): a probe that failed
+/// at once (refused) gets a pause, one that waited out its timeout none.
 fn retry_failed(
     shared: &Shared,
     cluster: &Cluster,
     probes: &mut BTreeMap<u32, DbProbe>,
     conns: &mut pg::ProbeConns,
+    mut took: Duration,
 ) {
     for _ in 0..shared.cfg.probe_retries {
         let failed: Vec<&Db> = cluster
@@ -240,8 +244,10 @@ fn retry_failed(
         if failed.is_empty() {
             return;
         }
-        thread::sleep(Duration::from_millis(200));
+        thread::sleep(Duration::from_millis(200).saturating_sub(took));
+        let t = Instant::now();
         probes.extend(probe_dbs(shared, &failed, conns));
+        took = t.elapsed();
     }
 }
 
@@ -314,6 +320,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     let ids: Vec<u32> = all.iter().map(|d| d.id).collect();
     mem.conns.retain(&ids);
     let mut probes = probe_dbs(shared, &all, &mut mem.conns);
+    let probing = t0.elapsed();
     // A failed probe is retried before it counts. Meanwhile the checks the
     // decision will ask for (host, peers, write VIP) already run: they only
     // gather facts, and a retry that succeeds makes them moot. This takes
@@ -331,7 +338,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 let (plan, early) = (&d.plan, &mut early);
                 s.spawn(move || gather(shared, cluster, plan, early));
             }
-            retry_failed(shared, cluster, &mut probes, &mut mem.conns);
+            retry_failed(shared, cluster, &mut probes, &mut mem.conns, probing);
         });
     }
     for (id, p) in &probes {

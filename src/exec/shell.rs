@@ -1,8 +1,10 @@
 //! Quoting values into POSIX shell scripts that run on database hosts.
 //!
-//! Owns: [`quote`]. Every value interpolated into a remote script goes
+//! Owns: [`quote`], [`short_wait`]. Every value interpolated into a remote script goes
 //! through it, even values meta.rs already restricted (defence in depth).
 //! Must not: run anything.
+
+use std::time::Duration;
 
 /// `s` as one POSIX shell word. Words made only of characters no shell treats
 /// specially are left bare (readable scripts); anything else is wrapped in
@@ -24,6 +26,19 @@ pub fn quote(s: &str) -> String {
     }
     out.push('\'');
     out
+}
+
+/// `d`, at most 1 s, as seconds for `timeout(1)`: "1", "0.5", "0.25".
+/// For waits on the LAN where an answer takes milliseconds or never comes.
+pub fn short_wait(d: Duration) -> String {
+    let ms = d.min(Duration::from_secs(1)).as_millis().max(10);
+    if ms % 1000 == 0 {
+        (ms / 1000).to_string()
+    } else {
+        format!("{}.{:03}", ms / 1000, ms % 1000)
+            .trim_end_matches('0')
+            .to_string()
+    }
 }
 
 #[cfg(test)]
@@ -85,5 +100,13 @@ mod tests {
     #[test]
     fn nul_is_dropped() {
         assert_eq!(quote("a\0b"), "'ab'");
+    }
+
+    #[test]
+    fn short_waits_are_seconds_for_timeout() {
+        use std::time::Duration;
+        for (ms, want) in [(3000, "1"), (1000, "1"), (500, "0.5"), (250, "0.25"), (1, "0.01"), (120, "0.12")] {
+            assert_eq!(short_wait(Duration::from_millis(ms)), want, "{ms}");
+        }
     }
 }

@@ -104,7 +104,8 @@ impl Ssh {
     /// As [`Ssh::args`]; `mux == false` opens a connection of its own even
     /// when a master connection exists (ControlPath=none).
     fn args_mux(&self, host: &str, script: &str, mux: bool) -> Vec<String> {
-        let secs = self.connect_timeout.as_secs().max(1);
+        // ssh takes whole seconds: round up.
+        let secs = self.connect_timeout.as_millis().div_ceil(1000).max(1);
         // ssh keeps the first value of an option: the operator's
         // ssh_options come first so they can override our defaults.
         let mut a: Vec<String> = self.options.clone();
@@ -168,11 +169,47 @@ impl Ssh {
     /// through it waits for ServerAlive (seconds) or for our whole timeout,
     /// where a new TCP connect fails within ConnectTimeout. This check is
     /// on the failover's critical path.
+    ///
+    /// First a plain TCP connect to where ssh would connect, bounded by
+    /// ssh_connect_timeout with millisecond precision (ssh's own
+    /// ConnectTimeout counts whole seconds): a host that does not answer
+    /// at all is down without waiting for ssh. A host that answers, even
+    /// with a refusal, goes on to the ssh login.
     pub fn check_host(&self, host: &str) -> Result<(), CommandError> {
+        if let Some(addr) = self.endpoint(host) {
+            if let Err(err) = std::net::TcpStream::connect_timeout(&addr, self.connect_timeout) {
+                use std::io::ErrorKind::*;
+                if !matches!(err.kind(), ConnectionRefused | ConnectionReset) {
+                    return Err(CommandError::Io {
+                        what: self.describe(host, &format!("connect to {addr}")),
+                        err: std::io::Error::new(
+                            err.kind(),
+                            format!(
+                                "{err} (ssh_connect_timeout {} s)",
+                                self.connect_timeout.as_secs_f64()
+                            ),
+                        ),
+                    });
+                }
+            }
+        }
         let timeout = self.connect_timeout + Duration::from_secs(2);
         let args = self.args_mux(host, "true", false);
         let out = self.run_args(host, "true", &args, None, timeout)?;
         exit_ok(self.describe(host, "true"), out).map(|_| ())
+    }
+
+    /// Where ssh connects for `host`: HostName and Port as `ssh -G` resolves
+    /// them through ssh_config and ssh_options. None when ssh goes through
+    /// a proxy, or when that cannot be told (then only ssh itself checks).
+    fn endpoint(&self, host: &str) -> Option<std::net::SocketAddr> {
+        use std::net::ToSocketAddrs;
+        let mut args: Vec<String> = self.options.clone();
+        args.push("-G".into());
+        args.push(format!("{}@{}", self.user, host));
+        let out = cmd::run(&self.program, &args, None, Duration::from_secs(2)).ok()?;
+        let (name, port) = endpoint_of(&out.stdout)?;
+        (name.as_str(), port).to_socket_addrs().ok()?.next()
     }
 
     /// Run ssh with `args`; exit 255 (ssh's own failure: the script never
@@ -225,10 +262,13 @@ impl Remote for Ssh {
 /// The host and port go to the inner `bash -c` as positional parameters,
 /// never into its program text: that text is evaluated a second time by
 /// bash, so quoting for the outer shell alone would not protect it.
-pub fn peer_script(host: &str, port: u16) -> String {
-    use crate::exec::shell::quote;
+/// The connect waits `wait`, at most 1 s (a live host on the LAN answers
+/// in milliseconds).
+pub fn peer_script(host: &str, port: u16, wait: Duration) -> String {
+    use crate::exec::shell::{quote, short_wait};
     format!(
-        "if timeout 1 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo open; else echo closed; fi",
+        "if timeout {} bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo open; else echo closed; fi",
+        short_wait(wait),
         quote(host),
         quote(&port.to_string())
     )
@@ -247,7 +287,7 @@ pub fn peer_reaches(
     let out = remote.run_script(
         via,
         &label,
-        &peer_script(host, port),
+        &peer_script(host, port, remote.connect_timeout()),
         None,
         remote.connect_timeout() + Duration::from_secs(4),
     )?;
@@ -264,6 +304,24 @@ pub fn peer_reaches(
             stdout: String::new(),
         }),
     }
+}
+
+/// HostName and Port from `ssh -G` output; None when a ProxyCommand or
+/// ProxyJump is in the way (a TCP connect to the host says nothing then).
+pub fn endpoint_of(ssh_g: &str) -> Option<(String, u16)> {
+    let (mut name, mut port) = (None, None);
+    for line in ssh_g.lines() {
+        let Some((k, v)) = line.split_once(' ') else {
+            continue;
+        };
+        match k {
+            "hostname" => name = Some(v.trim().to_string()),
+            "port" => port = v.trim().parse::<u16>().ok(),
+            "proxycommand" | "proxyjump" if v.trim() != "none" => return None,
+            _ => {}
+        }
+    }
+    Some((name?, port?))
 }
 
 /// The first non-empty line of a script, shortened: a label for messages.
@@ -298,13 +356,15 @@ mod tests {
             .port();
         for (port, want) in [(open, "open"), (closed, "closed")] {
             let out = std::process::Command::new("sh")
-                .args(["-c", &peer_script("127.0.0.1", port)])
+                .args(["-c", &peer_script("127.0.0.1", port, Duration::from_secs(3))])
                 .output()
                 .unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
             assert!(out.status.success());
         }
-        assert!(peer_script("10.0.0.1;reboot", 5432).starts_with(
+        assert!(peer_script("10.0.0.1", 5432, Duration::from_millis(300))
+            .starts_with("if timeout 0.3 bash"));
+        assert!(peer_script("10.0.0.1;reboot", 5432, Duration::from_secs(3)).starts_with(
             "if timeout 1 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
         ));
     }
@@ -406,5 +466,62 @@ mod tests {
         let took = started.elapsed();
         assert!(took < Duration::from_millis(3500), "took {took:?}");
         drop(keep);
+    }
+
+    #[test]
+    fn endpoint_is_what_ssh_g_resolves() {
+        let g = "user root\nhostname 10.0.0.7\nport 2222\nproxycommand none\nconnecttimeout 3\n";
+        assert_eq!(endpoint_of(g), Some(("10.0.0.7".to_string(), 2222)));
+        assert_eq!(endpoint_of("hostname a\nport 22\nproxyjump bastion\n"), None);
+        assert_eq!(endpoint_of("hostname a\nproxycommand nc %h %p\nport 22\n"), None);
+        assert_eq!(endpoint_of("port 22\n"), None);
+    }
+
+    /// A host whose TCP stack drops the SYN (here: a listener whose accept
+    /// queue is full) is down after ssh_connect_timeout, below ssh's
+    /// one-second ConnectTimeout floor, and ssh itself never runs.
+    #[test]
+    fn silent_host_is_down_after_a_subsecond_connect_timeout() {
+        // SAFETY: plain socket calls on a descriptor this test owns.
+        let (fd, port) = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let mut a: libc::sockaddr_in = std::mem::zeroed();
+            a.sin_family = libc::AF_INET as libc::sa_family_t;
+            a.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, &a as *const _ as *const libc::sockaddr, len), 0);
+            assert_eq!(libc::listen(fd, 0), 0);
+            let mut b: libc::sockaddr_in = std::mem::zeroed();
+            let mut blen = len;
+            libc::getsockname(fd, &mut b as *mut _ as *mut libc::sockaddr, &mut blen);
+            (fd, u16::from_be(b.sin_port))
+        };
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        // Fill the accept queue: later SYNs are dropped.
+        let mut held = Vec::new();
+        while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            held.push(c);
+            assert!(held.len() < 64, "the accept queue never filled");
+        }
+        let s = Ssh {
+            options: vec!["-p".into(), port.to_string()],
+            connect_timeout: Duration::from_millis(300),
+            ..ssh()
+        };
+        let started = Instant::now();
+        let e = s.check_host("127.0.0.1").unwrap_err();
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(900), "took {took:?}: {e}");
+        assert!(took >= Duration::from_millis(250), "took {took:?}: {e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("ssh root@127.0.0.1: connect to 127.0.0.1:{port}")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("ssh_connect_timeout 0.3 s"), "{e}");
+        drop(held);
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
     }
 }

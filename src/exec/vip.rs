@@ -162,9 +162,11 @@ done
 
 /// Duplicate address detection: exit 0 = nobody answered, 1 = somebody has
 /// `vip`, anything else = arping could not ask.
-pub fn dad_script(ifname: &str, vip: Ipv4Addr) -> String {
+pub fn dad_script(ifname: &str, vip: Ipv4Addr, wait: Duration) -> String {
+    // timeout's 124 (no answer within the wait) means free, as arping's 0.
     format!(
-        "arping -D -c 1 -w 1 -I {} {}\n",
+        "timeout {} arping -D -c 1 -w 1 -I {} {}\nrc=$?; [ $rc = 124 ] && rc=0; exit $rc\n",
+        crate::exec::shell::short_wait(wait),
         quote(ifname),
         quote(&vip.to_string())
     )
@@ -213,7 +215,7 @@ pub fn held_by_other(
     let out = remote.run_script_unchecked(
         via_host,
         &label,
-        &dad_script(ifname, vip),
+        &dad_script(ifname, vip, remote.connect_timeout()),
         None,
         timeout(remote) + Duration::from_secs(2),
     )?;
@@ -311,8 +313,8 @@ garbage line
             "{s}"
         );
         assert_eq!(
-            dad_script("eth1", Ipv4Addr::new(10, 0, 0, 9)),
-            "arping -D -c 1 -w 1 -I eth1 10.0.0.9\n"
+            dad_script("eth1", Ipv4Addr::new(10, 0, 0, 9), Duration::from_secs(3)),
+            "timeout 1 arping -D -c 1 -w 1 -I eth1 10.0.0.9\nrc=$?; [ $rc = 124 ] && rc=0; exit $rc\n"
         );
     }
 
