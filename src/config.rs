@@ -387,7 +387,9 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
         return None;
     }
     let ms: u64 = format!("{frac:0<3}").parse().ok()?;
-    Some(Duration::from_millis(whole.parse::<u64>().ok()? * 1000 + ms))
+    Some(Duration::from_millis(
+        whole.parse::<u64>().ok()? * 1000 + ms,
+    ))
 }
 
 fn check_value(def: &Key, v: &str) -> Result<(), String> {
@@ -623,10 +625,16 @@ mod tests {
         let c = parse(SAMPLE).unwrap();
         assert_eq!(c.probe_timeout, Duration::from_secs(3));
         assert_eq!(c.ssh_connect_timeout, Duration::from_secs(3));
-        for (v, want) in [("2", Some(2000)), ("0.1", Some(100)), ("10.05", Some(10_050))] {
+        for (v, want) in [
+            ("2", Some(2000)),
+            ("0.1", Some(100)),
+            ("10.05", Some(10_050)),
+        ] {
             assert_eq!(parse_timeout(v), want.map(Duration::from_millis), "{v}");
         }
-        for bad in ["", ".5", "1.", "0.0005", "-1", "1e3", "1,5", "1s", "0.05", "0"] {
+        for bad in [
+            "", ".5", "1.", "0.0005", "-1", "1e3", "1,5", "1s", "0.05", "0",
+        ] {
             let e = parse(&format!("{SAMPLE}probe_timeout = {bad}\n"));
             assert!(e.is_err(), "probe_timeout = '{bad}' was accepted");
             if let Err(e) = e {

@@ -58,6 +58,9 @@ pub struct Shared {
     pub counters: Counters,
     /// Whether this clupserver may act (the leader lease with etcd).
     pub gate: Arc<crate::leader::Gate>,
+    /// The interface in `network` of hosts looked at lately, and when:
+    /// spares the VIP step of a failover one ssh call.
+    ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
 }
 
 impl Shared {
@@ -71,7 +74,31 @@ impl Shared {
             observed: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
             gate: Arc::new(crate::leader::Gate::always()),
+            ifnames: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// `host`'s interface in `network`: as seen within the last minute,
+    /// else asked for over ssh.
+    pub fn ifname(&self, host: &str) -> Result<String, String> {
+        let m = self.ifnames.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, at)) = m.get(host) {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Ok(n.clone());
+            }
+        }
+        drop(m);
+        let (n, _) =
+            vip::find_interface(&self.ssh, host, self.cfg.network).map_err(|e| e.to_string())?;
+        self.remember_ifname(host, &n);
+        Ok(n)
+    }
+
+    fn remember_ifname(&self, host: &str, ifname: &str) {
+        self.ifnames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), (ifname.to_string(), Instant::now()));
     }
 
     /// As [`Shared::new`], acting only while `gate` is open.
@@ -623,56 +650,96 @@ fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
     matches!(shared.store.load(), Ok(doc) if doc.clusters.get(name) == Some(cluster))
 }
 
-/// From `via`: who has the cluster's write VIP?
-fn write_vip_seen(shared: &Shared, cluster: &Cluster, via: &str) -> Result<VipSeen, String> {
-    let v = vip_of(&cluster.write_vip)?;
-    if vip::holds(&shared.ssh, via, v).map_err(|e| e.to_string())? {
-        return Ok(VipSeen::HeldBy(via.to_string()));
+/// From `via`: who has the cluster's write VIP? With `peer`, also whether
+/// `via` reaches it (the same ssh call: one login per standby on a
+/// failover's critical path).
+fn write_vip_seen(
+    shared: &Shared,
+    cluster: &Cluster,
+    via: &str,
+    peer: Option<(&str, u16)>,
+) -> (Result<VipSeen, String>, Option<bool>) {
+    let v = match vip_of(&cluster.write_vip) {
+        Ok(v) => v,
+        Err(e) => return (Err(e), None),
+    };
+    let look = match vip::look(&shared.ssh, via, v, peer) {
+        Ok(l) => l,
+        Err(e) => return (Err(e.to_string()), None),
+    };
+    if let Some((ifname, _)) = vip::pick_interface(&look.addrs, shared.cfg.network) {
+        shared.remember_ifname(via, &ifname);
     }
-    let (ifname, _) =
-        vip::find_interface(&shared.ssh, via, shared.cfg.network).map_err(|e| e.to_string())?;
-    match vip::held_by_other(&shared.ssh, via, &ifname, v).map_err(|e| e.to_string())? {
-        true => Ok(VipSeen::Answered),
-        false => Ok(VipSeen::Free),
-    }
+    let seen = match vip::answered_from(&shared.ssh, via, v, shared.cfg.network, &look) {
+        Ok(None) => Ok(VipSeen::HeldBy(via.to_string())),
+        Ok(Some(true)) => Ok(VipSeen::Answered),
+        Ok(Some(false)) => Ok(VipSeen::Free),
+        Err(e) => Err(e.to_string()),
+    };
+    (seen, look.peer)
 }
 
-/// Run gather actions in parallel and record their answers.
+/// Run gather actions in parallel and record their answers. A standby
+/// asked both about the primary and about the write VIP gets one ssh call.
 fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts) {
     /// One gathered fact.
     enum Answer {
         Host(String, bool),
         Peer(String, Option<bool>),
         Vip(Option<VipSeen>),
-        Nothing,
     }
+    let vip_via = plan.iter().find_map(|a| match a {
+        Action::CheckWriteVip { via } => Some(via.as_str()),
+        _ => None,
+    });
+    // The peer question that rides along with the write VIP check.
+    let joined = plan.iter().find_map(|a| match a {
+        Action::CheckPeer { via, host, port } if Some(via.as_str()) == vip_via => {
+            Some((host.as_str(), *port))
+        }
+        _ => None,
+    });
+    let peer_failed = |via: &str, host: &str, port: u16, e: &dyn std::fmt::Display| {
+        log::warn!("Cannot ask {via} about {host}:{port}: {e}");
+    };
     let answers: Vec<Answer> = thread::scope(|s| {
         let hs: Vec<_> = plan
             .iter()
             .map(|a| {
                 s.spawn(move || match a {
                     Action::CheckHost { host } => {
-                        Answer::Host(host.clone(), shared.ssh.host_up(host))
+                        vec![Answer::Host(host.clone(), shared.ssh.host_up(host))]
                     }
+                    Action::CheckPeer { via, .. } if Some(via.as_str()) == vip_via => vec![],
                     Action::CheckPeer { via, host, port } => {
                         let r = exssh::peer_reaches(&shared.ssh, via, host, *port);
                         if let Err(e) = &r {
-                            log::warn!("Cannot ask {via} about {host}:{port}: {e}");
+                            peer_failed(via, host, *port, e);
                         }
-                        Answer::Peer(via.clone(), r.ok())
+                        vec![Answer::Peer(via.clone(), r.ok())]
                     }
                     Action::CheckWriteVip { via } => {
-                        let r = write_vip_seen(shared, cluster, via);
+                        let (r, peer) = write_vip_seen(shared, cluster, via, joined);
                         if let Err(e) = &r {
                             log::warn!("Cannot check from {via} who has the write vip: {e}");
                         }
-                        Answer::Vip(r.ok())
+                        let mut out = vec![Answer::Vip(r.ok())];
+                        if let Some((host, port)) = joined {
+                            if peer.is_none() {
+                                peer_failed(via, host, port, &"no answer");
+                            }
+                            out.push(Answer::Peer(via.clone(), peer));
+                        }
+                        out
                     }
-                    _ => Answer::Nothing,
+                    _ => vec![],
                 })
             })
             .collect();
-        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+        hs.into_iter()
+            .filter_map(|h| h.join().ok())
+            .flatten()
+            .collect()
     });
     for a in answers {
         match a {
@@ -686,7 +753,6 @@ fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts
                 }
             }
             Answer::Vip(v) => facts.write_vip = v,
-            Answer::Nothing => {}
         }
     }
 }
@@ -902,15 +968,9 @@ fn step(
         }
         Action::EnsureWriteVipFree { id } => {
             let db = db_or_err(cluster, *id)?;
-            let (ifname, _) =
-                vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
-            let write_vip = vip_of(&cluster.write_vip)?;
-            if vip::holds(ssh, &db.host, write_vip).unwrap_or(false) {
-                return Ok(());
-            }
-            match vip::held_by_other(ssh, &db.host, &ifname, write_vip) {
-                Ok(false) => Ok(()),
-                Ok(true) => Err(format!(
+            match write_vip_seen(shared, cluster, &db.host, None).0 {
+                Ok(VipSeen::Free | VipSeen::HeldBy(_)) => Ok(()),
+                Ok(VipSeen::Answered) => Err(format!(
                     "another host still answers ARP for the write vip({}): refusing to promote (split brain guard)",
                     cluster.write_vip
                 )),
@@ -932,10 +992,16 @@ fn step(
         }
         Action::AddWriteVip { id } => {
             let db = db_or_err(cluster, *id)?;
-            let (ifname, _) =
-                vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
-            vip::add(ssh, &db.host, vip_of(&cluster.write_vip)?, &ifname)
-                .map_err(|e| e.to_string())?;
+            let v = vip_of(&cluster.write_vip)?;
+            let ifname = shared.ifname(&db.host)?;
+            if let Err(e) = vip::add(ssh, &db.host, v, &ifname) {
+                // A remembered interface that has gone: ask once more.
+                log::warn!("{e}; looking up the interface of host {} again", db.host);
+                let (ifname, _) =
+                    vip::find_interface(ssh, &db.host, cfg.network).map_err(|e| e.to_string())?;
+                shared.remember_ifname(&db.host, &ifname);
+                vip::add(ssh, &db.host, v, &ifname).map_err(|e| e.to_string())?;
+            }
             t.info(&format!(
                 "{pre}: write vip({}) added on host({}).",
                 cluster.write_vip, db.host

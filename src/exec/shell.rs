@@ -105,7 +105,14 @@ mod tests {
     #[test]
     fn short_waits_are_seconds_for_timeout() {
         use std::time::Duration;
-        for (ms, want) in [(3000, "1"), (1000, "1"), (500, "0.5"), (250, "0.25"), (1, "0.01"), (120, "0.12")] {
+        for (ms, want) in [
+            (3000, "1"),
+            (1000, "1"),
+            (500, "0.5"),
+            (250, "0.25"),
+            (1, "0.01"),
+            (120, "0.12"),
+        ] {
             assert_eq!(short_wait(Duration::from_millis(ms)), want, "{ms}");
         }
     }

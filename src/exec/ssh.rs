@@ -356,7 +356,10 @@ mod tests {
             .port();
         for (port, want) in [(open, "open"), (closed, "closed")] {
             let out = std::process::Command::new("sh")
-                .args(["-c", &peer_script("127.0.0.1", port, Duration::from_secs(3))])
+                .args([
+                    "-c",
+                    &peer_script("127.0.0.1", port, Duration::from_secs(3)),
+                ])
                 .output()
                 .unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want);
@@ -472,8 +475,14 @@ mod tests {
     fn endpoint_is_what_ssh_g_resolves() {
         let g = "user root\nhostname 10.0.0.7\nport 2222\nproxycommand none\nconnecttimeout 3\n";
         assert_eq!(endpoint_of(g), Some(("10.0.0.7".to_string(), 2222)));
-        assert_eq!(endpoint_of("hostname a\nport 22\nproxyjump bastion\n"), None);
-        assert_eq!(endpoint_of("hostname a\nproxycommand nc %h %p\nport 22\n"), None);
+        assert_eq!(
+            endpoint_of("hostname a\nport 22\nproxyjump bastion\n"),
+            None
+        );
+        assert_eq!(
+            endpoint_of("hostname a\nproxycommand nc %h %p\nport 22\n"),
+            None
+        );
         assert_eq!(endpoint_of("port 22\n"), None);
     }
 
@@ -490,7 +499,10 @@ mod tests {
             a.sin_family = libc::AF_INET as libc::sa_family_t;
             a.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            assert_eq!(libc::bind(fd, &a as *const _ as *const libc::sockaddr, len), 0);
+            assert_eq!(
+                libc::bind(fd, &a as *const _ as *const libc::sockaddr, len),
+                0
+            );
             assert_eq!(libc::listen(fd, 0), 0);
             let mut b: libc::sockaddr_in = std::mem::zeroed();
             let mut blen = len;

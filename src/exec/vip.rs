@@ -172,6 +172,109 @@ pub fn dad_script(ifname: &str, vip: Ipv4Addr, wait: Duration) -> String {
     )
 }
 
+/// What one ssh call to a host saw: its addresses, the duplicate-address
+/// probe for a VIP on the interface that routes to it, and optionally
+/// whether it reaches a peer's port. See [`look`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Look {
+    pub addrs: Vec<IfAddr>,
+    /// The interface probed and whether another host answered for the VIP;
+    /// None when no probe ran (the host routes the VIP to itself, or no
+    /// route) or arping failed.
+    pub dad: Option<(String, bool)>,
+    /// `Some(reached)` when a peer was asked about.
+    pub peer: Option<bool>,
+}
+
+/// Script for [`look`]. The peer check runs in the background beside the
+/// DAD probe, so the whole takes one wait, not two.
+pub fn look_script(vip: Ipv4Addr, peer: Option<(&str, u16)>, wait: Duration) -> String {
+    let w = crate::exec::shell::short_wait(wait);
+    let mut s = format!("vip={}\n", quote(&vip.to_string()));
+    if let Some((host, port)) = peer {
+        s.push_str(&format!(
+            "{{ if timeout {w} bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer {} {} 2>/dev/null; then echo 'clup-peer open'; else echo 'clup-peer closed'; fi; }} &\n",
+            quote(host),
+            quote(&port.to_string())
+        ));
+    }
+    s.push_str(&format!(
+        r#"dev=$(ip -o route get "$vip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+case $dev in
+  ''|lo) ;;
+  *) timeout {w} arping -D -c 1 -w 1 -I "$dev" "$vip" >/dev/null 2>&1; rc=$?
+     [ $rc = 124 ] && rc=0
+     echo "clup-dad $dev $rc" ;;
+esac
+ip -o -4 addr show
+wait
+"#
+    ));
+    s
+}
+
+/// Parse what [`look_script`] printed.
+pub fn parse_look(out: &str) -> Look {
+    let mut look = Look {
+        addrs: parse_ip_addr(out),
+        ..Look::default()
+    };
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["clup-peer", "open"] => look.peer = Some(true),
+            ["clup-peer", "closed"] => look.peer = Some(false),
+            ["clup-dad", dev, "0"] => look.dad = Some((dev.to_string(), false)),
+            ["clup-dad", dev, "1"] => look.dad = Some((dev.to_string(), true)),
+            _ => {}
+        }
+    }
+    look
+}
+
+/// From `host`, in one ssh call: its addresses, whether another machine
+/// answers ARP for `vip`, and, if `peer` is given, whether `host` can open
+/// a TCP connection to it. The probes wait min(ssh_connect_timeout, 1 s).
+pub fn look(
+    remote: &dyn Remote,
+    host: &str,
+    vip: Ipv4Addr,
+    peer: Option<(&str, u16)>,
+) -> Result<Look, CommandError> {
+    let label = match peer {
+        Some((h, p)) => format!("who has {vip}, can {h}:{p} be reached from here"),
+        None => format!("who has {vip}"),
+    };
+    let script = look_script(vip, peer, remote.connect_timeout());
+    let out = remote.run_script(host, &label, &script, None, timeout(remote))?;
+    Ok(parse_look(&out.stdout))
+}
+
+/// Who has `vip`, seen from `host` by [`look`]: `Ok(Some(true))` another
+/// machine answers ARP for it, `Ok(Some(false))` nobody does, `Ok(None)`
+/// `host` holds it itself. The probe must have run on the interface in
+/// `network`; if the route pointed elsewhere, it is run again there.
+pub fn answered_from(
+    remote: &dyn Remote,
+    host: &str,
+    vip: Ipv4Addr,
+    network: Ipv4Addr,
+    look: &Look,
+) -> Result<Option<bool>, Error> {
+    if look.addrs.iter().any(|a| a.addr == vip) {
+        return Ok(None);
+    }
+    let (ifname, _) = pick_interface(&look.addrs, network).ok_or_else(|| {
+        Error::Other(format!(
+            "host {host} has no interface with an address in network {network}"
+        ))
+    })?;
+    match &look.dad {
+        Some((dev, answered)) if *dev == ifname => Ok(Some(*answered)),
+        _ => held_by_other(remote, host, &ifname, vip).map(Some),
+    }
+}
+
 /// Put `vip` on `host`'s `ifname` and announce it. An announcement that
 /// fails is logged, not an error: the address is up.
 pub fn add(remote: &dyn Remote, host: &str, vip: Ipv4Addr, ifname: &str) -> Result<(), Error> {
@@ -334,16 +437,24 @@ garbage line
             std::fs::write(dir.join("list"), ip_list).unwrap();
             let log = dir.join("calls").display().to_string();
             let list = dir.join("list").display().to_string();
+            std::fs::write(
+                dir.join("route"),
+                "192.168.56.50 dev eth1 src 192.168.56.41 uid 0 \\    cache \n",
+            )
+            .unwrap();
+            let route = dir.join("route").display().to_string();
             let ip = format!(
                 "#!/bin/sh\necho \"ip $*\" >> {log}\n\
                  case \"$1 $2\" in\n\
                  '-o -4') cat {list} ;;\n\
                  'addr add') {add_result} ;;\n\
                  'addr del') exit 0 ;;\n\
+                 '-o route') cat {route} ;;\n\
                  esac\n"
             );
+            // 99: arping that never ends (nobody answers, no deadline).
             let arping = format!(
-                "#!/bin/sh\necho \"arping $*\" >> {log}\necho 'arping says hi' >&2\nexit {arping_rc}\n"
+                "#!/bin/sh\necho \"arping $*\" >> {log}\necho 'arping says hi' >&2\n[ {arping_rc} = 99 ] && exec sleep 10\nexit {arping_rc}\n"
             );
             for (n, body) in [("ip", ip), ("arping", arping)] {
                 let p = dir.join(n);
@@ -476,5 +587,107 @@ garbage line
         let broken = FakeHost::new("dad2", SAMPLE, "exit 0", 2);
         let e = held_by_other(&broken, "fakehost", "eth1", VIP).unwrap_err();
         assert!(e.to_string().contains("arping says hi"), "{e}");
+    }
+
+    const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 50);
+    const NET: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 0);
+
+    #[test]
+    fn look_probes_the_routed_interface_in_one_call() {
+        let free = FakeHost::new("look0", SAMPLE, "exit 0", 0);
+        let l = look(&free, "fakehost", OTHER_VIP, None).unwrap();
+        assert_eq!(l.dad, Some(("eth1".to_string(), false)));
+        assert_eq!(l.peer, None);
+        assert_eq!(l.addrs, parse_ip_addr(SAMPLE));
+        assert_eq!(
+            answered_from(&free, "fakehost", OTHER_VIP, NET, &l).unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            free.calls().matches("arping").count(),
+            1,
+            "{}",
+            free.calls()
+        );
+
+        let taken = FakeHost::new("look1", SAMPLE, "exit 0", 1);
+        let l = look(&taken, "fakehost", OTHER_VIP, None).unwrap();
+        assert_eq!(
+            answered_from(&taken, "fakehost", OTHER_VIP, NET, &l).unwrap(),
+            Some(true)
+        );
+
+        // The host has the VIP itself: no probe, and "held here".
+        let held = FakeHost::new("look2", SAMPLE, "exit 0", 1);
+        std::fs::write(
+            held.dir.join("route"),
+            "local 192.168.56.40 dev lo table local src 192.168.56.40 uid 0\n",
+        )
+        .unwrap();
+        let l = look(&held, "fakehost", VIP, None).unwrap();
+        assert_eq!(l.dad, None);
+        assert_eq!(
+            answered_from(&held, "fakehost", VIP, NET, &l).unwrap(),
+            None
+        );
+        assert!(!held.calls().contains("arping"), "{}", held.calls());
+
+        // Routed out of another interface than the network's: probed again on eth1.
+        let odd = FakeHost::new("look3", SAMPLE, "exit 0", 0);
+        std::fs::write(
+            odd.dir.join("route"),
+            "192.168.56.50 via 10.0.0.1 dev veth1 src 172.20.0.2\n",
+        )
+        .unwrap();
+        let l = look(&odd, "fakehost", OTHER_VIP, None).unwrap();
+        assert_eq!(l.dad, Some(("veth1".to_string(), false)));
+        assert_eq!(
+            answered_from(&odd, "fakehost", OTHER_VIP, NET, &l).unwrap(),
+            Some(false)
+        );
+        assert!(
+            odd.calls()
+                .contains("arping -D -c 1 -w 1 -I eth1 192.168.56.50"),
+            "{}",
+            odd.calls()
+        );
+
+        let e =
+            answered_from(&odd, "fakehost", OTHER_VIP, Ipv4Addr::new(10, 9, 9, 0), &l).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no interface with an address in network 10.9.9.0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn look_asks_the_peer_beside_the_probe_and_bounds_a_silent_arping() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = l.local_addr().unwrap().port();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // arping never returns: the wait (1 s here) ends it, and that means free.
+        let h = FakeHost::new("look4", SAMPLE, "exit 0", 99);
+        let started = std::time::Instant::now();
+        let got = look(&h, "fakehost", OTHER_VIP, Some(("127.0.0.1", open))).unwrap();
+        let took = started.elapsed();
+        assert_eq!(got.peer, Some(true));
+        assert_eq!(got.dad, Some(("eth1".to_string(), false)));
+        assert!(took < Duration::from_millis(2500), "took {took:?}");
+        let got = look(&h, "fakehost", OTHER_VIP, Some(("127.0.0.1", closed))).unwrap();
+        assert_eq!(got.peer, Some(false));
+        assert!(look_script(
+            OTHER_VIP,
+            Some(("10.0.0.1;reboot", 5432)),
+            Duration::from_millis(400)
+        )
+        .contains(
+            "timeout 0.4 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
+        ));
+        drop(l);
     }
 }
