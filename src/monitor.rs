@@ -8,7 +8,7 @@
 //! branch on cluster state is in `ha`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -61,6 +61,42 @@ pub struct Shared {
     /// The interface in `network` of hosts looked at lately, and when:
     /// spares the VIP step of a failover one ssh call.
     ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Early gathers running now (see `round`).
+    early_gathers: AtomicUsize,
+    /// Hosts' addresses as read lately by the write-VIP reconcile.
+    recent_addrs: Mutex<BTreeMap<String, Arc<AddrSlot>>>,
+}
+
+/// One host's addresses and when they were read (or why they could not
+/// be); locked while they are being read, so that clusters sharing a host
+/// wait for one ssh call instead of each making its own.
+type AddrSlot = Mutex<Option<(Instant, Result<Vec<vip::IfAddr>, String>)>>;
+
+/// How long addresses read for the write-VIP reconcile serve other
+/// clusters on the same host.
+const ADDR_TTL: Duration = Duration::from_secs(2);
+
+/// At most this many clusters run their failover checks beside a probe
+/// retry at once; the others check after the retry.
+const EARLY_GATHERS: usize = 4;
+
+/// One of the [`EARLY_GATHERS`] slots, given back when dropped.
+struct EarlySlot<'a>(&'a AtomicUsize);
+
+impl<'a> EarlySlot<'a> {
+    fn take(n: &'a AtomicUsize) -> Option<EarlySlot<'a>> {
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v < EARLY_GATHERS).then_some(v + 1)
+        })
+        .ok()
+        .map(|_| EarlySlot(n))
+    }
+}
+
+impl Drop for EarlySlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -75,6 +111,8 @@ impl Shared {
             counters: Counters::default(),
             gate: Arc::new(crate::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
+            early_gathers: AtomicUsize::new(0),
+            recent_addrs: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -92,6 +130,41 @@ impl Shared {
             vip::find_interface(&self.ssh, host, self.cfg.network).map_err(|e| e.to_string())?;
         self.remember_ifname(host, &n);
         Ok(n)
+    }
+
+    /// `host`'s addresses, read over ssh unless another cluster read them
+    /// within [`ADDR_TTL`]. Only for the calm-round reconcile: acting
+    /// steps always look afresh.
+    fn recent_addresses(&self, host: &str) -> Result<Vec<vip::IfAddr>, String> {
+        let slot = self
+            .recent_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_string())
+            .or_default()
+            .clone();
+        let mut got = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, r)) = got.as_ref() {
+            if at.elapsed() < ADDR_TTL {
+                return r.clone();
+            }
+        }
+        let r = vip::addresses(&self.ssh, host).map_err(|e| e.to_string());
+        *got = Some((Instant::now(), r.clone()));
+        r
+    }
+
+    /// Forget what [`Shared::recent_addresses`] read of `host`.
+    fn forget_addresses(&self, host: &str) {
+        let slot = self
+            .recent_addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned();
+        if let Some(slot) = slot {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     fn remember_ifname(&self, host: &str, ifname: &str) {
@@ -160,9 +233,23 @@ fn supervise(shared: &Arc<Shared>) {
         }
         leading = now_leading;
         if let Ok(doc) = shared.store.load() {
-            for name in doc.clusters.keys() {
-                let alive = threads.get(name).is_some_and(|h| !h.is_finished());
-                if !alive {
+            let new: Vec<&String> = doc
+                .clusters
+                .keys()
+                .filter(|name| threads.get(*name).is_none_or(|h| h.is_finished()))
+                .collect();
+            let count = new.len() as u32;
+            // Clusters started together spread their first rounds over the
+            // interval, and over 20 ms per cluster when there are many,
+            // instead of opening every probe session (a fork and a login on
+            // the database) and checking every VIP over ssh at once.
+            let spread = shared
+                .cfg
+                .probe_interval
+                .max(Duration::from_millis(20) * count);
+            for (i, name) in new.into_iter().enumerate() {
+                {
+                    let offset = spread * i as u32 / count;
                     let (s, n) = (shared.clone(), name.clone());
                     log::info!(
                         "Start checking cluster({name}) every {} s.",
@@ -170,7 +257,7 @@ fn supervise(shared: &Arc<Shared>) {
                     );
                     match thread::Builder::new()
                         .name(format!("probe-{name}"))
-                        .spawn(move || cluster_loop(&s, &n))
+                        .spawn(move || cluster_loop(&s, &n, offset))
                     {
                         Ok(h) => {
                             threads.insert(name.clone(), h);
@@ -209,21 +296,22 @@ struct Memory {
     conns: pg::ProbeConns,
     /// Normal standbys answering without streaming from the primary: since when.
     not_streaming_since: BTreeMap<u32, u64>,
+    /// The last probe error logged per database.
+    probe_errors: BTreeMap<u32, String>,
 }
 
-fn cluster_loop(shared: &Arc<Shared>, name: &str) {
+fn cluster_loop(shared: &Arc<Shared>, name: &str, offset: Duration) {
     let mut mem = Memory::default();
     let interval = shared.cfg.probe_interval;
+    shared.sleep(offset);
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let cluster = match shared.store.load() {
-            Ok(doc) => match doc.clusters.get(name) {
-                Some(c) => c.clone(),
-                None => {
-                    log::info!("Cluster({name}) is no longer in the meta; stop checking it.");
-                    return;
-                }
-            },
+        let cluster = match shared.store.load_cluster(name) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                log::info!("Cluster({name}) is no longer in the meta; stop checking it.");
+                return;
+            }
             Err(e) => {
                 log::error!("Cluster({name}): cannot read the meta, not acting: {e}");
                 shared.sleep(interval);
@@ -356,8 +444,16 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     if probes.values().any(|p| !p.ok) && shared.cfg.probe_retries > 0 {
         let first = facts_of(&probes, mem);
         let d = ha::decide(cluster, &first, &shared.params(), crate::now_secs());
+        // Only for the primary, whose failover waits on them, and only a
+        // few clusters at a time: checks for a probe whose retry then
+        // succeeds are wasted ssh logins, and when many clusters' probes
+        // are slow at once (an overloaded monitor) they would make it worse.
+        let primary_failed = cluster.primary().is_some_and(|p| d.subject == Some(p.id));
+        let slot = (d.kind == Kind::Gather && primary_failed)
+            .then(|| EarlySlot::take(&shared.early_gathers))
+            .flatten();
         thread::scope(|s| {
-            if d.kind == Kind::Gather {
+            if slot.is_some() {
                 if d.reason != mem.last_reason {
                     log::info!("{}", d.reason);
                     mem.last_reason = d.reason.clone();
@@ -367,15 +463,23 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             }
             retry_failed(shared, cluster, &mut probes, &mut mem.conns, probing);
         });
+        drop(slot);
     }
     for (id, p) in &probes {
         if p.ok {
             mem.restarts.remove(id);
+            mem.probe_errors.remove(id);
         } else {
             shared
                 .counters
                 .probe_failures
                 .fetch_add(1, Ordering::Relaxed);
+            // Why, once per change: the decision's log lines say only that
+            // it failed.
+            if mem.probe_errors.get(id) != Some(&p.error) {
+                log::warn!("Cluster({name}): {}", p.error);
+                mem.probe_errors.insert(*id, p.error.clone());
+            }
         }
     }
     if let Some(primary) = cluster.primary() {
@@ -402,6 +506,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     facts.peers_asked = early.peers_asked;
     facts.write_vip = early.write_vip;
 
+    let probed = t0.elapsed();
     let mut reason = String::new();
     // A calm round ends by bringing cstlb and the write VIP in line; done
     // after the observation is published, which they must not delay.
@@ -490,6 +595,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 round_ms: t0.elapsed().as_millis() as u64,
             },
         );
+    let decided = t0.elapsed();
     if reconcile {
         reconcile_cstlb(shared, name, cluster, &facts, &mut mem.cstlb_errors);
         if primary_ok {
@@ -500,6 +606,16 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                 mem.write_vip_failed_at = now;
             }
         }
+    }
+    let took = t0.elapsed();
+    if took > shared.cfg.probe_interval * 2 {
+        log::warn!(
+            "Cluster({name}): round took {:.1} s, more than twice probe_interval (probes and checks {:.1} s, decision and action {:.1} s, cstlb and write vip upkeep {:.1} s)",
+            took.as_secs_f64(),
+            probed.as_secs_f64(),
+            (decided - probed).as_secs_f64(),
+            (took - decided).as_secs_f64()
+        );
     }
 }
 
@@ -529,7 +645,10 @@ fn reconcile_write_vip(
         return true;
     };
     let ssh = &shared.ssh;
-    match vip::holds(ssh, &primary.host, vip_addr) {
+    let holds = shared
+        .recent_addresses(&primary.host)
+        .map(|addrs| addrs.iter().any(|a| a.addr == vip_addr));
+    match holds {
         Ok(true) => {
             *seen = Some(primary.id);
             true
@@ -541,6 +660,7 @@ fn reconcile_write_vip(
             );
             let added = vip::find_interface(ssh, &primary.host, shared.cfg.network)
                 .and_then(|(ifname, _)| vip::add(ssh, &primary.host, vip_addr, &ifname));
+            shared.forget_addresses(&primary.host);
             match added {
                 Ok(()) => {
                     log::info!(
@@ -1193,5 +1313,22 @@ pub fn repoint_db(shared: &Shared, db: &Db, primary: &Db) -> Result<(), String> 
         Applied::Written => pgctl::start(&shared.ssh, db, cfg)
             .map(|_| ())
             .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_gather_slots_are_bounded_and_given_back() {
+        let n = AtomicUsize::new(0);
+        let held: Vec<_> = (0..EARLY_GATHERS)
+            .map(|_| EarlySlot::take(&n).expect("a free slot"))
+            .collect();
+        assert!(EarlySlot::take(&n).is_none());
+        drop(held);
+        assert_eq!(n.load(Ordering::Relaxed), 0);
+        assert!(EarlySlot::take(&n).is_some());
     }
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, StoreKind};
 use crate::etcd;
 use crate::home::Home;
-use crate::meta::{validate_cluster, Clusters};
+use crate::meta::{validate_cluster, Cluster, Clusters};
 
 /// A background operation (failover, switch, repair) and its outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +127,11 @@ impl std::error::Error for StoreError {}
 pub trait MetaStore: Send + Sync {
     /// The current document.
     fn load(&self) -> Result<MetaDoc, StoreError>;
+    /// One cluster of the current document (each probe thread asks every
+    /// round: stores may answer without parsing the whole document).
+    fn load_cluster(&self, name: &str) -> Result<Option<Cluster>, StoreError> {
+        Ok(self.load()?.clusters.remove(name))
+    }
     /// Replace the document if its version is still `doc.version`; the saved
     /// document gets `doc.version + 1`, which is returned.
     fn save(&self, doc: &MetaDoc) -> Result<u64, StoreError>;
@@ -161,6 +166,30 @@ pub struct FileStore {
     path: PathBuf,
     /// Serializes saves within this process; `flock` serializes processes.
     local: Mutex<()>,
+    /// The document last parsed, with the file's identity then: reused
+    /// while the file is the same (saves replace it by rename).
+    cache: Mutex<Option<(FileStamp, Arc<MetaDoc>)>>,
+}
+
+/// What tells one version of meta.json from another without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(m: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
 }
 
 impl FileStore {
@@ -169,6 +198,7 @@ impl FileStore {
             dir: data_dir.to_path_buf(),
             path: data_dir.join("meta.json"),
             local: Mutex::new(()),
+            cache: Mutex::new(None),
         }
     }
 
@@ -183,6 +213,32 @@ impl FileStore {
     fn io(&self, p: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
         let p = p.to_path_buf();
         move |e| StoreError::Io(p.clone(), e)
+    }
+
+    /// The current document, parsed again only when the file changed.
+    fn read_cached(&self) -> Result<Option<Arc<MetaDoc>>, StoreError> {
+        let stamp = match fs::metadata(&self.path) {
+            Ok(m) => FileStamp::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::Io(self.path.clone(), e)),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, doc)) = cache.as_ref() {
+            if *s == stamp {
+                return Ok(Some(doc.clone()));
+            }
+        }
+        // Read, then stamp again: a file replaced while it was read is
+        // not cached under the old stamp.
+        let doc = match self.read()? {
+            Some(d) => Arc::new(d),
+            None => return Ok(None),
+        };
+        match fs::metadata(&self.path) {
+            Ok(m) if FileStamp::of(&m) == stamp => *cache = Some((stamp, doc.clone())),
+            _ => *cache = None,
+        }
+        Ok(Some(doc))
     }
 
     fn read(&self) -> Result<Option<MetaDoc>, StoreError> {
@@ -258,8 +314,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 impl MetaStore for FileStore {
     fn load(&self) -> Result<MetaDoc, StoreError> {
-        self.read()?
+        self.read_cached()?
+            .map(|d| (*d).clone())
             .ok_or_else(|| StoreError::Missing(self.path.display().to_string()))
+    }
+
+    fn load_cluster(&self, name: &str) -> Result<Option<Cluster>, StoreError> {
+        let doc = self
+            .read_cached()?
+            .ok_or_else(|| StoreError::Missing(self.path.display().to_string()))?;
+        Ok(doc.clusters.get(name).cloned())
     }
 
     fn save(&self, doc: &MetaDoc) -> Result<u64, StoreError> {
@@ -392,6 +456,42 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert!(names.iter().all(|n| !n.contains(".tmp.")), "{names:?}");
+    }
+
+    #[test]
+    fn cached_loads_follow_every_change_of_the_file() {
+        let dir = tempdir("cache");
+        let a = FileStore::new(&dir);
+        let b = FileStore::new(&dir); // another process, as far as a knows
+        a.save(&doc()).unwrap();
+        let c = a.load_cluster("cluster01").unwrap().unwrap();
+        assert_eq!(c, doc().clusters["cluster01"]);
+        assert_eq!(a.load_cluster("nope").unwrap(), None);
+        // Saved elsewhere (rename: a new file).
+        update(&b, |d| {
+            d.clusters.get_mut("cluster01").unwrap().read_vip = "10.9.9.9".into();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            a.load_cluster("cluster01").unwrap().unwrap().read_vip,
+            "10.9.9.9"
+        );
+        assert_eq!(a.load().unwrap().version, 2);
+        // Edited in place by hand (same file, new length).
+        let text = fs::read_to_string(dir.join("meta.json")).unwrap();
+        fs::write(dir.join("meta.json"), text.replace("10.9.9.9", "10.9.9.10")).unwrap();
+        assert_eq!(
+            a.load_cluster("cluster01").unwrap().unwrap().read_vip,
+            "10.9.9.10"
+        );
+        // Gone.
+        fs::remove_file(dir.join("meta.json")).unwrap();
+        assert!(matches!(
+            a.load_cluster("cluster01"),
+            Err(StoreError::Missing(_))
+        ));
+        assert!(matches!(a.load(), Err(StoreError::Missing(_))));
     }
 
     #[test]

@@ -354,7 +354,9 @@ fn affected(c: &mut Client, what: &str, sql: &str) -> Result<u64, PgError> {
 
 /// Everything the probe reads, for any role and any version from 10, in one
 /// round trip: the views come back as JSON so their columns may differ by
-/// version.
+/// version. pg_stat_replication copies every backend's status (a
+/// megabyte with 1000 connections) and is read only where a WAL sender
+/// runs (the one-time filter skips it on a standby that feeds nobody).
 const STATUS_SQL: &str = "\
 SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
  (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text, \
@@ -362,7 +364,9 @@ SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
  CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4 END, \
  current_setting('synchronous_standby_names'); \
-SELECT to_jsonb(r) FROM pg_stat_replication r ORDER BY r.application_name, r.pid; \
+SELECT to_jsonb(r) FROM pg_stat_replication r \
+ WHERE (SELECT count(*) FROM pg_stat_get_wal_senders()) > 0 \
+ ORDER BY r.application_name, r.pid; \
 SELECT to_jsonb(w) FROM pg_stat_wal_receiver w";
 
 /// SQLSTATE too_many_connections.

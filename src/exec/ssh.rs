@@ -246,7 +246,27 @@ impl Remote for Ssh {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Output, CommandError> {
-        self.run_args(host, label, &self.args(host, script), stdin, timeout)
+        let args = self.args(host, script);
+        let Some(dir) = &self.control_dir else {
+            return self.run_args(host, label, &args, stdin, timeout);
+        };
+        // Many threads calling a host with no master connection yet would
+        // each log in (ControlMaster=auto lets only one become the master):
+        // a storm of key exchanges when many clusters share hosts. The
+        // first call opens the master while the others wait for it.
+        let key = format!("{}|{}@{}", dir.display(), self.user, host);
+        let lock = (!masters::warm(&key)).then(|| masters::lock_of(&key));
+        // Waiting is bounded: behind a host that does not answer, each
+        // call would otherwise queue for the one before it.
+        let _held = lock
+            .as_ref()
+            .and_then(|l| masters::hold(l, self.connect_timeout + Duration::from_secs(1)));
+        let out = self.run_args(host, label, &args, stdin, timeout);
+        match &out {
+            Ok(_) => masters::mark(&key, true),
+            Err(_) => masters::mark(&key, false),
+        }
+        out
     }
 
     fn describe(&self, host: &str, label: &str) -> String {
@@ -255,6 +275,59 @@ impl Remote for Ssh {
 
     fn connect_timeout(&self) -> Duration {
         self.connect_timeout
+    }
+}
+
+/// Which hosts have a master connection (as far as this process knows),
+/// and one lock per host held while the first call opens it.
+mod masters {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// A master lingers 60 s after its last use (ControlPersist=60); one
+    /// used within this long is still there unless its host went away.
+    const FRESH: Duration = Duration::from_secs(50);
+
+    /// Per host: when a call last succeeded, and the opening lock.
+    type Table = Mutex<BTreeMap<String, (Option<Instant>, Arc<Mutex<()>>)>>;
+
+    fn table() -> &'static Table {
+        static T: OnceLock<Table> = OnceLock::new();
+        T.get_or_init(|| Mutex::new(BTreeMap::new()))
+    }
+
+    fn entry<R>(key: &str, f: impl FnOnce(&mut (Option<Instant>, Arc<Mutex<()>>)) -> R) -> R {
+        let mut t = table().lock().unwrap_or_else(|p| p.into_inner());
+        f(t.entry(key.to_string())
+            .or_insert_with(|| (None, Arc::new(Mutex::new(())))))
+    }
+
+    pub fn warm(key: &str) -> bool {
+        entry(key, |e| e.0.is_some_and(|at| at.elapsed() < FRESH))
+    }
+
+    pub fn lock_of(key: &str) -> Arc<Mutex<()>> {
+        entry(key, |e| e.1.clone())
+    }
+
+    /// The lock, or None once `limit` has passed without it.
+    pub fn hold(lock: &Mutex<()>, limit: Duration) -> Option<MutexGuard<'_, ()>> {
+        let end = Instant::now() + limit;
+        loop {
+            match lock.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
+
+    pub fn mark(key: &str, ok: bool) {
+        entry(key, |e| e.0 = ok.then(Instant::now));
     }
 }
 
@@ -535,5 +608,23 @@ mod tests {
         drop(held);
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(fd) };
+    }
+
+    #[test]
+    fn the_first_call_to_a_cold_host_opens_the_master_alone() {
+        let key = "test-dir|root@10.0.0.1";
+        assert!(!masters::warm(key));
+        let lock = masters::lock_of(key);
+        let held = masters::hold(&lock, Duration::from_millis(10)).unwrap();
+        // Another caller waits, but not for ever.
+        let started = Instant::now();
+        assert!(masters::hold(&lock, Duration::from_millis(100)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        masters::mark(key, true);
+        drop(held);
+        assert!(masters::warm(key));
+        assert!(masters::hold(&lock, Duration::from_millis(10)).is_some());
+        masters::mark(key, false);
+        assert!(!masters::warm(key));
     }
 }

@@ -94,9 +94,28 @@ fn timeout(remote: &dyn Remote) -> Duration {
 }
 
 /// Every IPv4 address of `host`.
+/// An answer without a single address (every host has at least
+/// 127.0.0.1) is an error, never "the VIP is not here".
 pub fn addresses(remote: &dyn Remote, host: &str) -> Result<Vec<IfAddr>, CommandError> {
     let out = remote.run_script(host, LIST_SCRIPT, LIST_SCRIPT, None, timeout(remote))?;
-    Ok(parse_ip_addr(&out.stdout))
+    let addrs = parse_ip_addr(&out.stdout);
+    if addrs.is_empty() {
+        return Err(no_addresses(remote, host, LIST_SCRIPT, &out.stdout));
+    }
+    Ok(addrs)
+}
+
+fn no_addresses(remote: &dyn Remote, host: &str, label: &str, stdout: &str) -> CommandError {
+    CommandError::Io {
+        what: remote.describe(host, label),
+        err: std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "no IPv4 address in the output of ip -o -4 addr show: '{}'",
+                stdout.trim().chars().take(120).collect::<String>()
+            ),
+        ),
+    }
 }
 
 /// The interface of `host` in `network`, and its prefix length.
@@ -247,7 +266,11 @@ pub fn look(
     };
     let script = look_script(vip, peer, remote.connect_timeout());
     let out = remote.run_script(host, &label, &script, None, timeout(remote))?;
-    Ok(parse_look(&out.stdout))
+    let look = parse_look(&out.stdout);
+    if look.addrs.is_empty() {
+        return Err(no_addresses(remote, host, &label, &out.stdout));
+    }
+    Ok(look)
 }
 
 /// Who has `vip`, seen from `host` by [`look`]: `Ok(Some(true))` another
@@ -689,5 +712,21 @@ garbage line
             "timeout 0.4 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' clup-peer '10.0.0.1;reboot' 5432"
         ));
         drop(l);
+    }
+
+    #[test]
+    fn an_answer_without_addresses_is_an_error_not_an_absent_vip() {
+        let h = FakeHost::new("empty", "", "exit 0", 0);
+        let e = holds(&h, "fakehost", VIP).unwrap_err();
+        assert!(
+            e.to_string().contains("no IPv4 address in the output"),
+            "{e}"
+        );
+        let e = look(&h, "fakehost", VIP, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("fake fakehost: who has 192.168.56.40: no IPv4 address"),
+            "{e}"
+        );
     }
 }
