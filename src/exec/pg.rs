@@ -354,20 +354,26 @@ fn affected(c: &mut Client, what: &str, sql: &str) -> Result<u64, PgError> {
 
 /// Everything the probe reads, for any role and any version from 10, in one
 /// round trip: the views come back as JSON so their columns may differ by
-/// version. pg_stat_replication copies every backend's status (a
-/// megabyte with 1000 connections) and is read only where a WAL sender
-/// runs (the one-time filter skips it on a standby that feeds nobody).
-const STATUS_SQL: &str = "\
-SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
+/// version. The WAL senders are read as pg_stat_replication would show
+/// them, without it: the view asks pg_stat_get_activity() for every
+/// backend (and each of those looks its process up among all of them);
+/// here it is asked for the senders' pids only, and not at all where no
+/// sender runs. The same columns are hidden from a login without
+/// pg_read_all_stats. Prepared once per session: planning these costs the
+/// server several times what running them does.
+const STATUS_SQL: [&str; 3] = [
+    "SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
  (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text, \
  (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END)::text, \
  CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
   ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4 END, \
- current_setting('synchronous_standby_names'); \
-SELECT to_jsonb(r) FROM pg_stat_replication r \
- WHERE (SELECT count(*) FROM pg_stat_get_wal_senders()) > 0 \
- ORDER BY r.application_name, r.pid; \
-SELECT to_jsonb(w) FROM pg_stat_wal_receiver w";
+ current_setting('synchronous_standby_names')",
+    "SELECT to_jsonb(s) || jsonb_build_object('application_name', a.application_name, \
+ 'client_addr', a.client_addr) \
+ FROM pg_stat_get_wal_senders() s, LATERAL pg_stat_get_activity(s.pid) a \
+ ORDER BY a.application_name, s.pid",
+    "SELECT to_jsonb(w) FROM pg_stat_wal_receiver w",
+];
 
 /// SQLSTATE too_many_connections.
 const TOO_MANY_CONNECTIONS: &str = "53300";
@@ -513,24 +519,38 @@ fn probe_primary(
     keep: &mut Vec<wire::Conn>,
     deadline: wire::Deadline,
 ) -> DbProbe {
-    let p = DbProbe::default();
+    let mut p = DbProbe::default();
     let mut w = match Session::open(held, writer, what, deadline) {
         Ok(s) => s,
         Err(e) => return failed_probe(what, p, e),
     };
-    let write = heartbeat(&mut w, what, deadline);
-    let mut r = if same_login {
-        w
+    let (status, write) = if same_login {
+        // One session, one round trip: the status, then the write.
+        match read_status(&mut w, what, &mut p, Some(HEARTBEAT_WRITE_SQL), deadline) {
+            Ok(written) => {
+                let written = written.unwrap_or_else(|| Err(PgError::new(what, "no answer")));
+                (Ok(None), heartbeat_done(&mut w, what, written, deadline))
+            }
+            Err(e) => (Err(e), Ok(())),
+        }
     } else {
+        let updated = w.query(what, &[HEARTBEAT_WRITE_SQL], deadline);
+        let updated = updated.and_then(|r| {
+            r.into_iter()
+                .next()
+                .ok_or_else(|| PgError::new(what, "no answer"))
+        });
+        let write = heartbeat_done(&mut w, what, updated, deadline);
         keep.push(w.conn);
-        match Session::open(held, other, what, deadline) {
+        let mut r = match Session::open(held, other, what, deadline) {
             Ok(s) => s,
             Err(e) => return failed_probe(what, p, e),
-        }
+        };
+        let status = read_status(&mut r, what, &mut p, None, deadline);
+        w = r;
+        (status, write)
     };
-    let mut p = p;
-    let status = read_status(&mut r, what, &mut p, deadline);
-    keep.push(r.conn);
+    keep.push(w.conn);
     if let Err(e) = status {
         return failed_probe(what, p, e);
     }
@@ -570,13 +590,15 @@ fn probe_standby(
         Ok(x) => x,
         Err(e) => return failed_probe(what, p, e),
     };
-    let status = read_status(&mut s, what, &mut p, deadline);
-    if status.is_ok() && in_probe_db {
-        // Optional: a missing table or privilege only leaves it unknown.
-        if let Ok(res) = s.query(what, HEARTBEAT_AGE_SQL, deadline) {
-            let res = rows_of(res);
-            p.heartbeat_age_ms = cell(&res, 0, 0, 0).and_then(|v| v.parse().ok());
-        }
+    // The heartbeat's age rides along in the probe database; optional: a
+    // missing table or privilege only leaves it unknown.
+    let extra = in_probe_db.then_some(HEARTBEAT_AGE_SQL);
+    let status = read_status(&mut s, what, &mut p, extra, deadline);
+    if let Ok(Some(Ok(r))) = &status {
+        p.heartbeat_age_ms = r
+            .rows
+            .first()
+            .and_then(|row| row.first()?.as_deref()?.parse().ok());
     }
     keep.push(s.conn);
     if let Err(e) = status {
@@ -626,16 +648,29 @@ impl Session {
     fn query(
         &mut self,
         what: &str,
-        sql: &str,
+        stmts: &[&str],
         deadline: wire::Deadline,
     ) -> Result<Vec<wire::QueryResult>, PgError> {
-        let r = self.conn.simple_query(what, sql, deadline);
+        match self.batch(what, stmts, deadline)? {
+            (results, None) => Ok(results),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// As [`wire::Conn::prepared_batch`], with the replacement above.
+    fn batch(
+        &mut self,
+        what: &str,
+        stmts: &[&str],
+        deadline: wire::Deadline,
+    ) -> Result<(Vec<wire::QueryResult>, Option<PgError>), PgError> {
+        let r = self.conn.prepared_batch(what, stmts, deadline);
         if !std::mem::replace(&mut self.reused, false) || r.is_ok() || !self.conn.is_broken() {
             return r;
         }
         let params = self.conn.params().clone();
         self.conn = wire::Conn::connect(&params, what, deadline)?;
-        self.conn.simple_query(what, sql, deadline)
+        self.conn.prepared_batch(what, stmts, deadline)
     }
 }
 
@@ -658,12 +693,21 @@ fn failed_probe(what: &str, mut p: DbProbe, e: PgError) -> DbProbe {
     p
 }
 
-fn heartbeat(s: &mut Session, what: &str, deadline: wire::Deadline) -> Result<(), PgError> {
+/// The heartbeat write, from what its UPDATE gave.
+fn heartbeat_done(
+    s: &mut Session,
+    what: &str,
+    updated: Result<wire::QueryResult, PgError>,
+    deadline: wire::Deadline,
+) -> Result<(), PgError> {
     let what = format!("{what}: heartbeat write");
-    let count = |r: Vec<wire::QueryResult>| r.iter().map(wire::QueryResult::count).sum::<u64>();
+    let relabel = |mut e: PgError| {
+        e.what = what.clone();
+        e
+    };
     // An UPDATE of no row writes no WAL and proves nothing: add the row.
-    if count(s.query(&what, HEARTBEAT_WRITE_SQL, deadline)?) == 0 {
-        s.query(&what, HEARTBEAT_INSERT_SQL, deadline)?;
+    if updated.map_err(relabel)?.count() == 0 {
+        s.query(&what, &[HEARTBEAT_INSERT_SQL], deadline)?;
     }
     Ok(())
 }
@@ -672,14 +716,32 @@ fn cell(res: &Results, stmt: usize, row: usize, col: usize) -> Option<&str> {
     res.get(stmt)?.get(row)?.get(col)?.as_deref()
 }
 
+/// What a statement run after the status query gave.
+type Extra = Option<Result<wire::QueryResult, PgError>>;
+
+/// Read the status into `p`, and run `extra` after it in the same round
+/// trip: Err if the status could not be read; else `extra`'s outcome
+/// (None without one), whose error leaves the status read.
 fn read_status(
     s: &mut Session,
     what: &str,
     p: &mut DbProbe,
+    extra: Option<&str>,
     deadline: wire::Deadline,
-) -> Result<(), PgError> {
-    let res = rows_of(s.query(what, STATUS_SQL, deadline)?);
-    fill_status(&res, p).map_err(|m| PgError::new(what, m))
+) -> Result<Extra, PgError> {
+    let mut stmts = STATUS_SQL.to_vec();
+    stmts.extend(extra);
+    let (mut res, error) = s.batch(what, &stmts, deadline)?;
+    if res.len() < STATUS_SQL.len() {
+        return Err(error.unwrap_or_else(|| PgError::new(what, "no answer to the status query")));
+    }
+    let more = res.split_off(STATUS_SQL.len());
+    fill_status(&rows_of(res), p).map_err(|m| PgError::new(what, m))?;
+    Ok(extra.map(|_| match (more.into_iter().next(), error) {
+        (_, Some(e)) => Err(e),
+        (Some(r), None) => Ok(r),
+        (None, None) => Err(PgError::new(what, "no answer")),
+    }))
 }
 
 /// Fill `p` from the three result sets of [`STATUS_SQL`].

@@ -1,7 +1,9 @@
 //! A minimal PostgreSQL protocol-3 client for the probes: startup,
 //! authentication (trust, cleartext, md5, SCRAM-SHA-256 without channel
-//! binding), simple queries with text results, Terminate on drop. No TLS
-//! (clup connects with sslmode=disable), no extended protocol, no COPY.
+//! binding), simple queries with text results, statements prepared once
+//! per session and run again without parameters (extended protocol, text
+//! results), Terminate on drop. No TLS (clup connects with
+//! sslmode=disable), no parameters, no COPY.
 //!
 //! Owns: the message codec (pure functions, tested without sockets) and a
 //! connection over a blocking TCP socket whose every call takes one
@@ -13,8 +15,12 @@
 //! (`pg::probe_many` runs one scoped thread per database).
 //!
 //! Must not: log or put a password (or anything derived from one) in an
-//! error; reuse a connection after a timeout or an I/O error (it is
-//! "broken" and only good for dropping); decide what a result means.
+//! error; reuse a connection after an I/O or protocol error, or after a
+//! simple query timed out (it is "broken" and only good for dropping);
+//! decide what a result means. A prepared batch that timed out is the
+//! exception: its answer is owed and read before the next batch, so a
+//! slow server costs the caller its deadline but not its session (a new
+//! one, for the server, is a process and a login).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -69,6 +75,33 @@ pub fn query(sql: &str) -> Result<Vec<u8>, String> {
     put_cstr(&mut body, sql.as_bytes());
     Ok(message(b'Q', &body))
 }
+
+/// Parse: prepare `sql` (one statement, no parameters) as `name`.
+pub fn parse(name: &str, sql: &str) -> Result<Vec<u8>, String> {
+    if sql.contains('\0') || name.contains('\0') {
+        return Err("a statement cannot contain a NUL character".to_string());
+    }
+    let mut body = Vec::with_capacity(name.len() + sql.len() + 4);
+    put_cstr(&mut body, name.as_bytes());
+    put_cstr(&mut body, sql.as_bytes());
+    body.extend_from_slice(&0u16.to_be_bytes());
+    Ok(message(b'P', &body))
+}
+
+/// Bind the unnamed portal to statement `name` (no parameters, every
+/// result column as text), then Execute it for all its rows.
+pub fn bind_execute(name: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(name.len() + 8);
+    put_cstr(&mut body, b"");
+    put_cstr(&mut body, name.as_bytes());
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut out = message(b'B', &body);
+    out.extend_from_slice(&message(b'E', b"\0\0\0\0\0"));
+    out
+}
+
+/// Sync: the end of an extended-protocol batch.
+pub const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 /// PasswordMessage (cleartext or md5 hash).
 pub fn password(p: &[u8]) -> Vec<u8> {
@@ -130,6 +163,8 @@ pub enum Backend {
     DataRow(Vec<Option<String>>),
     CommandComplete(String),
     EmptyQueryResponse,
+    /// A statement prepared (extended protocol).
+    ParseComplete,
     Error(Fields),
     Notice(Fields),
     /// Anything else (NotificationResponse, ...): skipped.
@@ -246,6 +281,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Backend, usize)>, String> {
         }
         b'C' => Backend::CommandComplete(b.cstr()?),
         b'I' => Backend::EmptyQueryResponse,
+        b'1' => Backend::ParseComplete,
         b'E' => Backend::Error(fields(b)?),
         b'N' => Backend::Notice(fields(b)?),
         t => Backend::Other(t),
@@ -273,13 +309,15 @@ impl QueryResult {
     }
 }
 
-/// Collects a simple query's messages into results; pure, so that the
+/// Collects a query's messages into results; pure, so that the
 /// sequence rules are tested without a server.
 #[derive(Default)]
 pub struct Collect {
     results: Vec<QueryResult>,
     current: Option<QueryResult>,
     error: Option<Fields>,
+    /// ParseComplete messages seen.
+    parsed: usize,
 }
 
 impl Collect {
@@ -298,6 +336,7 @@ impl Collect {
                 self.results.push(r);
             }
             Backend::EmptyQueryResponse => {}
+            Backend::ParseComplete => self.parsed += 1,
             // Only the first error counts: the server stops at it.
             Backend::Error(f) => {
                 self.error.get_or_insert(f);
@@ -309,6 +348,12 @@ impl Collect {
             }
         }
         Ok(None)
+    }
+
+    /// The results of the statements that completed, and the error the
+    /// server stopped at, if it did.
+    pub fn into_parts(self) -> (Vec<QueryResult>, Option<Fields>) {
+        (self.results, self.error)
     }
 
     /// The results, or the error the server sent.
@@ -389,6 +434,19 @@ pub struct Conn {
     broken: bool,
     /// The backend's process id (BackendKeyData).
     pid: i32,
+    /// The statements prepared on this session: `clup<i>` is the i-th.
+    prepared: Vec<String>,
+    /// A batch whose answer did not come by its deadline, still owed.
+    owed: Option<Owed>,
+    /// The last read ended by the deadline (not by the server).
+    read_timed_out: bool,
+}
+
+/// What is still to be read of a batch that timed out: the statements it
+/// prepared, and what had come of its answer.
+struct Owed {
+    new: Vec<String>,
+    collect: Collect,
 }
 
 fn err(what: &str, msg: impl Into<String>) -> PgError {
@@ -442,6 +500,9 @@ impl Conn {
             params: p.clone(),
             broken: true,
             pid: 0,
+            prepared: Vec::new(),
+            owed: None,
+            read_timed_out: false,
         };
         c.login(what, deadline)?;
         c.broken = false;
@@ -546,32 +607,165 @@ impl Conn {
         let q = query(sql).map_err(|m| err(what, m))?;
         self.broken = true;
         self.send(what, &q, deadline)?;
+        let (collect, status) = self.collect(what, deadline)?;
+        // Simple queries run in implicit transactions: anything but idle
+        // means the session is not what the next caller expects.
+        self.broken = status != b'I';
+        collect.finish().map_err(|f| server_err(what, f))
+    }
+
+    /// Read a query's answer up to ReadyForQuery, and its status.
+    fn collect(&mut self, what: &str, deadline: Deadline) -> Result<(Collect, u8), PgError> {
         let mut collect = Collect::default();
-        let status = loop {
+        let status = self.collect_into(&mut collect, what, deadline)?;
+        Ok((collect, status))
+    }
+
+    /// Feed `collect` up to ReadyForQuery; the status.
+    fn collect_into(
+        &mut self,
+        collect: &mut Collect,
+        what: &str,
+        deadline: Deadline,
+    ) -> Result<u8, PgError> {
+        loop {
             let m = match self.recv(what, deadline) {
                 Ok(m) => m,
                 Err(e) => {
                     // A FATAL error (shutdown, terminated backend) comes
                     // right before the server closes: it says more.
-                    return Err(match collect.finish() {
-                        Err(f) => server_err(what, f),
-                        Ok(_) => e,
+                    return Err(match &collect.error {
+                        Some(f) if !self.read_timed_out => server_err(what, f.clone()),
+                        _ => e,
                     });
                 }
             };
             if let Backend::Error(f) = &m {
                 if f.severity == "FATAL" || f.severity == "PANIC" {
+                    self.read_timed_out = false;
                     return Err(server_err(what, f.clone()));
                 }
             }
             if let Some(s) = collect.feed(m).map_err(|m| err(what, m))? {
-                break s;
+                return Ok(s);
             }
-        };
-        // Simple queries run in implicit transactions: anything but idle
-        // means the session is not what the next caller expects.
-        self.broken = status != b'I';
-        collect.finish().map_err(|f| server_err(what, f))
+        }
+    }
+
+    /// Run `stmts` (one statement each, no parameters) in one round trip,
+    /// each prepared on this session the first time it runs here and only
+    /// bound and executed after that: the server parses and plans each
+    /// once per session, not once per call. One result per statement
+    /// that completed, or the server's error; a timeout or a lost
+    /// connection leaves the connection broken, as [`Conn::simple_query`].
+    pub fn prepared_query(
+        &mut self,
+        what: &str,
+        stmts: &[&str],
+        deadline: Deadline,
+    ) -> Result<Vec<QueryResult>, PgError> {
+        match self.prepared_batch(what, stmts, deadline)? {
+            (results, None) => Ok(results),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// [`Conn::prepared_query`] that keeps what completed before an
+    /// error: `Ok((results, Some(error)))` when the server stopped at a
+    /// statement (the session is still good), `Err` when the session is
+    /// not.
+    pub fn prepared_batch(
+        &mut self,
+        what: &str,
+        stmts: &[&str],
+        deadline: Deadline,
+    ) -> Result<(Vec<QueryResult>, Option<PgError>), PgError> {
+        self.settle(what, deadline)?;
+        let mut buf = Vec::new();
+        let mut names = Vec::with_capacity(stmts.len());
+        let mut new = Vec::new();
+        for sql in stmts {
+            let name = match self.prepared.iter().position(|p| p == sql) {
+                Some(i) => format!("clup{i}"),
+                None => {
+                    let name = format!("clup{}", self.prepared.len() + new.len());
+                    buf.extend(parse(&name, sql).map_err(|m| err(what, m))?);
+                    new.push(sql.to_string());
+                    name
+                }
+            };
+            names.push(name);
+        }
+        for name in &names {
+            buf.extend(bind_execute(name));
+        }
+        buf.extend_from_slice(&SYNC);
+        self.broken = true;
+        self.send(what, &buf, deadline)?;
+        let mut collect = Collect::default();
+        self.read_answer(what, new, &mut collect, deadline)?;
+        let (results, error) = collect.into_parts();
+        Ok((results, error.map(|f| server_err(what, f))))
+    }
+
+    /// Read the answer to a batch that prepared `new` into `collect`. A
+    /// server slower than the deadline does not cost the session: the
+    /// answer is owed, and read (and dropped) before the next batch. Only
+    /// a lost connection, a protocol error or a FATAL error break it.
+    fn read_answer(
+        &mut self,
+        what: &str,
+        new: Vec<String>,
+        collect: &mut Collect,
+        deadline: Deadline,
+    ) -> Result<(), PgError> {
+        self.read_timed_out = false;
+        match self.collect_into(collect, what, deadline) {
+            Ok(status) => {
+                // The server parses in order and stops at an error: the
+                // first `parsed` of the new statements exist on the session.
+                self.prepared.extend(new.into_iter().take(collect.parsed));
+                self.broken = status != b'I';
+                Ok(())
+            }
+            Err(e) => {
+                if std::mem::take(&mut self.read_timed_out) {
+                    self.broken = false;
+                    self.owed = Some(Owed {
+                        new,
+                        collect: std::mem::take(collect),
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Before a new batch: read what is still owed of the last one (by
+    /// `deadline`), or say why the session cannot take one.
+    fn settle(&mut self, what: &str, deadline: Deadline) -> Result<(), PgError> {
+        if self.broken {
+            return Err(err(what, "connection broken by an earlier error"));
+        }
+        if self.owed.is_some() {
+            deadline
+                .remaining()
+                .map_err(|_| timed_out(what, deadline.limit))?;
+            let Owed { new, mut collect } = self.owed.take().expect("checked");
+            self.broken = true;
+            self.read_answer(what, new, &mut collect, deadline)?;
+        }
+        // Nothing sent yet: a deadline already past leaves the session as
+        // it is.
+        deadline
+            .remaining()
+            .map_err(|_| timed_out(what, deadline.limit))?;
+        Ok(())
+    }
+
+    /// Whether the answer to an earlier batch is still to be read.
+    pub fn owes_answer(&self) -> bool {
+        self.owed.is_some()
     }
 
     pub fn is_broken(&self) -> bool {
@@ -637,7 +831,10 @@ impl Conn {
                 }
                 Ok(n) => self.inbuf.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.lost(what, e, deadline)),
+                Err(e) => {
+                    self.read_timed_out = is_timeout(&e);
+                    return Err(self.lost(what, e, deadline));
+                }
             }
         }
     }
@@ -707,12 +904,27 @@ impl Client {
         self.conn.simple_query(&what, sql, Deadline::after(timeout))
     }
 
+    /// [`Conn::prepared_query`] within `timeout`.
+    pub fn prepared_query(
+        &mut self,
+        stmts: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<QueryResult>, PgError> {
+        let what = self.what.clone();
+        self.conn
+            .prepared_query(&what, stmts, Deadline::after(timeout))
+    }
+
     pub fn backend_pid(&self) -> i32 {
         self.conn.pid
     }
 
     pub fn is_broken(&self) -> bool {
         self.conn.broken
+    }
+
+    pub fn owes_answer(&self) -> bool {
+        self.conn.owes_answer()
     }
 }
 
@@ -739,6 +951,16 @@ mod tests {
         );
         assert_eq!(sasl_response(b"abc"), b"p\0\0\0\x07abc");
         assert_eq!(TERMINATE, *b"X\0\0\0\x04");
+        assert_eq!(
+            parse("clup0", "SELECT 1").unwrap(),
+            b"P\0\0\0\x15clup0\0SELECT 1\0\0\0"
+        );
+        assert!(parse("clup0", "a\0b").is_err());
+        assert_eq!(
+            bind_execute("clup1"),
+            b"B\0\0\0\x11\0clup1\0\0\0\0\0\0\0E\0\0\0\x09\0\0\0\0\0"
+        );
+        assert_eq!(SYNC, *b"S\0\0\0\x04");
     }
 
     #[test]
@@ -859,6 +1081,30 @@ mod tests {
         feed(&mut c, Backend::ReadyForQuery(b'I'));
         assert_eq!(c.finish().unwrap_err().code, "42P01");
         assert!(Collect::default().feed(Backend::Auth(Auth::Ok)).is_err());
+    }
+
+    #[test]
+    fn collecting_an_extended_batch() {
+        let feed = |c: &mut Collect, m| c.feed(m).unwrap();
+        let d = |b: &[u8]| decode(b).unwrap().unwrap().0;
+        assert_eq!(d(&msg(b'1', b"")), Backend::ParseComplete);
+        assert_eq!(d(&msg(b'2', b"")), Backend::Other(b'2'));
+        // Two statements parsed, the second bound and run: no RowDescription
+        // (no Describe is sent), DataRows straight away.
+        let mut c = Collect::default();
+        feed(&mut c, Backend::ParseComplete);
+        feed(&mut c, Backend::ParseComplete);
+        feed(&mut c, Backend::Other(b'2'));
+        feed(&mut c, Backend::DataRow(vec![Some("7".into())]));
+        feed(&mut c, Backend::CommandComplete("SELECT 1".into()));
+        feed(&mut c, Backend::Other(b'2'));
+        feed(&mut c, Backend::CommandComplete("SELECT 0".into()));
+        assert_eq!(feed(&mut c, Backend::ReadyForQuery(b'I')), Some(b'I'));
+        assert_eq!(c.parsed, 2);
+        let r = c.finish().unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].rows, vec![vec![Some("7".into())]]);
+        assert!(r[1].rows.is_empty());
     }
 
     #[test]

@@ -170,6 +170,103 @@ fn wire_client_authenticates_queries_and_fails_cleanly() {
 }
 
 #[test]
+fn statements_are_prepared_once_per_session() {
+    let lab = server();
+    let mut c = Client::connect(&params(&lab, "u_scram", lab::PROBE_PASS), "test", T).unwrap();
+    let names = |r: &clup::exec::wire::QueryResult| -> Vec<String> {
+        r.rows.iter().filter_map(|row| row[0].clone()).collect()
+    };
+    let stmts = [
+        "SELECT current_user, NULL::text",
+        "SELECT 1 WHERE false",
+        "SELECT name FROM pg_prepared_statements ORDER BY name",
+    ];
+    for round in 0..3 {
+        let r = c.prepared_query(&stmts, T).unwrap();
+        assert_eq!(r.len(), 3, "round {round}: {r:?}");
+        assert_eq!(r[0].rows[0][0].as_deref(), Some("u_scram"));
+        assert_eq!(r[0].rows[0][1], None);
+        assert!(r[1].rows.is_empty());
+        assert_eq!(r[1].count(), 0);
+        // Parsed in the first round only: the same three every time.
+        assert_eq!(names(&r[2]), ["clup0", "clup1", "clup2"], "round {round}");
+    }
+
+    eprintln!("== an error stops the batch; what was parsed before it stays");
+    let bad = ["SELECT 1", "SELECT x FROM nowhere", "SELECT 2"];
+    let e = c.prepared_query(&bad, T).unwrap_err();
+    assert_eq!(e.code.as_deref(), Some("42P01"), "{e}");
+    assert!(!c.is_broken());
+    c.simple_query(
+        "CREATE TEMP TABLE nowhere(x int); INSERT INTO nowhere VALUES (5)",
+        T,
+    )
+    .unwrap();
+    let r = c.prepared_query(&bad, T).unwrap();
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[1].rows[0][0].as_deref(), Some("5"));
+    let r = c
+        .prepared_query(
+            &["SELECT name FROM pg_prepared_statements ORDER BY name"],
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        names(&r[0]),
+        ["clup0", "clup1", "clup2", "clup3", "clup4", "clup5"],
+        "SELECT 1 kept from the failed batch, the other two added after"
+    );
+    // Writes run and commit as in a simple query.
+    let r = c
+        .prepared_query(
+            &["UPDATE nowhere SET x = x + 1", "SELECT x FROM nowhere"],
+            T,
+        )
+        .unwrap();
+    assert_eq!(r[0].count(), 1);
+    assert_eq!(r[1].rows[0][0].as_deref(), Some("6"));
+
+    eprintln!("== a slow answer is owed, not a lost session");
+    let pid = c.backend_pid();
+    let e = c
+        .prepared_query(
+            &["SELECT pg_sleep(1)", "SELECT 'late'"],
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+    assert!(e.msg.contains("no answer within 0.3s"), "{e}");
+    assert!(!c.is_broken() && c.owes_answer());
+    // Still sleeping: the next batch waits for it, and gives up again.
+    let e = c
+        .prepared_query(&["SELECT 'next'"], Duration::from_millis(200))
+        .unwrap_err();
+    assert!(e.msg.contains("no answer within 0.2s"), "{e}");
+    assert!(!c.is_broken() && c.owes_answer());
+    // Given the time: the late answer is read and dropped, then the new
+    // batch runs, on the same session.
+    let r = c.prepared_query(&["SELECT 'next'"], T).unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].rows[0][0].as_deref(), Some("next"));
+    assert!(!c.owes_answer());
+    assert_eq!(c.backend_pid(), pid);
+    // A deadline already past sends nothing and breaks nothing.
+    let e = c.prepared_query(&["SELECT 1"], Duration::ZERO).unwrap_err();
+    assert!(e.msg.contains("no answer"), "{e}");
+    assert!(!c.is_broken() && !c.owes_answer());
+    let r = c
+        .prepared_query(
+            &["SELECT name FROM pg_prepared_statements ORDER BY name"],
+            T,
+        )
+        .unwrap();
+    assert_eq!(
+        r[0].rows.len(),
+        10,
+        "clup0..9: the owed batch's two counted: {r:?}"
+    );
+}
+
+#[test]
 fn probe_sessions_are_kept_replaced_and_bounded() {
     let cfg = lab::config(T);
     let mut lab = server();
@@ -223,6 +320,49 @@ fn probe_sessions_are_kept_replaced_and_bounded() {
     let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
     assert!(p[&db.id].ok);
     let pids = conns.backend_pids(db.id);
+
+    eprintln!("== one login for both: status and heartbeat write in one session");
+    let mut one = cfg.clone();
+    one.ha_db_user = one.probe_user.clone();
+    one.ha_db_pass = one.probe_password.clone();
+    let mut c1 = pg::ProbeConns::default();
+    let hb_rows = || -> i64 {
+        lab.sql(0, "cs_sys_ha")
+            .query_one("SELECT count(*) FROM cs_sys_heartbeat", &[])
+            .unwrap()
+            .get(0)
+    };
+    lab.sql(0, "cs_sys_ha")
+        .batch_execute("DELETE FROM cs_sys_heartbeat")
+        .unwrap();
+    for _ in 0..3 {
+        let p = pg::probe_many(&[(&db, true)], &one, &mut c1);
+        assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+        assert_eq!(p[&db.id].in_recovery, Some(false));
+        assert_eq!(c1.backend_pids(db.id).len(), 1);
+        // An UPDATE of no row adds the row, once.
+        assert_eq!(hb_rows(), 1);
+    }
+    lab.sql(0, "cs_sys_ha")
+        .batch_execute("REVOKE UPDATE ON cs_sys_heartbeat FROM clup_probe")
+        .unwrap();
+    let p = pg::probe_many(&[(&db, true)], &one, &mut c1);
+    let p1 = &p[&db.id];
+    assert!(!p1.ok, "{p1:#?}");
+    assert!(
+        p1.error.contains("heartbeat write") && p1.error.contains("permission denied"),
+        "{}",
+        p1.error
+    );
+    // The status was read all the same, and the session is kept.
+    assert_eq!(p1.in_recovery, Some(false), "{p1:#?}");
+    assert_eq!(c1.backend_pids(db.id).len(), 1);
+    lab.sql(0, "cs_sys_ha")
+        .batch_execute("GRANT UPDATE ON cs_sys_heartbeat TO clup_probe")
+        .unwrap();
+    let p = pg::probe_many(&[(&db, true)], &one, &mut c1);
+    assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+    drop(c1);
 
     eprintln!("== restarted between rounds: the dead session is replaced, no failure");
     pgctl::stop_fast(&LocalSh, &db, &cfg).unwrap();
@@ -280,10 +420,17 @@ fn probe_sessions_are_kept_replaced_and_bounded() {
     let took = started.elapsed();
     assert!(!p[&db.id].ok);
     assert!(took < T + Duration::from_millis(300), "{took:?}");
-    assert!(conns.is_empty(), "a timed-out session is never kept");
+    // Kept, their answers owed: a slow server costs no new sessions.
+    let pids = conns.backend_pids(db.id);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let again = Instant::now();
+    let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
+    assert!(!p[&db.id].ok);
+    assert!(again.elapsed() < T + Duration::from_millis(300));
     lab.thaw();
     let p = pg::probe_many(&[(&db, true)], &cfg, &mut conns);
     assert!(p[&db.id].ok, "{:#?}", p[&db.id]);
+    assert_eq!(conns.backend_pids(db.id), pids);
 
     eprintln!("== too many clients: a kept session still probes; a new one counts as alive");
     let mut filler = Vec::new();
