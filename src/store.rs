@@ -11,9 +11,10 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -169,6 +170,8 @@ pub struct FileStore {
     /// The document last parsed, with the file's identity then: reused
     /// while the file is the same (saves replace it by rename).
     cache: Mutex<Option<(FileStamp, Arc<MetaDoc>)>>,
+    /// How many times the file was parsed (to see the cache work).
+    parses: AtomicU64,
 }
 
 /// What tells one version of meta.json from another without reading it.
@@ -199,6 +202,7 @@ impl FileStore {
             path: data_dir.join("meta.json"),
             local: Mutex::new(()),
             cache: Mutex::new(None),
+            parses: AtomicU64::new(0),
         }
     }
 
@@ -216,6 +220,8 @@ impl FileStore {
     }
 
     /// The current document, parsed again only when the file changed.
+    /// Parsing holds the cache, so that threads which find it stale wait
+    /// for one parse instead of each making its own.
     fn read_cached(&self) -> Result<Option<Arc<MetaDoc>>, StoreError> {
         let stamp = match fs::metadata(&self.path) {
             Ok(m) => FileStamp::of(&m),
@@ -228,25 +234,39 @@ impl FileStore {
                 return Ok(Some(doc.clone()));
             }
         }
-        // Read, then stamp again: a file replaced while it was read is
-        // not cached under the old stamp.
-        let doc = match self.read()? {
-            Some(d) => Arc::new(d),
-            None => return Ok(None),
-        };
-        match fs::metadata(&self.path) {
-            Ok(m) if FileStamp::of(&m) == stamp => *cache = Some((stamp, doc.clone())),
-            _ => *cache = None,
+        match self.read_stamped()? {
+            Some((read, doc)) => {
+                let doc = Arc::new(doc);
+                *cache = read.map(|s| (s, doc.clone()));
+                Ok(Some(doc))
+            }
+            None => {
+                *cache = None;
+                Ok(None)
+            }
         }
-        Ok(Some(doc))
     }
 
     fn read(&self) -> Result<Option<MetaDoc>, StoreError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(t) => t,
+        Ok(self.read_stamped()?.map(|(_, doc)| doc))
+    }
+
+    /// The document, with the stamp of the very file it was read from
+    /// (None if that file changed while it was read: edited in place).
+    /// A save that replaces the file meanwhile does not matter: what was
+    /// opened is still the old file, whole.
+    fn read_stamped(&self) -> Result<Option<(Option<FileStamp>, MetaDoc)>, StoreError> {
+        let io = |e| StoreError::Io(self.path.clone(), e);
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::Io(self.path.clone(), e)),
+            Err(e) => return Err(io(e)),
         };
+        let before = FileStamp::of(&f.metadata().map_err(io)?);
+        let mut text = String::new();
+        f.read_to_string(&mut text).map_err(io)?;
+        let after = FileStamp::of(&f.metadata().map_err(io)?);
+        self.parses.fetch_add(1, Ordering::Relaxed);
         let doc: MetaDoc = serde_json::from_str(&text)
             .map_err(|e| StoreError::Corrupt(self.shown(), e.to_string()))?;
         if doc.version == 0 {
@@ -259,7 +279,7 @@ impl FileStore {
         // value that would reach a shell unchecked is refused here too.
         doc.validate()
             .map_err(|m| StoreError::Corrupt(self.shown(), m))?;
-        Ok(Some(doc))
+        Ok(Some(((before == after).then_some(before), doc)))
     }
 }
 
@@ -344,7 +364,9 @@ impl MetaStore for FileStore {
                 }
             }
         }
-        let found = self.read()?.map_or(0, |d| d.version);
+        // Under the lock the file cannot change: the cached document, if
+        // it is still the file's, tells the version without a parse.
+        let found = self.read_cached()?.map_or(0, |d| d.version);
         if found != doc.version {
             return Err(StoreError::Conflict {
                 expected: doc.version,
@@ -356,7 +378,13 @@ impl MetaStore for FileStore {
         let mut bytes = serde_json::to_vec_pretty(&next).expect("meta serializes");
         bytes.push(b'\n');
         write_atomic(&self.path, &bytes).map_err(self.io(&self.path))?;
-        Ok(next.version)
+        // What was just written is what the next load would parse.
+        let version = next.version;
+        if let Ok(m) = fs::metadata(&self.path) {
+            *self.cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((FileStamp::of(&m), Arc::new(next)));
+        }
+        Ok(version)
     }
 
     fn exists(&self) -> Result<bool, StoreError> {
@@ -492,6 +520,49 @@ mod tests {
             Err(StoreError::Missing(_))
         ));
         assert!(matches!(a.load(), Err(StoreError::Missing(_))));
+    }
+
+    #[test]
+    fn a_save_needs_no_parse_and_seeds_the_cache() {
+        let dir = tempdir("seed");
+        let a = FileStore::new(&dir);
+        let b = FileStore::new(&dir);
+        a.save(&doc()).unwrap();
+        assert_eq!(a.parses.load(Ordering::Relaxed), 0);
+        for i in 0..5 {
+            update(&a, |d| {
+                d.clusters.get_mut("cluster01").unwrap().read_vip = format!("10.9.9.{i}");
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(
+                a.load_cluster("cluster01").unwrap().unwrap().read_vip,
+                format!("10.9.9.{i}")
+            );
+        }
+        assert_eq!(a.parses.load(Ordering::Relaxed), 0, "only its own saves");
+        // Another writer: a's next load and next save parse once, then
+        // its own saves need none again.
+        update(&b, |d| {
+            d.clusters.get_mut("cluster01").unwrap().read_vip = "10.8.8.8".into();
+            Ok(())
+        })
+        .unwrap();
+        let v = a.load().unwrap().version;
+        assert_eq!(v, 7);
+        update(&a, |d| {
+            d.clusters.get_mut("cluster01").unwrap().read_vip = "10.7.7.7".into();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(a.load().unwrap().version, 8);
+        assert_eq!(a.parses.load(Ordering::Relaxed), 1);
+        // A stale save is still refused (b's cache is old).
+        update(&a, |_| Ok(())).unwrap();
+        assert!(matches!(b.save(&b.load().unwrap()), Ok(10)));
+        let mut stale = a.load().unwrap();
+        stale.version -= 1;
+        assert!(matches!(a.save(&stale), Err(StoreError::Conflict { .. })));
     }
 
     #[test]
