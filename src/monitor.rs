@@ -64,13 +64,61 @@ pub struct Shared {
     /// Early gathers running now (see `round`).
     early_gathers: AtomicUsize,
     /// Hosts' addresses as read lately by the write-VIP reconcile.
-    recent_addrs: Mutex<BTreeMap<String, Arc<AddrSlot>>>,
+    recent_addrs: ByHost<Result<Vec<vip::IfAddr>, String>>,
+    /// The last host checks, for clusters whose databases share a host.
+    host_checks: ByHost<bool>,
 }
 
-/// One host's addresses and when they were read (or why they could not
-/// be); locked while they are being read, so that clusters sharing a host
-/// wait for one ssh call instead of each making its own.
-type AddrSlot = Mutex<Option<(Instant, Result<Vec<vip::IfAddr>, String>)>>;
+/// Answers about hosts that clusters share: for each host the last answer
+/// and when its asking began. A host's slot is locked while it is being
+/// asked, so clusters with databases on one host wait for one ssh call
+/// instead of each making its own.
+struct ByHost<T>(Mutex<BTreeMap<String, Arc<HostSlot<T>>>>);
+
+/// One host's last answer and when its asking began.
+type HostSlot<T> = Mutex<Option<(Instant, T)>>;
+
+impl<T> Default for ByHost<T> {
+    fn default() -> Self {
+        ByHost(Mutex::new(BTreeMap::new()))
+    }
+}
+
+impl<T: Clone> ByHost<T> {
+    /// The last answer for `host` if `fresh` accepts when its asking
+    /// began, else `ask()`'s, which is kept for the others.
+    fn get(&self, host: &str, fresh: impl Fn(Instant) -> bool, ask: impl FnOnce() -> T) -> T {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_string())
+            .or_default()
+            .clone();
+        let mut got = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((began, answer)) = got.as_ref() {
+            if fresh(*began) {
+                return answer.clone();
+            }
+        }
+        let began = Instant::now();
+        let answer = ask();
+        *got = Some((began, answer.clone()));
+        answer
+    }
+
+    fn forget(&self, host: &str) {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .cloned();
+        if let Some(slot) = slot {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
 
 /// How long addresses read for the write-VIP reconcile serve other
 /// clusters on the same host.
@@ -112,7 +160,8 @@ impl Shared {
             gate: Arc::new(crate::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
             early_gathers: AtomicUsize::new(0),
-            recent_addrs: Mutex::new(BTreeMap::new()),
+            recent_addrs: ByHost::default(),
+            host_checks: ByHost::default(),
         }
     }
 
@@ -136,35 +185,25 @@ impl Shared {
     /// within [`ADDR_TTL`]. Only for the calm-round reconcile: acting
     /// steps always look afresh.
     fn recent_addresses(&self, host: &str) -> Result<Vec<vip::IfAddr>, String> {
-        let slot = self
-            .recent_addrs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(host.to_string())
-            .or_default()
-            .clone();
-        let mut got = slot.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, r)) = got.as_ref() {
-            if at.elapsed() < ADDR_TTL {
-                return r.clone();
-            }
-        }
-        let r = vip::addresses(&self.ssh, host).map_err(|e| e.to_string());
-        *got = Some((Instant::now(), r.clone()));
-        r
+        self.recent_addrs.get(
+            host,
+            |began| began.elapsed() < ADDR_TTL,
+            || vip::addresses(&self.ssh, host).map_err(|e| e.to_string()),
+        )
     }
 
     /// Forget what [`Shared::recent_addresses`] read of `host`.
     fn forget_addresses(&self, host: &str) {
-        let slot = self
-            .recent_addrs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(host)
-            .cloned();
-        if let Some(slot) = slot {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        }
+        self.recent_addrs.forget(host);
+    }
+
+    /// Whether `host` is up, by a check begun at `since` or later: as good
+    /// as one of the caller's own. When a host with the databases of many
+    /// clusters fails, their checks come together and one ssh login
+    /// answers them all.
+    fn host_up_since(&self, host: &str, since: Instant) -> bool {
+        self.host_checks
+            .get(host, |began| began >= since, || self.ssh.host_up(host))
     }
 
     fn remember_ifname(&self, host: &str, ifname: &str) {
@@ -459,7 +498,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                     mem.last_reason = d.reason.clone();
                 }
                 let (plan, early) = (&d.plan, &mut early);
-                s.spawn(move || gather(shared, cluster, plan, early));
+                s.spawn(move || gather(shared, cluster, plan, t0, early));
             }
             retry_failed(shared, cluster, &mut probes, &mut mem.conns, probing);
         });
@@ -538,7 +577,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                     log::info!("{}", d.reason);
                 }
                 mem.last_reason = d.reason.clone();
-                gather(shared, cluster, &d.plan, &mut facts);
+                gather(shared, cluster, &d.plan, t0, &mut facts);
             }
             _ if !unchanged(shared, name, cluster) => {
                 // Frozen, locked or edited while this round probed: what was
@@ -557,6 +596,12 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
                         *mem.restarts.entry(*id).or_insert(0) += 1;
                         if let Some(db) = cluster.db(*id) {
                             match pgctl::start(&shared.ssh, db, &shared.cfg) {
+                                // A probe that failed for want of an answer
+                                // (an overloaded server or network) finds
+                                // it running: pg_ctl leaves it be.
+                                Ok(o) if o.stdout.contains("server is already running") => {
+                                    log::info!("Database({}) is running: not restarted.", db.addr())
+                                }
                                 Ok(_) => log::info!("Database({}) restarted.", db.addr()),
                                 Err(e) => {
                                     log::error!("Restart of database({}) failed: {e}", db.addr())
@@ -644,7 +689,6 @@ fn reconcile_write_vip(
     let Ok(vip_addr) = cluster.write_vip.parse::<Ipv4Addr>() else {
         return true;
     };
-    let ssh = &shared.ssh;
     let holds = shared
         .recent_addresses(&primary.host)
         .map(|addrs| addrs.iter().any(|a| a.addr == vip_addr));
@@ -654,34 +698,92 @@ fn reconcile_write_vip(
             true
         }
         Ok(false) => {
-            log::warn!(
-                "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}): adding it...",
-                primary.host
-            );
-            let added = vip::find_interface(ssh, &primary.host, shared.cfg.network)
-                .and_then(|(ifname, _)| vip::add(ssh, &primary.host, vip_addr, &ifname));
-            shared.forget_addresses(&primary.host);
-            match added {
-                Ok(()) => {
-                    log::info!(
-                        "Cluster({name}): write vip({vip_addr}) added on host({}).",
-                        primary.host
-                    );
-                    *seen = Some(primary.id);
-                    true
-                }
-                Err(e) => {
-                    log::error!(
-                        "Cluster({name}): cannot add write vip({vip_addr}) on host({}): {e}",
-                        primary.host
-                    );
-                    false
-                }
+            // A switch or a failover moves the VIP under the cluster lock,
+            // off the old primary first: added here meanwhile, from this
+            // round's older picture, it would be on two hosts. So only
+            // under the lock, and only for the primary the meta names then.
+            let holder = format!("write vip upkeep of cluster {name}");
+            if let Err(e) = task::lock(&*shared.store, name, &holder, 60) {
+                log::info!(
+                    "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}); left alone: {e}",
+                    primary.host
+                );
+                return false;
             }
+            let done = add_write_vip(shared, name, cluster, vip_addr, seen);
+            task::unlock(&*shared.store, name, &holder);
+            done
         }
         Err(e) => {
             log::warn!(
                 "Cluster({name}): cannot check the write vip on host({}): {e}",
+                primary.host
+            );
+            false
+        }
+    }
+}
+
+/// [`reconcile_write_vip`]'s repair, under the cluster lock: the VIP is
+/// added on the primary's host if the meta still names that primary and
+/// the host still lacks it.
+fn add_write_vip(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    vip_addr: Ipv4Addr,
+    seen: &mut Option<u32>,
+) -> bool {
+    let ssh = &shared.ssh;
+    let Some(primary) = cluster.primary() else {
+        return true;
+    };
+    let same = match shared.store.load_cluster(name) {
+        Ok(Some(now)) => {
+            !now.is_frozen()
+                && now.write_vip == cluster.write_vip
+                && now.primary().map(|p| (p.id, &p.host)) == Some((primary.id, &primary.host))
+        }
+        _ => false,
+    };
+    if !same {
+        log::info!("Cluster({name}): the meta changed since this round began; the write vip is left to the next one.");
+        return false;
+    }
+    shared.forget_addresses(&primary.host);
+    match shared.recent_addresses(&primary.host) {
+        Ok(addrs) if addrs.iter().any(|a| a.addr == vip_addr) => {
+            *seen = Some(primary.id);
+            return true;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log::warn!(
+                "Cluster({name}): cannot check the write vip on host({}): {e}",
+                primary.host
+            );
+            return false;
+        }
+    }
+    log::warn!(
+        "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}): adding it...",
+        primary.host
+    );
+    let added = vip::find_interface(ssh, &primary.host, shared.cfg.network)
+        .and_then(|(ifname, _)| vip::add(ssh, &primary.host, vip_addr, &ifname));
+    shared.forget_addresses(&primary.host);
+    match added {
+        Ok(()) => {
+            log::info!(
+                "Cluster({name}): write vip({vip_addr}) added on host({}).",
+                primary.host
+            );
+            *seen = Some(primary.id);
+            true
+        }
+        Err(e) => {
+            log::error!(
+                "Cluster({name}): cannot add write vip({vip_addr}) on host({}): {e}",
                 primary.host
             );
             false
@@ -801,7 +903,9 @@ fn write_vip_seen(
 
 /// Run gather actions in parallel and record their answers. A standby
 /// asked both about the primary and about the write VIP gets one ssh call.
-fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts) {
+/// Gather the facts `plan` asks for; `since`: when the round that needs
+/// them began.
+fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], since: Instant, facts: &mut Facts) {
     /// One gathered fact.
     enum Answer {
         Host(String, bool),
@@ -828,7 +932,10 @@ fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], facts: &mut Facts
             .map(|a| {
                 s.spawn(move || match a {
                     Action::CheckHost { host } => {
-                        vec![Answer::Host(host.clone(), shared.ssh.host_up(host))]
+                        vec![Answer::Host(
+                            host.clone(),
+                            shared.host_up_since(host, since),
+                        )]
                     }
                     Action::CheckPeer { via, .. } if Some(via.as_str()) == vip_via => vec![],
                     Action::CheckPeer { via, host, port } => {
@@ -1319,6 +1426,33 @@ pub fn repoint_db(shared: &Shared, db: &Db, primary: &Db) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_answer_serves_those_who_accept_its_age_and_is_asked_once() {
+        let checks: ByHost<bool> = ByHost::default();
+        let asked = AtomicUsize::new(0);
+        let since = Instant::now();
+        let ask = || {
+            asked.fetch_add(1, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(50));
+            true
+        };
+        // Eight clusters at once: one asks, the others wait for its answer.
+        thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| assert!(checks.get("h1", |b| b >= since, ask)));
+            }
+        });
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        // A round that began after that check asks again; another host
+        // has its own answer.
+        let later = Instant::now();
+        assert!(!checks.get("h1", |b| b >= later, || false));
+        assert!(!checks.get("h1", |b| b >= later, || true));
+        assert!(checks.get("h2", |b| b >= since, || true));
+        checks.forget("h2");
+        assert!(!checks.get("h2", |b| b >= since, || false));
+    }
 
     #[test]
     fn early_gather_slots_are_bounded_and_given_back() {

@@ -127,7 +127,12 @@ fn scenarios(major: u32, repair: Repair) {
     for (target, host) in [(3u32, "pg03"), (1, "pg01")] {
         let out = lab.adm(&["switch", "-c", "cluster01", "-i", &target.to_string()]);
         assert_eq!(out.code, 0, "switch to {target}: {out:?}\n{}", lab.log());
-        assert_eq!(lab.vip_holder(WRITE_VIP).as_deref(), Some(host));
+        assert_eq!(
+            lab.vip_holder(WRITE_VIP).as_deref(),
+            Some(host),
+            "{}",
+            lab.log()
+        );
         assert_eq!(lab.role(host), Some(false));
         assert_eq!(lab.db_state(target), ("Normal".to_string(), 1));
         lab.sql(
