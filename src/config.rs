@@ -110,12 +110,12 @@ pub const KEYS: &[Key] = &[
           doc: "Address the HTTP and admin interface listens on." },
     Key { name: "http_port", kind: Kind::Port, default: Some("8080"),
           doc: "Port of the HTTP and admin interface; clupadm connects to it on 127.0.0.1." },
-    Key { name: "probe_timeout", kind: Kind::Timeout, default: Some("3"),
-          doc: "Seconds a probe may take (connect plus query) before it counts as failed; decimals allowed (0.5)." },
+    Key { name: "probe_timeout", kind: Kind::Timeout, default: Some("1"),
+          doc: "Seconds a check may wait for an answer before it counts as failed: a database probe (connect plus query), the host check's TCP connect to a host's ssh port and a standby's check that it reaches the primary (at most 1 s); decimals allowed (0.5). On a network that drops packets, more than 1 leaves room for a lost TCP SYN to be sent again." },
     Key { name: "probe_retries", kind: Kind::Count, default: Some("1"),
-          doc: "Extra attempts, within the interval, before a failed probe counts." },
+          doc: "Extra attempts, within the interval, before a failed probe counts; a database whose host failed the host check meanwhile gets none." },
     Key { name: "ssh_connect_timeout", kind: Kind::Timeout, default: Some("3"),
-          doc: "Seconds a database host may take to answer a TCP connection (host check, a standby's check of the primary) and the DAD probe of a VIP (at most 1 s); decimals allowed (0.5). ssh's own ConnectTimeout is this rounded up to whole seconds." },
+          doc: "Seconds ssh may take to log in to a database host that answers (ssh's own ConnectTimeout, this rounded up to whole seconds), and the DAD probe of a VIP (at most 1 s); decimals allowed (0.5)." },
     Key { name: "ssh_user", kind: Kind::Text, default: Some("root"),
           doc: "User clupserver logs in as on the database hosts." },
     Key { name: "ssh_options", kind: Kind::Text, default: Some(""),
@@ -623,7 +623,7 @@ mod tests {
         assert_eq!(c.probe_timeout, Duration::from_millis(500));
         assert_eq!(c.ssh_connect_timeout, Duration::from_millis(1250));
         let c = parse(SAMPLE).unwrap();
-        assert_eq!(c.probe_timeout, Duration::from_secs(3));
+        assert_eq!(c.probe_timeout, Duration::from_secs(1));
         assert_eq!(c.ssh_connect_timeout, Duration::from_secs(3));
         for (v, want) in [
             ("2", Some(2000)),

@@ -365,34 +365,43 @@ fn find_msg(d: &Db) -> String {
     format!("Find database({}) failed, repair it ....", d.addr())
 }
 
+/// What a failed primary's failover would need to know: whether its host
+/// is up and, asked at the same time so that no time is lost if it is not,
+/// whether the standbys that answer (in `facts.seen`) still reach it and who
+/// answers for the write VIP. The monitor also asks this ahead, while a
+/// probe of the primary is late.
+pub fn primary_checks(cluster: &Cluster, primary: &Db, facts: &Facts) -> Vec<Action> {
+    let mut plan = vec![Action::CheckHost {
+        host: primary.host.clone(),
+    }];
+    if !facts.peers_asked {
+        let reachable: Vec<&Db> = cluster
+            .normal_standbys()
+            .filter(|d| facts.seen.get(&d.id).is_some_and(|s| s.ok))
+            .collect();
+        plan.extend(reachable.iter().map(|d| Action::CheckPeer {
+            via: d.host.clone(),
+            host: primary.host.clone(),
+            port: primary.port,
+        }));
+        // And whether the write VIP still answers on the link: a failover
+        // needs that answer before it promotes.
+        if let Some(d) = reachable.first() {
+            plan.push(Action::CheckWriteVip {
+                via: d.host.clone(),
+            });
+        }
+    }
+    plan
+}
+
 fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) -> Decision {
     match facts.hosts.get(&primary.host) {
-        None => {
-            // Ask the standbys at the same time: if the host turns out to be
-            // down, the failover needs their answer and no time is lost.
-            let mut plan = vec![Action::CheckHost {
-                host: primary.host.clone(),
-            }];
-            if !facts.peers_asked {
-                let reachable: Vec<&Db> = cluster
-                    .normal_standbys()
-                    .filter(|d| facts.seen.get(&d.id).is_some_and(|s| s.ok))
-                    .collect();
-                plan.extend(reachable.iter().map(|d| Action::CheckPeer {
-                    via: d.host.clone(),
-                    host: primary.host.clone(),
-                    port: primary.port,
-                }));
-                // And whether the write VIP still answers on the link: a
-                // failover needs that answer before it promotes.
-                if let Some(d) = reachable.first() {
-                    plan.push(Action::CheckWriteVip {
-                        via: d.host.clone(),
-                    });
-                }
-            }
-            Decision::gather(primary.id, plan, find_msg(primary))
-        }
+        None => Decision::gather(
+            primary.id,
+            primary_checks(cluster, primary, facts),
+            find_msg(primary),
+        ),
         Some(true) => {
             let tried = facts.restarts.get(&primary.id).copied().unwrap_or(0);
             if tried < p.restart_tries {

@@ -62,7 +62,7 @@ pub struct Shared {
     /// spares the VIP step of a failover one ssh call.
     ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
     /// Early gathers running now (see `round`).
-    early_gathers: AtomicUsize,
+    early_gathers: Arc<AtomicUsize>,
     /// Hosts' addresses as read lately by the write-VIP reconcile.
     recent_addrs: ByHost<Result<Vec<vip::IfAddr>, String>>,
     /// The last host checks, for clusters whose databases share a host.
@@ -124,24 +124,25 @@ impl<T: Clone> ByHost<T> {
 /// clusters on the same host.
 const ADDR_TTL: Duration = Duration::from_secs(2);
 
-/// At most this many clusters run their failover checks beside a probe
-/// retry at once; the others check after the retry.
+/// At most this many clusters run their failover checks ahead (while a
+/// probe of the primary is late) or beside a probe retry at once; the
+/// others check after the retry.
 const EARLY_GATHERS: usize = 4;
 
 /// One of the [`EARLY_GATHERS`] slots, given back when dropped.
-struct EarlySlot<'a>(&'a AtomicUsize);
+struct EarlySlot(Arc<AtomicUsize>);
 
-impl<'a> EarlySlot<'a> {
-    fn take(n: &'a AtomicUsize) -> Option<EarlySlot<'a>> {
+impl EarlySlot {
+    fn take(n: &Arc<AtomicUsize>) -> Option<EarlySlot> {
         n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             (v < EARLY_GATHERS).then_some(v + 1)
         })
         .ok()
-        .map(|_| EarlySlot(n))
+        .map(|_| EarlySlot(Arc::clone(n)))
     }
 }
 
-impl Drop for EarlySlot<'_> {
+impl Drop for EarlySlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -159,7 +160,7 @@ impl Shared {
             counters: Counters::default(),
             gate: Arc::new(crate::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
-            early_gathers: AtomicUsize::new(0),
+            early_gathers: Arc::new(AtomicUsize::new(0)),
             recent_addrs: ByHost::default(),
             host_checks: ByHost::default(),
         }
@@ -378,7 +379,9 @@ fn probe_dbs(shared: &Shared, dbs: &[&Db], conns: &mut pg::ProbeConns) -> BTreeM
     pg::probe_many(&with_role, &shared.cfg, conns)
 }
 
-/// Probe again, up to probe_retries times, the databases that failed.
+/// Probe again, up to probe_retries times, the databases that failed,
+/// except those on a host in `down` (found down since the round began: a
+/// newer and stronger answer than another probe's).
 /// Each attempt starts at least 200 ms after the one before it began
 /// failing (`took` = how long the first attempt ran): a probe that failed
 /// at once (refused) gets a pause, one that waited out its timeout none.
@@ -388,12 +391,14 @@ fn retry_failed(
     probes: &mut BTreeMap<u32, DbProbe>,
     conns: &mut pg::ProbeConns,
     mut took: Duration,
+    down: &[String],
 ) {
     for _ in 0..shared.cfg.probe_retries {
         let failed: Vec<&Db> = cluster
             .db_list
             .iter()
             .filter(|d| probes.get(&d.id).is_some_and(|p| !p.ok))
+            .filter(|d| !down.contains(&d.host))
             .collect();
         if failed.is_empty() {
             return;
@@ -468,40 +473,128 @@ fn seen_of(p: &DbProbe) -> Seen {
     }
 }
 
+/// A probe of the primary unanswered after this long (or half of
+/// probe_timeout, if shorter) starts the checks a failover would wait for.
+/// On a LAN a probe answers within milliseconds.
+const AHEAD_AFTER: Duration = Duration::from_millis(250);
+
+/// Start, on a thread of its own, the checks a failover of `cluster`'s
+/// primary would wait for (its host, the standbys that answered last round,
+/// the write VIP): called while a probe of the primary is `late`. None when
+/// there is no last round to go by, the primary was as slow then (a loaded
+/// server, not a dead one: no checks every round) or [`EARLY_GATHERS`] are
+/// running. The answers come on the channel; a primary that answers after
+/// all leaves them unread.
+fn check_ahead(
+    shared: &Arc<Shared>,
+    name: &str,
+    cluster: &Cluster,
+    since: Instant,
+    late: Duration,
+) -> Option<crossbeam_channel::Receiver<Facts>> {
+    let primary = cluster.primary()?;
+    let last = {
+        let observed = shared.observed.lock().unwrap_or_else(|p| p.into_inner());
+        let probes = &observed.get(name)?.probes;
+        let was = probes.get(&primary.id)?;
+        if !was.ok || u128::from(was.probe_ms) >= late.as_millis() {
+            return None;
+        }
+        Facts {
+            seen: probes.iter().map(|(id, p)| (*id, seen_of(p))).collect(),
+            ..Default::default()
+        }
+    };
+    let plan = ha::primary_checks(cluster, primary, &last);
+    let slot = EarlySlot::take(&shared.early_gathers)?;
+    log::debug!(
+        "Cluster({name}): database({}) is slow to answer: checking its host and asking the standbys ahead",
+        primary.addr()
+    );
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let (shared, cluster) = (Arc::clone(shared), cluster.clone());
+    let spawned = thread::Builder::new()
+        .name(format!("ahead-{name}"))
+        .spawn(move || {
+            let mut facts = Facts::default();
+            gather(&shared, &cluster, &plan, since, &mut facts);
+            drop(slot);
+            let _ = tx.send(facts);
+        });
+    spawned.ok().map(|_| rx)
+}
+
 fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) {
     let t0 = Instant::now();
     let all: Vec<&Db> = cluster.db_list.iter().collect();
     let ids: Vec<u32> = all.iter().map(|d| d.id).collect();
     mem.conns.retain(&ids);
-    let mut probes = probe_dbs(shared, &all, &mut mem.conns);
+    // A probe of the primary still unanswered after AHEAD_AFTER starts
+    // the checks a failover would wait for: on a dead host they then run
+    // beside the probe's timeout instead of after it.
+    let after = AHEAD_AFTER.min(shared.cfg.probe_timeout / 2);
+    let ahead = std::cell::RefCell::new(None);
+    let start_ahead = || *ahead.borrow_mut() = check_ahead(shared, name, cluster, t0, after);
+    let late = cluster
+        .primary()
+        .filter(|_| cluster.db_list.len() > 1)
+        .map(|p| pg::Late {
+            id: p.id,
+            after,
+            then: &start_ahead,
+        });
+    let with_role: Vec<(&Db, bool)> = all.iter().map(|d| (*d, d.is_primary())).collect();
+    let mut probes = pg::probe_watching(&with_role, &shared.cfg, &mut mem.conns, late);
+    let ahead = ahead.into_inner();
     let probing = t0.elapsed();
     // A failed probe is retried before it counts. Meanwhile the checks the
-    // decision will ask for (host, peers, write VIP) already run: they only
-    // gather facts, and a retry that succeeds makes them moot. This takes
-    // the retry off a failover's critical path.
+    // decision will ask for (host, peers, write VIP) already run, unless
+    // they were started ahead: they only gather facts, and a retry that
+    // succeeds makes them moot. This takes the retry off a failover's
+    // critical path.
     let mut early = Facts::default();
-    if probes.values().any(|p| !p.ok) && shared.cfg.probe_retries > 0 {
+    if probes.values().any(|p| !p.ok) {
         let first = facts_of(&probes, mem);
         let d = ha::decide(cluster, &first, &shared.params(), crate::now_secs());
+        let primary_failed =
+            d.kind == Kind::Gather && cluster.primary().is_some_and(|p| d.subject == Some(p.id));
+        // Checks made ahead serve the primary's failure only.
+        let ahead = ahead.filter(|_| primary_failed);
+        let retry = shared.cfg.probe_retries > 0;
         // Only for the primary, whose failover waits on them, and only a
         // few clusters at a time: checks for a probe whose retry then
         // succeeds are wasted ssh logins, and when many clusters' probes
         // are slow at once (an overloaded monitor) they would make it worse.
-        let primary_failed = cluster.primary().is_some_and(|p| d.subject == Some(p.id));
-        let slot = (d.kind == Kind::Gather && primary_failed)
+        let slot = (ahead.is_none() && retry && primary_failed)
             .then(|| EarlySlot::take(&shared.early_gathers))
             .flatten();
-        thread::scope(|s| {
-            if slot.is_some() {
-                if d.reason != mem.last_reason {
-                    log::info!("{}", d.reason);
-                    mem.last_reason = d.reason.clone();
-                }
-                let (plan, early) = (&d.plan, &mut early);
-                s.spawn(move || gather(shared, cluster, plan, t0, early));
+        if (ahead.is_some() || slot.is_some()) && d.reason != mem.last_reason {
+            log::info!("{}", d.reason);
+            mem.last_reason = d.reason.clone();
+        }
+        if let Some(rx) = ahead {
+            // Each check is bounded by its own timeouts; this is a backstop.
+            let bound = shared.cfg.probe_timeout + shared.cfg.ssh_connect_timeout * 2;
+            match rx.recv_timeout(bound + Duration::from_secs(12)) {
+                Ok(f) => early = f,
+                Err(_) => log::warn!("Cluster({name}): the checks started ahead did not end"),
             }
-            retry_failed(shared, cluster, &mut probes, &mut mem.conns, probing);
-        });
+        }
+        if retry {
+            let down: Vec<String> = early
+                .hosts
+                .iter()
+                .filter(|(_, up)| !**up)
+                .map(|(h, _)| h.clone())
+                .collect();
+            thread::scope(|s| {
+                if slot.is_some() {
+                    let (plan, early) = (&d.plan, &mut early);
+                    s.spawn(move || gather(shared, cluster, plan, t0, early));
+                }
+                retry_failed(shared, cluster, &mut probes, &mut mem.conns, probing, &down);
+            });
+        }
         drop(slot);
     }
     for (id, p) in &probes {
@@ -1456,7 +1549,7 @@ mod tests {
 
     #[test]
     fn early_gather_slots_are_bounded_and_given_back() {
-        let n = AtomicUsize::new(0);
+        let n = Arc::new(AtomicUsize::new(0));
         let held: Vec<_> = (0..EARLY_GATHERS)
             .map(|_| EarlySlot::take(&n).expect("a free slot"))
             .collect();

@@ -441,23 +441,75 @@ pub fn probe_many(
     cfg: &Config,
     conns: &mut ProbeConns,
 ) -> BTreeMap<u32, DbProbe> {
+    probe_watching(dbs, cfg, conns, None)
+}
+
+/// A database whose probe is watched: if it has not answered within
+/// `after`, `then` runs (once, on the calling thread, while the probes go
+/// on).
+pub struct Late<'a> {
+    pub id: u32,
+    pub after: Duration,
+    pub then: &'a dyn Fn(),
+}
+
+/// [`probe_many`], watching one database's probe with `late`. That probe
+/// then runs on a thread of its own, never on the calling one, which
+/// waits for it after its own probe.
+pub fn probe_watching(
+    dbs: &[(&Db, bool)],
+    cfg: &Config,
+    conns: &mut ProbeConns,
+    late: Option<Late>,
+) -> BTreeMap<u32, DbProbe> {
+    let started = Instant::now();
     let deadline = wire::Deadline::after(cfg.probe_timeout);
     let mut jobs: Vec<(&Db, bool, Vec<wire::Conn>)> = dbs
         .iter()
         .map(|&(db, primary)| (db, primary, conns.0.remove(&db.id).unwrap_or_default()))
         .collect();
+    let watched = late.as_ref().map(|l| l.id);
+    // The watched database goes to the end, among the spawned ones.
+    if let Some(id) = watched {
+        if let Some(i) = jobs.iter().position(|j| j.0.id == id) {
+            let j = jobs.remove(i);
+            jobs.push(j);
+        }
+    }
+    let own = if jobs.len() > 1 || watched.is_none() {
+        jobs.len().min(1)
+    } else {
+        0
+    };
+    let (tx, rx) = crossbeam_channel::unbounded::<u32>();
     let done: Vec<(u32, DbProbe, Vec<wire::Conn>)> = thread::scope(|s| {
-        let rest = jobs.split_off(jobs.len().min(1));
+        let rest = jobs.split_off(own);
         let handles: Vec<_> = rest
             .into_iter()
             .map(|(db, primary, held)| {
-                s.spawn(move || (db.id, probe_one(db, cfg, primary, held, deadline)))
+                let tx = (Some(db.id) == watched).then(|| tx.clone());
+                s.spawn(move || {
+                    let r = probe_one(db, cfg, primary, held, deadline);
+                    if let Some(tx) = tx {
+                        let _ = tx.send(db.id);
+                    }
+                    (db.id, r)
+                })
             })
             .collect();
+        drop(tx);
         let mut done: Vec<_> = jobs
             .into_iter()
             .map(|(db, primary, held)| (db.id, probe_one(db, cfg, primary, held, deadline)))
             .collect();
+        if let Some(l) = &late {
+            // The watched probe says when it is done (or its thread ends).
+            if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                rx.recv_deadline(started + l.after)
+            {
+                (l.then)();
+            }
+        }
         for h in handles {
             // A panic in a probe is a bug: it reaches the caller, as one on
             // this thread would.

@@ -58,6 +58,12 @@ pub trait Remote {
     /// How long reaching a host may take; executors add it to their own
     /// time bounds.
     fn connect_timeout(&self) -> Duration;
+
+    /// How long a liveness check (a TCP connect from one host to another)
+    /// waits for an answer before it counts as none: probe_timeout.
+    fn check_timeout(&self) -> Duration {
+        self.connect_timeout()
+    }
 }
 
 /// ssh's exit code when the connection itself failed.
@@ -70,6 +76,10 @@ pub struct Ssh {
     pub user: String,
     pub options: Vec<String>,
     pub connect_timeout: Duration,
+    /// How long the TCP host check and a standby's check of the primary
+    /// wait for an answer (probe_timeout): the failover's critical path,
+    /// where ssh_connect_timeout bounds ssh logins to live hosts.
+    pub check_timeout: Duration,
     /// Where ssh keeps its multiplexing sockets (ControlMaster); None = one
     /// connection per call. A login costs 0.5-1 s of key exchange; reusing
     /// the connection makes later calls take milliseconds.
@@ -83,6 +93,7 @@ impl Ssh {
             user: cfg.ssh_user.clone(),
             options: cfg.ssh_options.clone(),
             connect_timeout: cfg.ssh_connect_timeout,
+            check_timeout: cfg.probe_timeout,
             control_dir: None,
         }
     }
@@ -171,13 +182,13 @@ impl Ssh {
     /// on the failover's critical path.
     ///
     /// First a plain TCP connect to where ssh would connect, bounded by
-    /// ssh_connect_timeout with millisecond precision (ssh's own
-    /// ConnectTimeout counts whole seconds): a host that does not answer
-    /// at all is down without waiting for ssh. A host that answers, even
-    /// with a refusal, goes on to the ssh login.
+    /// probe_timeout with millisecond precision (ssh's own ConnectTimeout
+    /// counts whole seconds): a host that does not answer at all is down
+    /// without waiting for ssh. A host that answers, even with a refusal,
+    /// goes on to the ssh login (bounded by ssh_connect_timeout).
     pub fn check_host(&self, host: &str) -> Result<(), CommandError> {
         if let Some(addr) = self.endpoint(host) {
-            if let Err(err) = std::net::TcpStream::connect_timeout(&addr, self.connect_timeout) {
+            if let Err(err) = std::net::TcpStream::connect_timeout(&addr, self.check_timeout) {
                 use std::io::ErrorKind::*;
                 if !matches!(err.kind(), ConnectionRefused | ConnectionReset) {
                     return Err(CommandError::Io {
@@ -185,8 +196,8 @@ impl Ssh {
                         err: std::io::Error::new(
                             err.kind(),
                             format!(
-                                "{err} (ssh_connect_timeout {} s)",
-                                self.connect_timeout.as_secs_f64()
+                                "{err} (probe_timeout {} s)",
+                                self.check_timeout.as_secs_f64()
                             ),
                         ),
                     });
@@ -276,6 +287,10 @@ impl Remote for Ssh {
     fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
+
+    fn check_timeout(&self) -> Duration {
+        self.check_timeout
+    }
 }
 
 /// Which hosts have a master connection (as far as this process knows),
@@ -360,9 +375,9 @@ pub fn peer_reaches(
     let out = remote.run_script(
         via,
         &label,
-        &peer_script(host, port, remote.connect_timeout()),
+        &peer_script(host, port, remote.check_timeout()),
         None,
-        remote.connect_timeout() + Duration::from_secs(4),
+        remote.connect_timeout() + remote.check_timeout() + Duration::from_secs(4),
     )?;
     match out.stdout.trim() {
         "open" => Ok(true),
@@ -451,6 +466,7 @@ mod tests {
             user: "root".into(),
             options: vec!["-i".into(), "/opt/clup/conf/id_ed25519".into()],
             connect_timeout: Duration::from_secs(3),
+            check_timeout: Duration::from_secs(3),
             control_dir: None,
         }
     }
@@ -560,7 +576,7 @@ mod tests {
     }
 
     /// A host whose TCP stack drops the SYN (here: a listener whose accept
-    /// queue is full) is down after ssh_connect_timeout, below ssh's
+    /// queue is full) is down after probe_timeout, below ssh's
     /// one-second ConnectTimeout floor, and ssh itself never runs.
     #[test]
     fn silent_host_is_down_after_a_subsecond_connect_timeout() {
@@ -591,7 +607,7 @@ mod tests {
         }
         let s = Ssh {
             options: vec!["-p".into(), port.to_string()],
-            connect_timeout: Duration::from_millis(300),
+            check_timeout: Duration::from_millis(300),
             ..ssh()
         };
         let started = Instant::now();
@@ -604,7 +620,7 @@ mod tests {
                 .starts_with(&format!("ssh root@127.0.0.1: connect to 127.0.0.1:{port}")),
             "{e}"
         );
-        assert!(e.to_string().contains("ssh_connect_timeout 0.3 s"), "{e}");
+        assert!(e.to_string().contains("probe_timeout 0.3 s"), "{e}");
         drop(held);
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(fd) };

@@ -413,6 +413,42 @@ fn probe_sessions_are_kept_replaced_and_bounded() {
     );
     assert!(p[&db.id].probe_ms < 1000, "{:#?}", p[&db.id]);
 
+    eprintln!("== a late probe is reported once, at its time; one on time never");
+    let calls = std::sync::Mutex::new(Vec::new());
+    let started_late = Instant::now();
+    let note = || calls.lock().unwrap().push(started_late.elapsed());
+    let late = pg::Late {
+        id: 99,
+        after: Duration::from_millis(400),
+        then: &note,
+    };
+    let p = pg::probe_watching(&[(&hung, true), (&db, true)], &cfg, &mut conns, Some(late));
+    assert!(p[&db.id].ok && !p[&99].ok);
+    let seen = calls.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0] >= Duration::from_millis(400) && seen[0] < Duration::from_millis(700),
+        "{seen:?}"
+    );
+    // Watched alone, the late one is probed off the calling thread.
+    calls.lock().unwrap().clear();
+    let late = pg::Late {
+        id: 99,
+        after: Duration::from_millis(200),
+        then: &note,
+    };
+    pg::probe_watching(&[(&hung, true)], &cfg, &mut conns, Some(late));
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    calls.lock().unwrap().clear();
+    let late = pg::Late {
+        id: db.id,
+        after: Duration::from_millis(400),
+        then: &note,
+    };
+    let p = pg::probe_watching(&[(&hung, true), (&db, true)], &cfg, &mut conns, Some(late));
+    assert!(p[&db.id].ok);
+    assert!(calls.lock().unwrap().is_empty());
+
     eprintln!("== SIGSTOP: bounded by probe_timeout, sessions dropped; resumed: back");
     lab.freeze(0);
     let started = Instant::now();
