@@ -243,9 +243,14 @@ fn lab_ha_monitor_cut_from_primary_only_is_no_failover() {
         assert_eq!(lab.role(h), Some(true), "{h} was promoted");
     }
     assert!(!in_log(&lab, "Failover primary"), "{}", lab.log());
+    // Healed: the primary is seen ok again. (Not "the log ends with it":
+    // the round that sees it may end with a "round took" warning when a
+    // session stuck in TCP retransmission made its first probe time out.)
+    let ok = "primary database(10.213.0.41:5432) ok, 3 standby(s) ok";
+    let before = lab.log().matches(ok).count();
     assert_eq!(lab.lab(&["heal"]).code, 0);
     assert!(
-        lab.wait(10, |l| l.log().ends_with("3 standby(s) ok\n")),
+        lab.wait(15, |l| l.log().matches(ok).count() > before),
         "{}",
         lab.log()
     );
