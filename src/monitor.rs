@@ -63,6 +63,8 @@ pub struct Shared {
     ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
     /// Early gathers running now (see `round`).
     early_gathers: Arc<AtomicUsize>,
+    /// When checks were last started ahead of a late probe (any cluster).
+    last_ahead: Mutex<Option<Instant>>,
     /// Hosts' addresses as read lately by the write-VIP reconcile.
     recent_addrs: ByHost<Result<Vec<vip::IfAddr>, String>>,
     /// The last host checks, for clusters whose databases share a host.
@@ -161,6 +163,7 @@ impl Shared {
             gate: Arc::new(crate::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
             early_gathers: Arc::new(AtomicUsize::new(0)),
+            last_ahead: Mutex::new(None),
             recent_addrs: ByHost::default(),
             host_checks: ByHost::default(),
         }
@@ -478,12 +481,18 @@ fn seen_of(p: &DbProbe) -> Seen {
 /// On a LAN a probe answers within milliseconds.
 const AHEAD_AFTER: Duration = Duration::from_millis(250);
 
+/// At most one cluster per this long starts checks ahead. When a host
+/// dies, the first of its clusters to notice checks it ahead (the others
+/// reuse that host check); when many probes are late at once, the servers
+/// or the monitor are overloaded, and more ssh logins would make it worse.
+const AHEAD_SPACING: Duration = Duration::from_secs(1);
+
 /// Start, on a thread of its own, the checks a failover of `cluster`'s
 /// primary would wait for (its host, the standbys that answered last round,
 /// the write VIP): called while a probe of the primary is `late`. None when
 /// there is no last round to go by, the primary was as slow then (a loaded
-/// server, not a dead one: no checks every round) or [`EARLY_GATHERS`] are
-/// running. The answers come on the channel; a primary that answers after
+/// server, not a dead one: no checks every round), another cluster did so
+/// less than [`AHEAD_SPACING`] ago or [`EARLY_GATHERS`] are running. The answers come on the channel; a primary that answers after
 /// all leaves them unread.
 fn check_ahead(
     shared: &Arc<Shared>,
@@ -506,7 +515,15 @@ fn check_ahead(
         }
     };
     let plan = ha::primary_checks(cluster, primary, &last);
-    let slot = EarlySlot::take(&shared.early_gathers)?;
+    let slot = {
+        let mut at = shared.last_ahead.lock().unwrap_or_else(|p| p.into_inner());
+        if at.is_some_and(|t| t.elapsed() < AHEAD_SPACING) {
+            return None;
+        }
+        let slot = EarlySlot::take(&shared.early_gathers)?;
+        *at = Some(Instant::now());
+        slot
+    };
     log::debug!(
         "Cluster({name}): database({}) is slow to answer: checking its host and asking the standbys ahead",
         primary.addr()

@@ -444,9 +444,10 @@ pub fn probe_many(
     probe_watching(dbs, cfg, conns, None)
 }
 
-/// A database whose probe is watched: if it has not answered within
-/// `after`, `then` runs (once, on the calling thread, while the probes go
-/// on).
+/// A database whose probe is watched: if it alone has not answered within
+/// `after` (the others probed on the calling thread have), `then` runs
+/// (once, on the calling thread, while the probes go on). When the others
+/// are slow too, the trouble is not that one database's.
 pub struct Late<'a> {
     pub id: u32,
     pub after: Duration,
@@ -502,7 +503,7 @@ pub fn probe_watching(
             .into_iter()
             .map(|(db, primary, held)| (db.id, probe_one(db, cfg, primary, held, deadline)))
             .collect();
-        if let Some(l) = &late {
+        if let Some(l) = late.as_ref().filter(|l| started.elapsed() < l.after) {
             // The watched probe says when it is done (or its thread ends).
             if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                 rx.recv_deadline(started + l.after)

@@ -448,6 +448,22 @@ fn probe_sessions_are_kept_replaced_and_bounded() {
     let p = pg::probe_watching(&[(&hung, true), (&db, true)], &cfg, &mut conns, Some(late));
     assert!(p[&db.id].ok);
     assert!(calls.lock().unwrap().is_empty());
+    // Not when the others are slow too: that is not the watched one's
+    // trouble.
+    let mut hung2 = hung.clone();
+    hung2.id = 98;
+    let late = pg::Late {
+        id: 99,
+        after: Duration::from_millis(400),
+        then: &note,
+    };
+    pg::probe_watching(
+        &[(&hung, true), (&hung2, false)],
+        &cfg,
+        &mut conns,
+        Some(late),
+    );
+    assert!(calls.lock().unwrap().is_empty());
 
     eprintln!("== SIGSTOP: bounded by probe_timeout, sessions dropped; resumed: back");
     lab.freeze(0);
