@@ -377,9 +377,15 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str, offset: Duration) {
 /// One probe of each of `dbs`, in parallel (scoped threads joined before
 /// returning), all bounded by one probe_timeout, on the sessions the loop
 /// keeps in `conns`.
-fn probe_dbs(shared: &Shared, dbs: &[&Db], conns: &mut pg::ProbeConns) -> BTreeMap<u32, DbProbe> {
+/// `late`: see [`pg::probe_watching`].
+fn probe_dbs(
+    shared: &Shared,
+    dbs: &[&Db],
+    conns: &mut pg::ProbeConns,
+    late: Option<pg::Late>,
+) -> BTreeMap<u32, DbProbe> {
     let with_role: Vec<(&Db, bool)> = dbs.iter().map(|d| (*d, d.is_primary())).collect();
-    pg::probe_many(&with_role, &shared.cfg, conns)
+    pg::probe_watching(&with_role, &shared.cfg, conns, late)
 }
 
 /// Probe again, up to probe_retries times, the databases that failed,
@@ -408,7 +414,7 @@ fn retry_failed(
         }
         thread::sleep(Duration::from_millis(200).saturating_sub(took));
         let t = Instant::now();
-        probes.extend(probe_dbs(shared, &failed, conns));
+        probes.extend(probe_dbs(shared, &failed, conns, None));
         took = t.elapsed();
     }
 }
@@ -492,8 +498,9 @@ const AHEAD_SPACING: Duration = Duration::from_secs(1);
 /// the write VIP): called while a probe of the primary is `late`. None when
 /// there is no last round to go by, the primary was as slow then (a loaded
 /// server, not a dead one: no checks every round), another cluster did so
-/// less than [`AHEAD_SPACING`] ago or [`EARLY_GATHERS`] are running. The answers come on the channel; a primary that answers after
-/// all leaves them unread.
+/// less than [`AHEAD_SPACING`] ago or [`EARLY_GATHERS`] are running. The
+/// answers come on the channel; a primary that answers after all leaves
+/// them unread.
 fn check_ahead(
     shared: &Arc<Shared>,
     name: &str,
@@ -560,8 +567,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
             after,
             then: &start_ahead,
         });
-    let with_role: Vec<(&Db, bool)> = all.iter().map(|d| (*d, d.is_primary())).collect();
-    let mut probes = pg::probe_watching(&with_role, &shared.cfg, &mut mem.conns, late);
+    let mut probes = probe_dbs(shared, &all, &mut mem.conns, late);
     let ahead = ahead.into_inner();
     let probing = t0.elapsed();
     // A failed probe is retried before it counts. Meanwhile the checks the
