@@ -116,7 +116,7 @@ pub fn lock(
             .ok_or_else(|| format!("no cluster named '{cluster}'"))?;
         if c.lock_time > now && c.lock_holder != holder {
             return Err(format!(
-                "cluster '{cluster}' is locked by {} for {} more s",
+                "cluster '{cluster}' is locked by {} (the lock lapses in {} s at the latest); try again when it is done",
                 if c.lock_holder.is_empty() {
                     "another operation"
                 } else {
@@ -220,7 +220,8 @@ mod tests {
         lock(&s, "cluster01", "switch task 1", 30).unwrap();
         let e = lock(&s, "cluster01", "repair task 2", 30).unwrap_err();
         assert!(
-            e.starts_with("cluster 'cluster01' is locked by switch task 1 for "),
+            e.starts_with("cluster 'cluster01' is locked by switch task 1 (the lock lapses in ")
+                && e.ends_with(" s at the latest); try again when it is done"),
             "{e}"
         );
         // The holder may renew.

@@ -832,16 +832,7 @@ fn repair(sc: &Scenario, host: &str, how: &[&str]) {
     let id = id_of(host).to_string();
     let mut args = vec!["repair", "-c", "cluster01", "-i", id.as_str()];
     args.extend_from_slice(how);
-    // A failover still finishing (read VIP, cstlb) holds the cluster lock:
-    // wait for it as an operator would.
-    let end = Instant::now() + Duration::from_secs(60);
-    let out = loop {
-        let out = sc.adm(&args);
-        if out.code == 0 || !out.stderr.contains("is locked by") || Instant::now() > end {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let out = sc.lab.adm_when_unlocked(&args);
     assert_eq!(
         out.code,
         0,

@@ -212,6 +212,20 @@ impl Lab {
         self.clup(&all)
     }
 
+    /// `clupadm <args>`, retried for up to 60 s while the cluster is locked
+    /// by an action the server is still finishing (a failover's read VIP and
+    /// cstlb steps, a fence's stop): what an operator does on "is locked by".
+    pub fn adm_when_unlocked(&self, args: &[&str]) -> Out {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.adm(args);
+            if out.code == 0 || !out.stderr.contains("is locked by") || Instant::now() > end {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     pub fn start_server(&mut self) {
         let out = self.clup(&["server", "start"]);
         assert_eq!(out.code, 0, "clupserver start in mon: {out:?}");

@@ -202,7 +202,7 @@ fn lab_ha_primary_power_off_fails_over_without_losing_commits() {
     assert_eq!(lab.db_state(1).0, "Fault");
 
     // repair --rewind brings it back as a streaming standby of the new primary.
-    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "1", "--rewind"]);
+    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "1", "--rewind"]);
     assert_eq!(out.code, 0, "repair --rewind: {out:?}\n{}", lab.log());
     assert!(out.stdout.starts_with("taskid="), "{}", out.stdout);
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
@@ -510,7 +510,7 @@ fn lab_ha_reports_metrics_health_and_tasks_follow_a_fault() {
 
     // repair --rebuild: a fresh copy from the primary, the old directory kept.
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
-    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2", "--rebuild"]);
+    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2", "--rebuild"]);
     assert_eq!(out.code, 0, "repair --rebuild: {out:?}\n{}", lab.log());
     assert!(
         out.stdout.contains("pg_basebackup completed"),

@@ -90,7 +90,7 @@ fn lab_lb_cstlb_follows_clupserver() {
     assert!(lab.wait(20, |l| l.show()["clusters"][0]["locked_by"].is_null()));
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
     lab.start_postgres("pg02");
-    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2"]);
+    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2"]);
     assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
     assert!(
         lab.wait(15, |l| all(l, "pg03") && all(l, "pg04")),

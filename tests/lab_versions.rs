@@ -104,7 +104,7 @@ fn scenarios(major: u32, repair: Repair) {
     );
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
-    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "2"]);
+    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2"]);
     assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
     assert_eq!(lab.db_state(2), ("Normal".to_string(), 0));
     assert!(lab.wait(20, |l| streaming(l).as_deref() == Some("3")));
@@ -226,7 +226,7 @@ fn scenarios(major: u32, repair: Repair) {
     } else {
         "--rebuild"
     };
-    let out = lab.adm(&["repair", "-c", "cluster01", "-i", "1", flag]);
+    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "1", flag]);
     if repair == Repair::NoTool {
         assert_eq!(out.code, 1, "{out:?}");
         assert!(
