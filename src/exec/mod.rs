@@ -11,8 +11,10 @@ use std::fmt;
 
 pub mod cmd;
 pub mod cstlb;
+pub mod heartbeat;
 pub mod pg;
 pub mod pgctl;
+pub mod pool;
 pub mod recovery;
 pub mod shell;
 pub mod ssh;

@@ -27,8 +27,9 @@ use postgres::{Client, NoTls, SimpleQueryMessage};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Secret};
+use crate::exec::heartbeat::{self, Turn};
 use crate::exec::ssh::Remote;
-use crate::exec::{pgctl, wire, Error};
+use crate::exec::{pgctl, pool, wire, Error};
 use crate::meta::Db;
 
 /// A standby's WAL receiver, from `pg_stat_wal_receiver`.
@@ -434,7 +435,9 @@ pub fn probe(db: &Db, cfg: &Config, role_hint_primary: bool) -> DbProbe {
 /// As primary: update cs_sys_heartbeat in probe_db_name as probe_user
 /// (with synchronous_commit=local, so a missing synchronous standby cannot
 /// make the probe wait), then read the status; a failed write means
-/// `ok == false`. As standby: read-only, as ha_db_user. When probe_user and
+/// `ok == false`. A heartbeat write to the same database in flight from
+/// another cluster entry's probe is waited for rather than repeated
+/// ([`heartbeat`]). As standby: read-only, as ha_db_user. When probe_user and
 /// ha_db_user are the same login, one session does both.
 pub fn probe_many(
     dbs: &[(&Db, bool)],
@@ -455,8 +458,8 @@ pub struct Late<'a> {
 }
 
 /// [`probe_many`], watching one database's probe with `late`. That probe
-/// then runs on a thread of its own, never on the calling one, which
-/// waits for it after its own probe.
+/// then runs on another thread, never on the calling one, which waits for
+/// it after its own probe.
 pub fn probe_watching(
     dbs: &[(&Db, bool)],
     cfg: &Config,
@@ -465,14 +468,17 @@ pub fn probe_watching(
 ) -> BTreeMap<u32, DbProbe> {
     let started = Instant::now();
     let deadline = wire::Deadline::after(cfg.probe_timeout);
-    let mut jobs: Vec<(&Db, bool, Vec<wire::Conn>)> = dbs
+    let mut jobs: Vec<ProbeJob> = dbs
         .iter()
-        .map(|&(db, primary)| (db, primary, conns.0.remove(&db.id).unwrap_or_default()))
+        .map(|&(db, primary)| {
+            let held = conns.0.remove(&db.id).unwrap_or_default();
+            ProbeJob::new(db, cfg, primary, held, deadline)
+        })
         .collect();
     let watched = late.as_ref().map(|l| l.id);
-    // The watched database goes to the end, among the spawned ones.
+    // The watched database goes to the end, among those sent away.
     if let Some(id) = watched {
-        if let Some(i) = jobs.iter().position(|j| j.0.id == id) {
+        if let Some(i) = jobs.iter().position(|j| j.id == id) {
             let j = jobs.remove(i);
             jobs.push(j);
         }
@@ -482,46 +488,57 @@ pub fn probe_watching(
     } else {
         0
     };
-    let (tx, rx) = crossbeam_channel::unbounded::<u32>();
-    let done: Vec<(u32, DbProbe, Vec<wire::Conn>)> = thread::scope(|s| {
-        let rest = jobs.split_off(own);
-        let handles: Vec<_> = rest
-            .into_iter()
-            .map(|(db, primary, held)| {
-                let tx = (Some(db.id) == watched).then(|| tx.clone());
-                s.spawn(move || {
-                    let r = probe_one(db, cfg, primary, held, deadline);
-                    if let Some(tx) = tx {
-                        let _ = tx.send(db.id);
+    let away = jobs.split_off(own);
+    let mut pending: Vec<u32> = away.iter().map(|j| j.id).collect();
+    let (tx, rx) = crossbeam_channel::bounded(away.len());
+    for job in away {
+        let tx = tx.clone();
+        pool::probes().run(move || {
+            let id = job.id;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()));
+            let _ = tx.send((id, r));
+        });
+    }
+    drop(tx);
+    let mut done: Vec<(u32, (DbProbe, Vec<wire::Conn>))> =
+        jobs.into_iter().map(|j| (j.id, j.run())).collect();
+    let mut take = |(id, r): (u32, std::thread::Result<(DbProbe, Vec<wire::Conn>)>)| {
+        pending.retain(|p| *p != id);
+        // A panic in a probe is a bug: it reaches the caller, as one on
+        // this thread would.
+        done.push((id, r.unwrap_or_else(|e| std::panic::resume_unwind(e))));
+        id
+    };
+    if let Some(l) = late.as_ref().filter(|l| started.elapsed() < l.after) {
+        loop {
+            match rx.recv_deadline(started + l.after) {
+                Ok(r) => {
+                    if take(r) == l.id {
+                        break;
                     }
-                    (db.id, r)
-                })
-            })
-            .collect();
-        drop(tx);
-        let mut done: Vec<_> = jobs
-            .into_iter()
-            .map(|(db, primary, held)| (db.id, probe_one(db, cfg, primary, held, deadline)))
-            .collect();
-        if let Some(l) = late.as_ref().filter(|l| started.elapsed() < l.after) {
-            // The watched probe says when it is done (or its thread ends).
-            if let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                rx.recv_deadline(started + l.after)
-            {
-                (l.then)();
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    (l.then)();
+                    break;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
         }
-        for h in handles {
-            // A panic in a probe is a bug: it reaches the caller, as one on
-            // this thread would.
-            done.push(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        }
-        done.into_iter()
-            .map(|(id, (p, keep))| (id, p, keep))
-            .collect()
-    });
+    }
+    // Every probe ends by the deadline; one whose job never ran (no thread
+    // could be started) ends the channel.
+    while let Ok(r) = rx.recv() {
+        take(r);
+    }
+    for id in pending {
+        let p = DbProbe {
+            error: "probe not run: no thread could be started for it (see the log)".to_string(),
+            ..DbProbe::default()
+        };
+        done.push((id, (p, Vec::new())));
+    }
     let mut out = BTreeMap::new();
-    for (id, p, keep) in done {
+    for (id, (p, keep)) in done {
         if !keep.is_empty() {
             conns.0.insert(id, keep);
         }
@@ -530,41 +547,90 @@ pub fn probe_watching(
     out
 }
 
-fn probe_one(
-    db: &Db,
-    cfg: &Config,
+/// One database's probe with all it needs, owned: it may run on a thread
+/// of [`pool::probes`].
+struct ProbeJob {
+    id: u32,
+    what: String,
     primary: bool,
-    mut held: Vec<wire::Conn>,
+    /// The database as the heartbeat write sees it (see [`heartbeat`]).
+    key: String,
+    same_login: bool,
+    writer: wire::Params,
+    reader: wire::Params,
+    fallback: wire::Params,
+    held: Vec<wire::Conn>,
     deadline: wire::Deadline,
-) -> (DbProbe, Vec<wire::Conn>) {
-    let started = Instant::now();
-    let what = format!("probe {}", db.addr());
-    let same_login = cfg.probe_user == cfg.ha_db_user && cfg.probe_password == cfg.ha_db_pass;
-    let writer = Target {
-        dbname: cfg.probe_db_name.clone(),
-        user: cfg.probe_user.clone(),
-        password: cfg.probe_password.clone(),
-        settings: vec![("synchronous_commit", "local")],
-        ..Target::status(db, cfg, &cfg.probe_db_name)
-    }
-    .params();
-    let reader = Target::status(db, cfg, &cfg.probe_db_name).params();
-    let fallback = Target::status(db, cfg, "postgres").params();
-    let mut keep = Vec::new();
-    let mut p = if primary {
-        probe_primary(
-            &what, same_login, &writer, &fallback, &mut held, &mut keep, deadline,
-        )
-    } else {
-        probe_standby(&what, &reader, &fallback, &mut held, &mut keep, deadline)
-    };
-    p.probe_ms = started.elapsed().as_millis() as u64;
-    keep.retain(|c| !c.is_broken());
-    (p, keep)
 }
 
+impl ProbeJob {
+    fn new(
+        db: &Db,
+        cfg: &Config,
+        primary: bool,
+        held: Vec<wire::Conn>,
+        deadline: wire::Deadline,
+    ) -> ProbeJob {
+        let writer = Target {
+            dbname: cfg.probe_db_name.clone(),
+            user: cfg.probe_user.clone(),
+            password: cfg.probe_password.clone(),
+            settings: vec![("synchronous_commit", "local")],
+            ..Target::status(db, cfg, &cfg.probe_db_name)
+        }
+        .params();
+        ProbeJob {
+            id: db.id,
+            what: format!("probe {}", db.addr()),
+            primary,
+            key: format!(
+                "{}:{}/{}/{}",
+                db.host, db.port, cfg.probe_db_name, cfg.probe_user
+            ),
+            same_login: cfg.probe_user == cfg.ha_db_user && cfg.probe_password == cfg.ha_db_pass,
+            writer,
+            reader: Target::status(db, cfg, &cfg.probe_db_name).params(),
+            fallback: Target::status(db, cfg, "postgres").params(),
+            held,
+            deadline,
+        }
+    }
+
+    fn run(mut self) -> (DbProbe, Vec<wire::Conn>) {
+        let started = Instant::now();
+        let mut keep = Vec::new();
+        let what = &self.what;
+        let mut p = if self.primary {
+            probe_primary(
+                what,
+                &self.key,
+                self.same_login,
+                &self.writer,
+                &self.fallback,
+                &mut self.held,
+                &mut keep,
+                self.deadline,
+            )
+        } else {
+            probe_standby(
+                what,
+                &self.reader,
+                &self.fallback,
+                &mut self.held,
+                &mut keep,
+                self.deadline,
+            )
+        };
+        p.probe_ms = started.elapsed().as_millis() as u64;
+        keep.retain(|c| !c.is_broken());
+        (p, keep)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn probe_primary(
     what: &str,
+    key: &str,
     same_login: bool,
     writer: &wire::Params,
     other: &wire::Params,
@@ -577,23 +643,36 @@ fn probe_primary(
         Ok(s) => s,
         Err(e) => return failed_probe(what, p, e),
     };
+    let turn = heartbeat::turn(key);
     let (status, write) = if same_login {
-        // One session, one round trip: the status, then the write.
-        match read_status(&mut w, what, &mut p, Some(HEARTBEAT_WRITE_SQL), deadline) {
+        // One session, one round trip: the status, then the write (unless
+        // another cluster entry's write to this database is in flight).
+        let extra = matches!(turn, Turn::Lead(_)).then_some(HEARTBEAT_WRITE_SQL);
+        match read_status(&mut w, what, &mut p, extra, deadline) {
             Ok(written) => {
-                let written = written.unwrap_or_else(|| Err(PgError::new(what, "no answer")));
-                (Ok(None), heartbeat_done(&mut w, what, written, deadline))
+                let write = match turn {
+                    Turn::Lead(lead) => {
+                        let written =
+                            written.unwrap_or_else(|| Err(PgError::new(what, "no answer")));
+                        let r = heartbeat_done(&mut w, what, written, deadline);
+                        lead.finish(r.is_ok());
+                        r
+                    }
+                    Turn::Follow(flight) => follow_heartbeat(&mut w, what, &flight, deadline),
+                };
+                (Ok(None), write)
             }
             Err(e) => (Err(e), Ok(())),
         }
     } else {
-        let updated = w.query(what, &[HEARTBEAT_WRITE_SQL], deadline);
-        let updated = updated.and_then(|r| {
-            r.into_iter()
-                .next()
-                .ok_or_else(|| PgError::new(what, "no answer"))
-        });
-        let write = heartbeat_done(&mut w, what, updated, deadline);
+        let write = match turn {
+            Turn::Lead(lead) => {
+                let r = write_heartbeat(&mut w, what, deadline);
+                lead.finish(r.is_ok());
+                r
+            }
+            Turn::Follow(flight) => follow_heartbeat(&mut w, what, &flight, deadline),
+        };
         keep.push(w.conn);
         let mut r = match Session::open(held, other, what, deadline) {
             Ok(s) => s,
@@ -744,6 +823,39 @@ fn failed_probe(what: &str, mut p: DbProbe, e: PgError) -> DbProbe {
         log::warn!("{what}: the database is up but refuses new connections (too many clients); counted as alive: {e}");
     }
     p
+}
+
+/// The heartbeat write on its own: the UPDATE, and the row if missing.
+fn write_heartbeat(s: &mut Session, what: &str, deadline: wire::Deadline) -> Result<(), PgError> {
+    let updated = s.query(what, &[HEARTBEAT_WRITE_SQL], deadline);
+    let updated = updated.and_then(|r| {
+        r.into_iter()
+            .next()
+            .ok_or_else(|| PgError::new(what, "no answer"))
+    });
+    heartbeat_done(s, what, updated, deadline)
+}
+
+/// Wait for the heartbeat write another cluster entry has in flight to
+/// this database: its success is ours; after its failure, write ourselves;
+/// unfinished by our deadline, the write path did not answer in time.
+fn follow_heartbeat(
+    s: &mut Session,
+    what: &str,
+    flight: &heartbeat::Flight,
+    deadline: wire::Deadline,
+) -> Result<(), PgError> {
+    match flight.wait(deadline.at) {
+        Some(true) => Ok(()),
+        Some(false) => write_heartbeat(s, what, deadline),
+        None => Err(PgError::new(
+            &format!("{what}: heartbeat write"),
+            format!(
+                "no answer within {:.1}s (waited for the write another cluster entry had in flight to this database)",
+                deadline.limit.as_secs_f64()
+            ),
+        )),
+    }
 }
 
 /// The heartbeat write, from what its UPDATE gave.
