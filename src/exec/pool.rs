@@ -112,8 +112,9 @@ impl Pool {
     }
 }
 
-/// Run a job; a panic in it (a bug) is logged by the panic hook and
-/// leaves the thread serving.
+/// Run a job; a panic in it (a bug) is logged by the panic hook and, in a
+/// build that unwinds (tests; the release build aborts on a panic), leaves
+/// the thread serving.
 fn call(job: impl FnOnce()) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
 }
