@@ -69,12 +69,18 @@ pub struct Shared {
     recent_addrs: ByHost<Result<Vec<vip::IfAddr>, String>>,
     /// The last host checks, for clusters whose databases share a host.
     host_checks: ByHost<bool>,
+    /// The last peer checks (does a standby's host reach a primary's
+    /// port?), by standby host and primary, likewise.
+    peer_checks: ByHost<Result<bool, String>>,
+    /// The last write-VIP checks from a standby's host (with the peer
+    /// check riding along), by host, VIP and primary.
+    vip_checks: ByHost<(Result<VipSeen, String>, Option<bool>)>,
 }
 
-/// Answers about hosts that clusters share: for each host the last answer
-/// and when its asking began. A host's slot is locked while it is being
-/// asked, so clusters with databases on one host wait for one ssh call
-/// instead of each making its own.
+/// Answers about hosts that clusters share: for each host (or question
+/// asked of a host) the last answer and when its asking began. A slot is
+/// locked while it is being asked, so clusters with databases on one host
+/// wait for one ssh call instead of each making its own.
 struct ByHost<T>(Mutex<BTreeMap<String, Arc<HostSlot<T>>>>);
 
 /// One host's last answer and when its asking began.
@@ -166,6 +172,8 @@ impl Shared {
             last_ahead: Mutex::new(None),
             recent_addrs: ByHost::default(),
             host_checks: ByHost::default(),
+            peer_checks: ByHost::default(),
+            vip_checks: ByHost::default(),
         }
     }
 
@@ -208,6 +216,40 @@ impl Shared {
     fn host_up_since(&self, host: &str, since: Instant) -> bool {
         self.host_checks
             .get(host, |began| began >= since, || self.ssh.host_up(host))
+    }
+
+    /// Whether `via` reaches `host:port`, by a check begun at `since` or
+    /// later (see [`Shared::host_up_since`]): clusters whose primaries
+    /// share a host and port (entries on one instance) ask once.
+    fn peer_reaches_since(
+        &self,
+        via: &str,
+        host: &str,
+        port: u16,
+        since: Instant,
+    ) -> Result<bool, String> {
+        self.peer_checks.get(
+            &format!("{via}>{host}:{port}"),
+            |began| began >= since,
+            || exssh::peer_reaches(&self.ssh, via, host, port).map_err(|e| e.to_string()),
+        )
+    }
+
+    /// [`write_vip_seen`] by a check begun at `since` or later, likewise.
+    /// The failover's own check before it promotes is never shared.
+    fn vip_seen_since(
+        &self,
+        cluster: &Cluster,
+        via: &str,
+        peer: Option<(&str, u16)>,
+        since: Instant,
+    ) -> (Result<VipSeen, String>, Option<bool>) {
+        let (host, port) = peer.unwrap_or_default();
+        self.vip_checks.get(
+            &format!("{via}>{}>{host}:{port}", cluster.write_vip),
+            |began| began >= since,
+            || write_vip_seen(self, cluster, via, peer),
+        )
     }
 
     fn remember_ifname(&self, host: &str, ifname: &str) {
@@ -1055,14 +1097,14 @@ fn gather(shared: &Shared, cluster: &Cluster, plan: &[Action], since: Instant, f
                     }
                     Action::CheckPeer { via, .. } if Some(via.as_str()) == vip_via => vec![],
                     Action::CheckPeer { via, host, port } => {
-                        let r = exssh::peer_reaches(&shared.ssh, via, host, *port);
+                        let r = shared.peer_reaches_since(via, host, *port, since);
                         if let Err(e) = &r {
                             peer_failed(via, host, *port, e);
                         }
                         vec![Answer::Peer(via.clone(), r.ok())]
                     }
                     Action::CheckWriteVip { via } => {
-                        let (r, peer) = write_vip_seen(shared, cluster, via, joined);
+                        let (r, peer) = shared.vip_seen_since(cluster, via, joined, since);
                         if let Err(e) = &r {
                             log::warn!("Cannot check from {via} who has the write vip: {e}");
                         }
