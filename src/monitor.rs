@@ -416,9 +416,9 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str, offset: Duration) {
     }
 }
 
-/// One probe of each of `dbs`, in parallel (scoped threads joined before
-/// returning), all bounded by one probe_timeout, on the sessions the loop
-/// keeps in `conns`.
+/// One probe of each of `dbs`, in parallel (on the probe pool's threads,
+/// all answered before returning), all bounded by one probe_timeout, on the
+/// sessions the loop keeps in `conns`.
 /// `late`: see [`pg::probe_watching`].
 fn probe_dbs(
     shared: &Shared,

@@ -28,7 +28,7 @@ pub struct Pool {
     /// gets the next job, so threads beyond what the load needs stay idle
     /// and end.
     idle: Mutex<Vec<(usize, Sender<Job>)>>,
-    /// Threads alive, for the metrics and the tests.
+    /// Threads alive, for the tests.
     alive: AtomicUsize,
     /// Threads started, to name each one's place in `idle`.
     started: AtomicUsize,
