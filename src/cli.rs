@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::config::Config;
-use crate::home::Home;
-use crate::meta::{self, Cluster, Clusters};
+use crate::model::config::Config;
+use crate::model::home::Home;
+use crate::model::meta::{self, Cluster, Clusters};
+use crate::model::report::{DelayRow, LsnRow};
 use crate::store::{open_store, FileStore, MetaDoc, MetaStore, StoreError, Task};
-use crate::table::{self, col, Align};
+use crate::util::table::{self, col, Align};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -628,16 +629,6 @@ pub fn show_json(clusters: &Clusters, monitor: Option<&str>) -> String {
     )
 }
 
-/// One row of `get_last_lsn`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LsnRow {
-    pub id: u32,
-    pub host: String,
-    pub primary: u8,
-    pub timeline: Option<u32>,
-    pub lsn: Option<String>,
-}
-
 /// `clupadm get_last_lsn` in the manual's layout.
 pub fn lsn_text(rows: &[LsnRow]) -> String {
     let mut out = table::title("db list", '-');
@@ -663,20 +654,6 @@ pub fn lsn_text(rows: &[LsnRow]) -> String {
         .collect();
     out.push_str(&table::render(&cols, &rows));
     out
-}
-
-/// One row of `repl_delay`; the primary's row has no delays.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DelayRow {
-    pub host: String,
-    pub primary: u8,
-    pub current_lsn: Option<String>,
-    pub sent_delay: Option<u64>,
-    pub write_delay: Option<u64>,
-    pub flush_delay: Option<u64>,
-    pub replay_delay: Option<u64>,
-    pub is_sync: Option<String>,
-    pub state: Option<String>,
 }
 
 /// `clupadm repl_delay` in the manual's layout.
@@ -730,11 +707,11 @@ pub fn show_task_text(tasks: &[Task]) -> String {
                 t.id.to_string(),
                 t.state.clone(),
                 t.cluster.clone(),
-                crate::logging::format_epoch(t.begin),
+                crate::util::logging::format_epoch(t.begin),
                 if t.end == 0 {
                     String::new()
                 } else {
-                    crate::logging::format_epoch(t.end)
+                    crate::util::logging::format_epoch(t.end)
                 },
                 t.name.clone(),
             ]
@@ -823,7 +800,7 @@ fn follow_log(path: &Path, lines: usize, follow: bool) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
 
     /// The manual's `clupadm show` after pg04 failed (§3.2.2), with the
     /// trailing spaces it really has on every line but the last ones.

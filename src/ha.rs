@@ -20,7 +20,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
+use crate::model::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
 
 /// What one probe round saw of one database.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,7 +266,7 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         // from round to round and is logged once.
         return Decision::nothing(format!(
             "no action: cluster is locked by {who} until {}",
-            crate::logging::format_epoch(cluster.lock_time)
+            crate::util::logging::format_epoch(cluster.lock_time)
         ));
     }
     let Some(primary) = cluster.primary() else {
@@ -793,7 +793,7 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
     }
     if cluster.state == CLUSTER_FAULT {
         plan.push(Action::MetaClusterState {
-            state: crate::meta::CLUSTER_NORMAL,
+            state: crate::model::meta::CLUSTER_NORMAL,
         });
     }
     Decision {
@@ -816,7 +816,7 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{parse_clusters, CLUSTER_FROZEN, SAMPLE_INIT};
+    use crate::model::meta::{parse_clusters, CLUSTER_FROZEN, SAMPLE_INIT};
 
     const P: Params = Params {
         failover_max_lag: 16 << 20,
@@ -908,7 +908,7 @@ mod tests {
             d.reason,
             format!(
                 "no action: cluster is locked by switch task 7 until {}",
-                crate::logging::format_epoch(130)
+                crate::util::logging::format_epoch(130)
             )
         );
         // Expired lock: acting again.
@@ -1526,7 +1526,7 @@ mod tests {
         assert_eq!(
             d.plan.last(),
             Some(&Action::MetaClusterState {
-                state: crate::meta::CLUSTER_NORMAL
+                state: crate::model::meta::CLUSTER_NORMAL
             })
         );
         // No candidate and already Fault: nothing more to write.

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use clup::etcd::{Client, Elected, EtcdStore, FencedStore, Leader};
-use clup::meta::parse_clusters;
+use clup::model::meta::parse_clusters;
+use clup::store::etcd::{Client, Elected, EtcdStore, FencedStore, Leader};
 use clup::store::{update, MetaDoc, MetaStore, StoreError, UpdateError};
 
 use crate::util::{free_port, sample_conf, wait_for, TestHome, SAMPLE_INIT};
@@ -314,7 +314,7 @@ fn etcd_campaign_elects_exactly_one_leader() {
             // Each monitor has its own client, as separate hosts would.
             let (client, go) = (etcd.client(SEC), go.clone());
             std::thread::spawn(move || {
-                let c = clup::etcd::Campaign::new(client, "/t", &format!("m{i}"), 5 * SEC);
+                let c = clup::store::etcd::Campaign::new(client, "/t", &format!("m{i}"), 5 * SEC);
                 go.wait();
                 c.try_acquire().unwrap()
             })
@@ -339,7 +339,7 @@ fn etcd_campaign_elects_exactly_one_leader() {
     assert!(leader.may_act_for() > 3 * SEC);
     assert!(leader.keepalive().unwrap());
     // The losers' leases were revoked: only the leader's is left.
-    let c = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "x", 5 * SEC);
+    let c = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "x", 5 * SEC);
     let h = c.holder().unwrap().unwrap();
     assert_eq!((h.id.as_str(), h.lease), (leader.id(), leader.lease()));
 }
@@ -347,8 +347,8 @@ fn etcd_campaign_elects_exactly_one_leader() {
 #[test]
 fn etcd_resigned_leader_lets_the_other_win() {
     let etcd = Etcd::start("resign", 1);
-    let a = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 10 * SEC);
-    let b = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 10 * SEC);
+    let a = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 10 * SEC);
+    let b = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 10 * SEC);
     let la = won(a.try_acquire().unwrap());
     match b.try_acquire().unwrap() {
         Elected::Lost(h) => assert_eq!(h.id, "a"),
@@ -367,8 +367,8 @@ fn etcd_resigned_leader_lets_the_other_win() {
 #[test]
 fn etcd_expired_lease_lets_the_other_win_after_the_old_leader_stopped_acting() {
     let etcd = Etcd::start("expire", 1);
-    let a = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 2 * SEC);
-    let b = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 2 * SEC);
+    let a = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 2 * SEC);
+    let b = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 2 * SEC);
     let start = Instant::now();
     let la = won(a.try_acquire().unwrap());
     assert_eq!(la.ttl(), 2 * SEC);
@@ -399,8 +399,8 @@ fn etcd_stale_leader_fenced_save_fails_and_new_state_is_intact() {
     let etcd = Etcd::start("fenced", 1);
     let client = etcd.client(SEC);
     let store = Arc::new(EtcdStore::new(client.clone(), "/t"));
-    let a = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 10 * SEC);
-    let b = clup::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 10 * SEC);
+    let a = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "a", 10 * SEC);
+    let b = clup::store::etcd::Campaign::new(etcd.client(SEC), "/t", "b", 10 * SEC);
 
     let la = Arc::new(won(a.try_acquire().unwrap()));
     assert_eq!(store.save_fenced(&doc(), &la).unwrap(), 1);
@@ -484,7 +484,7 @@ fn etcd_endpoint_failover_from_a_dead_first_endpoint() {
     // A refused connection costs no timeout: writes move on too (it was
     // never sent).
     assert!(t.elapsed() < 2 * SEC, "{:?}", t.elapsed());
-    let c = clup::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
+    let c = clup::store::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
     let l = won(c.try_acquire().unwrap());
     assert!(l.keepalive().unwrap());
     l.resign().unwrap();
@@ -549,7 +549,7 @@ fn etcd_unreachable_is_a_clear_error_within_the_timeout() {
     );
     assert!(msg.contains(&eps[0]) && msg.contains(&eps[1]), "{msg}");
     assert!(store.save(&doc()).is_err());
-    let c = clup::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
+    let c = clup::store::etcd::Campaign::new(client, "/t", "a", 5 * SEC);
     let e = c.try_acquire().unwrap_err();
     assert!(e.to_string().contains("no etcd endpoint answered"), "{e}");
     assert!(t.elapsed() < 2 * SEC, "{:?}", t.elapsed());
@@ -561,7 +561,7 @@ fn etcd_quorum_loss_fails_writes_within_the_timeout() {
     let client = etcd.client(SEC);
     let store = EtcdStore::new(client.clone(), "/t");
     store.save(&doc()).unwrap();
-    let c = clup::etcd::Campaign::new(client.clone(), "/t", "a", 3 * SEC);
+    let c = clup::store::etcd::Campaign::new(client.clone(), "/t", "a", 3 * SEC);
     let leader = won(c.try_acquire().unwrap());
     // One member down: still a quorum, once the two left have elected a
     // leader if the killed one led (a second or two on a loaded machine).

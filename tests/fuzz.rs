@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clup::api::{self, Ctx, Req};
-use clup::config::{Config, Secret};
-use clup::meta::{self, parse_clusters};
+use clup::model::config::{Config, Secret};
+use clup::model::meta::{self, parse_clusters};
+use clup::server::api::{self, Ctx, Req};
 use clup::store::{MetaDoc, MetaStore, StoreError};
 use serde_json::{json, Value};
 
@@ -395,11 +395,11 @@ fn check_config(input: &[u8]) -> Result<(), String> {
                 ("ssh_user", &c.ssh_user),
                 ("probe_db_name", &c.probe_db_name),
             ] {
-                if !clup::config::is_plain_name(v) {
+                if !clup::model::config::is_plain_name(v) {
                     return Err(format!("accepted {k} {v:?}"));
                 }
             }
-            if !c.pg_bin_dir.is_empty() && !clup::config::is_safe_path(&c.pg_bin_dir) {
+            if !c.pg_bin_dir.is_empty() && !clup::model::config::is_safe_path(&c.pg_bin_dir) {
                 return Err(format!("accepted pg_bin_dir {:?}", c.pg_bin_dir));
             }
             for s in [
@@ -444,9 +444,9 @@ fn check_config(input: &[u8]) -> Result<(), String> {
                 .unwrap_or("")
                 .to_string();
             let secret_key = e.key.as_deref().is_some_and(|k| {
-                clup::config::KEYS
+                clup::model::config::KEYS
                     .iter()
-                    .any(|d| d.name == k && d.kind == clup::config::Kind::Secret)
+                    .any(|d| d.name == k && d.kind == clup::model::config::Kind::Secret)
             });
             let hidden: Vec<&str> = ALL_SECRETS
                 .iter()
@@ -837,7 +837,7 @@ fn fuzz_cstlb_mgmt() {
         let authed = url.contains(&format!("token={CSTLB}")) || header == Some(CSTLB);
         if a.status == 200 && !authed {
             // The token may also arrive %-encoded; accept only if it decodes.
-            let (_, q) = clup::api::split_url(url);
+            let (_, q) = clup::util::url::split_url(url);
             if q.get("token").map(String::as_str) != Some(CSTLB) && header != Some(CSTLB) {
                 return Err("answered 200 without the token".into());
             }

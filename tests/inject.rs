@@ -16,11 +16,11 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use clup::config::Config;
 use clup::exec::cmd::{CommandError, Output};
 use clup::exec::ssh::Remote;
 use clup::exec::{pgctl, recovery, ssh, vip};
-use clup::meta::Db;
+use clup::model::config::Config;
+use clup::model::meta::Db;
 
 use crate::util::{sample_conf, TestHome};
 
@@ -390,7 +390,7 @@ fn validation_refuses_every_payload() {
         ] {
             let mut m = init.clone();
             m["cluster01"]["db_list"][1][field] = serde_json::json!(v);
-            let e = clup::meta::parse_clusters(&m.to_string()).unwrap_err();
+            let e = clup::model::meta::parse_clusters(&m.to_string()).unwrap_err();
             assert!(e.to_string().contains(field), "{field}={v:?}: {e}");
         }
         for (key, v) in [

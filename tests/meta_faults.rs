@@ -80,7 +80,7 @@ fn full_disk_keeps_the_old_meta() {
     ]);
     let _m = Mount(dir.clone());
     let store = FileStore::new(&dir);
-    let clusters = clup::meta::parse_clusters(SAMPLE_INIT).unwrap();
+    let clusters = clup::model::meta::parse_clusters(SAMPLE_INIT).unwrap();
     store
         .save(&MetaDoc {
             clusters,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clup::cli::{ADM_OPTIONS, COMMANDS, OPTION_DOCS};
-use clup::config::{Config, KEYS};
+use clup::model::config::{Config, KEYS};
 
 use crate::util::{Out, BIN};
 
@@ -242,9 +242,9 @@ fn conf_samples_parse_with_the_real_parsers() {
             k.name
         );
     }
-    let init =
-        clup::meta::parse_clusters(&read("conf/init.json")).unwrap_or_else(|e| panic!("{e}"));
-    let manual = clup::meta::parse_clusters(include_str!("data/manual_init.json")).unwrap();
+    let init = clup::model::meta::parse_clusters(&read("conf/init.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let manual = clup::model::meta::parse_clusters(include_str!("data/manual_init.json")).unwrap();
     assert_eq!(init, manual, "conf/init.json is not the manual's example");
 
     let unit = read("conf/clupserver.service");

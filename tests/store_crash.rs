@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clup::meta::parse_clusters;
+use clup::model::meta::parse_clusters;
 use clup::store::{FileStore, MetaDoc, MetaStore, StoreError, Task};
 
 const CHILD_ENV: &str = "CLUP_TEST_STORE_WRITER";

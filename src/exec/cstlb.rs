@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{Config, Secret};
+use crate::model::config::{Config, Secret};
 
 /// A failed request to one cstlb.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -26,11 +26,11 @@ use postgres::config::SslMode;
 use postgres::{Client, NoTls, SimpleQueryMessage};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Secret};
 use crate::exec::heartbeat::{self, Turn};
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, pool, wire, Error};
-use crate::meta::Db;
+use crate::model::config::{Config, Secret};
+use crate::model::meta::Db;
 
 /// A standby's WAL receiver, from `pg_stat_wal_receiver`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,11 +20,11 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::exec::cmd::{CommandError, Output};
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
-use crate::meta::Db;
+use crate::model::config::Config;
+use crate::model::meta::Db;
 
 /// How long pg_ctl waits (`-t`) for start, stop and promote.
 pub const PG_CTL_WAIT: Duration = Duration::from_secs(60);
@@ -200,7 +200,7 @@ mod tests {
     }
 
     fn cfg(bin: &str) -> Config {
-        let text = format!("{}pg_bin_dir = {bin}\n", crate::config::SAMPLE);
+        let text = format!("{}pg_bin_dir = {bin}\n", crate::model::config::SAMPLE);
         Config::parse(&text, Path::new("/c")).unwrap()
     }
 

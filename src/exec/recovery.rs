@@ -14,11 +14,11 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pg, Error};
-use crate::meta::Db;
+use crate::model::config::Config;
+use crate::model::meta::Db;
 
 /// The password shown in messages.
 pub const MASK: &str = "******";

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::exec::cmd::{self, CommandError, Output};
+use crate::model::config::Config;
 
 /// `out` if the script exited 0, else [`CommandError::Failed`] as `what`.
 fn exit_ok(what: String, out: Output) -> Result<Output, CommandError> {

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use postgres_protocol::authentication::{md5_hash, sasl};
 
-use crate::config::Secret;
 use crate::exec::pg::PgError;
+use crate::model::config::Secret;
 
 // ---------------------------------------------------------------- codec
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::ring::{parse_backend, Addr};
-use crate::config::Secret;
+use crate::model::config::Secret;
 
 /// What clupserver said.
 #[derive(Debug, PartialEq)]
@@ -51,7 +51,7 @@ pub fn parse_answer(status: u16, body: &str) -> Result<LbHost, String> {
     if status != 200 || v["ok"] != Value::Bool(true) {
         let why = v["error"]
             .as_str()
-            .map_or("no reason given".to_string(), crate::config::clip);
+            .map_or("no reason given".to_string(), crate::model::config::clip);
         let hint = if status == 401 {
             " (check CSTLB_TOKEN: it must be clupserver's http_token)"
         } else {
@@ -71,7 +71,7 @@ pub fn parse_answer(status: u16, body: &str) -> Result<LbHost, String> {
         let a = parse_backend(s).map_err(|e| {
             format!(
                 "bad backend \"{}\" from clupserver: {e}",
-                crate::config::clip(s)
+                crate::model::config::clip(s)
             )
         })?;
         if !backends.contains(&a) {

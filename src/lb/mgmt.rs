@@ -18,8 +18,8 @@ use serde_json::json;
 
 use super::proxy::Shared;
 use super::ring::{parse_backend, Outcome};
-use crate::api::split_url;
-use crate::config::{constant_time_eq, Secret};
+use crate::model::config::{constant_time_eq, Secret};
+use crate::util::url::split_url;
 
 /// Longest request URL looked at (the real ones are under 100 bytes).
 pub const MAX_URL: usize = 4096;

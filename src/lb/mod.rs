@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 
-use crate::config::Secret;
+use crate::model::config::Secret;
 use proxy::Shared;
 use ring::{parse_backend, Addr, Ring};
 
@@ -226,11 +226,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = crate::logging::init(None, true, o.level) {
+    if let Err(e) = crate::util::logging::init(None, true, o.level) {
         eprintln!("cstlb: cannot start logging: {e}");
         return ExitCode::from(1);
     }
-    let sigset = crate::daemon::block_signals();
+    let sigset = crate::util::signals::block_signals();
     match run(o, clup_token.map(Secret::new), fixed_token, &sigset) {
         Ok(()) => ExitCode::SUCCESS,
         Err(m) => {
@@ -401,7 +401,7 @@ fn run(
     );
 
     loop {
-        let sig = crate::daemon::wait_signal(sigset);
+        let sig = crate::util::signals::wait_signal(sigset);
         if sig == libc::SIGHUP {
             log::info!("Received SIGHUP; ignored.");
             continue;

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clup::config::{Config, Secret};
 use clup::exec::cmd::{self, CommandError, Output};
 use clup::exec::ssh::Remote;
-use clup::meta::Db;
+use clup::model::config::{Config, Secret};
+use clup::model::meta::Db;
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 pub const SUPERUSER_PASS: &str = "su'per \\pass";

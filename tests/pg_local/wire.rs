@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use clup::config::Secret;
 use clup::exec::pg;
 use clup::exec::pgctl;
 use clup::exec::wire::{Client, Params};
+use clup::model::config::Secret;
 
 use super::lab::{self, Lab, LocalSh};
 

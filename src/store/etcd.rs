@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
+use crate::model::config::parse_endpoint;
 use crate::store::{MetaDoc, MetaStore, StoreError};
 
 // ---------------------------------------------------------------- base64
@@ -80,66 +81,6 @@ pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&bytes[..3 - pad]);
     }
     Some(out)
-}
-
-// ---------------------------------------------------------------- endpoints
-
-/// Check one endpoint as clup.conf gives it: `http://host:port`, nothing
-/// more (no user, no path: there is nothing secret in an endpoint and
-/// nothing to hide when it is shown). Returns it without a trailing `/`.
-pub fn parse_endpoint(v: &str) -> Result<String, String> {
-    if v.contains('@') {
-        // Probably user:password@host: never echoed.
-        return Err(
-            "an endpoint with user@ is not supported (clup uses no etcd authentication)"
-                .to_string(),
-        );
-    }
-    let shown = crate::config::clip(v);
-    let Some(rest) = v.strip_prefix("http://") else {
-        return Err(format!(
-            "'{shown}' is not an http:// URL (https is not supported)"
-        ));
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err(format!("'{shown}' has no port (http://host:port)"));
-    };
-    let host_ok = if let Some(h) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        h.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host.len() <= 253
-            && !host.starts_with('-')
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-    };
-    if !host_ok {
-        return Err(format!("'{shown}' has no valid host (http://host:port)"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(format!("http://{rest}")),
-        _ => Err(format!(
-            "'{shown}' has no valid port (http://host:port, port 1 to 65535)"
-        )),
-    }
-}
-
-/// A comma-separated list of endpoints; at least one, no duplicates.
-pub fn parse_endpoints(v: &str) -> Result<Vec<String>, String> {
-    let mut out: Vec<String> = Vec::new();
-    for part in v.split(',').map(str::trim) {
-        if part.is_empty() {
-            return Err("empty endpoint in the list (http://h1:2379,http://h2:2379)".to_string());
-        }
-        let e = parse_endpoint(part)?;
-        if out.contains(&e) {
-            return Err(format!("endpoint {e} is listed twice"));
-        }
-        out.push(e);
-    }
-    Ok(out)
 }
 
 // ---------------------------------------------------------------- errors
@@ -585,7 +526,7 @@ impl Client {
                 .get("message")
                 .or_else(|| v.get("error"))
                 .and_then(Value::as_str)
-                .map(crate::config::clip)
+                .map(crate::model::config::clip)
                 .unwrap_or_else(|| format!("HTTP {status}"));
             let code = code.unwrap_or(-1);
             if code == CODE_UNAVAILABLE {
@@ -954,7 +895,7 @@ fn describe_holder(kv: Option<&Kv>) -> String {
         None => "nobody holds the leader key".to_string(),
         Some(kv) => format!(
             "the leader key is held by '{}'",
-            crate::config::clip(&String::from_utf8_lossy(&kv.value))
+            crate::model::config::clip(&String::from_utf8_lossy(&kv.value))
         ),
     }
 }
@@ -1201,6 +1142,7 @@ impl Leader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::parse_endpoints;
 
     #[test]
     fn base64_matches_rfc_4648_vectors() {

@@ -2,8 +2,8 @@
 //!
 //! Two audiences share one port:
 //! - programs (cstlb, proxies, Prometheus) use `GET /<cluster>/get_lb_host`,
-//!   `GET /<cluster>/primary|replica` ([`crate::health`]), `GET /metrics`
-//!   ([`crate::metrics`]), authenticated by `http_token` (query `token=`,
+//!   `GET /<cluster>/primary|replica` ([`crate::server::health`]), `GET /metrics`
+//!   ([`crate::server::metrics`]), authenticated by `http_token` (query `token=`,
 //!   header `X-Clup-Token` or `Authorization: Bearer`), and `GET /health`;
 //! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
 //!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::config::{clip, constant_time_eq, Config};
-use crate::meta::{self, Clusters, CLUSTER_FROZEN, CLUSTER_NORMAL};
+use crate::model::config::{clip, constant_time_eq, Config};
+use crate::model::meta::{self, Clusters, CLUSTER_FROZEN, CLUSTER_NORMAL};
 use crate::store::{update, MetaStore, UpdateError};
+use crate::util::url::split_url;
 
 /// Largest request body accepted (change_meta of a large installation fits).
 pub const MAX_BODY: usize = 1 << 20;
@@ -77,42 +78,6 @@ pub struct Ctx {
     pub monitor: Option<Arc<crate::monitor::Shared>>,
 }
 
-pub fn split_url(url: &str) -> (&str, BTreeMap<String, String>) {
-    let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut q = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        q.insert(percent_decode(k), percent_decode(v));
-    }
-    (path, q)
-}
-
-/// Decode `%XX` and `+` in a query component; bad escapes stay as they are.
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn route(ctx: &Ctx, req: &Req) -> Resp {
     if req.body.len() > MAX_BODY {
         return Resp::err(413, format!("request body over {MAX_BODY} bytes"));
@@ -136,9 +101,9 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             admin(ctx, cmd, &args)
         }
         ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
-        ("GET", ["metrics"]) => crate::metrics::serve(ctx, req, &query),
+        ("GET", ["metrics"]) => crate::server::metrics::serve(ctx, req, &query),
         ("GET", [cluster, what @ ("primary" | "replica")]) => {
-            crate::health::route(ctx, req, &query, cluster, what)
+            crate::server::health::route(ctx, req, &query, cluster, what)
         }
         ("GET", [cluster, "get_lb_host"]) => {
             if let Some(r) = check_token(ctx, req, &query) {
@@ -151,7 +116,7 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             let Some(c) = clusters.get(*cluster) else {
                 return Resp::err(404, format!("no cluster named '{}'", clip(cluster)));
             };
-            let backends = match crate::health::lb_backends_for(ctx, &query, cluster, c) {
+            let backends = match crate::server::health::lb_backends_for(ctx, &query, cluster, c) {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -359,25 +324,25 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
                 Err(e) => Resp::err(409, e),
             };
             match cmd {
-                "get_last_lsn" => {
-                    Resp::ok(json!({ "cluster": name, "rows": crate::ops::last_lsn(m, c) }))
-                }
-                "repl_delay" => {
-                    Resp::ok(json!({ "cluster": name, "rows": crate::ops::repl_delay(m, c) }))
-                }
+                "get_last_lsn" => Resp::ok(
+                    json!({ "cluster": name, "rows": crate::monitor::ops::last_lsn(m, c) }),
+                ),
+                "repl_delay" => Resp::ok(
+                    json!({ "cluster": name, "rows": crate::monitor::ops::repl_delay(m, c) }),
+                ),
                 "switch" => match id {
-                    Some(id) => task(crate::ops::start_switch(m, &name, id)),
+                    Some(id) => task(crate::monitor::ops::start_switch(m, &name, id)),
                     None => Resp::err(400, "switch needs a database id (-i)"),
                 },
                 _ => {
                     let mode = match arg_str(args, "mode") {
-                        None | Some("plain") => crate::ops::RepairMode::Plain,
-                        Some("rewind") => crate::ops::RepairMode::Rewind,
-                        Some("rebuild") => crate::ops::RepairMode::Rebuild,
+                        None | Some("plain") => crate::monitor::ops::RepairMode::Plain,
+                        Some("rewind") => crate::monitor::ops::RepairMode::Rewind,
+                        Some("rebuild") => crate::monitor::ops::RepairMode::Rebuild,
                         Some(o) => return Resp::err(400, format!("unknown repair mode '{o}'")),
                     };
                     match id {
-                        Some(id) => task(crate::ops::start_repair(m, &name, id, mode)),
+                        Some(id) => task(crate::monitor::ops::start_repair(m, &name, id, mode)),
                         None => Resp::err(400, "repair needs a database id (-i)"),
                     }
                 }
@@ -408,7 +373,7 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
             let Some(task) = doc.tasks.iter().find(|t| t.id == id) else {
                 return Resp::err(404, format!("no task {id}"));
             };
-            let path = crate::task::log_path(&ctx.task_dir, id);
+            let path = crate::monitor::task::log_path(&ctx.task_dir, id);
             let text = std::fs::read(&path).unwrap_or_default();
             let from = (offset as usize).min(text.len());
             // At most 256 KiB per answer; the client asks again from `offset`.
@@ -427,8 +392,8 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::SAMPLE;
-    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::model::config::SAMPLE;
+    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
     use crate::store::{FileStore, MetaDoc};
     use std::path::Path;
 
@@ -630,7 +595,7 @@ pub(crate) mod tests {
     fn tasks_are_listed_and_their_logs_paged() {
         let c = ctx("tasks");
         std::fs::create_dir_all(&c.task_dir).unwrap();
-        let t = crate::task::begin(
+        let t = crate::monitor::task::begin(
             &*c.store,
             &c.task_dir,
             "cluster01",

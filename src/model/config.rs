@@ -324,7 +324,7 @@ impl Config {
             },
             etcd_endpoints: match get("etcd_endpoints").as_str() {
                 "" => Vec::new(),
-                v => crate::etcd::parse_endpoints(v).expect("checked"),
+                v => parse_endpoints(v).expect("checked"),
             },
             etcd_prefix: get("etcd_prefix"),
             etcd_timeout: secs("etcd_timeout"),
@@ -493,7 +493,7 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             _ => Err(format!("invalid value {}: expected file or etcd", shown(v))),
         },
         Kind::Endpoints if v.is_empty() => Ok(()),
-        Kind::Endpoints => crate::etcd::parse_endpoints(v)
+        Kind::Endpoints => parse_endpoints(v)
             .map(|_| ())
             .map_err(|m| format!("invalid value: {m}")),
     }
@@ -571,6 +571,66 @@ lock_ttl = 30
 http_token = 540cd628-d74e-11e7-992e-60f81dd129c2
 cstlb_token = 8e722522-d733-11e7-93e8-60f81dd129c2
 ";
+
+// ---------------------------------------------------------------- etcd endpoints
+
+/// Check one endpoint as clup.conf gives it: `http://host:port`, nothing
+/// more (no user, no path: there is nothing secret in an endpoint and
+/// nothing to hide when it is shown). Returns it without a trailing `/`.
+pub fn parse_endpoint(v: &str) -> Result<String, String> {
+    if v.contains('@') {
+        // Probably user:password@host: never echoed.
+        return Err(
+            "an endpoint with user@ is not supported (clup uses no etcd authentication)"
+                .to_string(),
+        );
+    }
+    let shown = clip(v);
+    let Some(rest) = v.strip_prefix("http://") else {
+        return Err(format!(
+            "'{shown}' is not an http:// URL (https is not supported)"
+        ));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("'{shown}' has no port (http://host:port)"));
+    };
+    let host_ok = if let Some(h) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        h.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && !host.starts_with('-')
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    };
+    if !host_ok {
+        return Err(format!("'{shown}' has no valid host (http://host:port)"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(format!("http://{rest}")),
+        _ => Err(format!(
+            "'{shown}' has no valid port (http://host:port, port 1 to 65535)"
+        )),
+    }
+}
+
+/// A comma-separated list of endpoints; at least one, no duplicates.
+pub fn parse_endpoints(v: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in v.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err("empty endpoint in the list (http://h1:2379,http://h2:2379)".to_string());
+        }
+        let e = parse_endpoint(part)?;
+        if out.contains(&e) {
+            return Err(format!("endpoint {e} is listed twice"));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
 
 #[cfg(test)]
 mod tests {

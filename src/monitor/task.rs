@@ -65,7 +65,7 @@ pub fn begin(
 
 impl TaskHandle {
     fn write(&self, level: &str, msg: &str) {
-        let stamp = crate::logging::timestamp();
+        let stamp = crate::util::logging::timestamp();
         // The manual's task log stamp: seconds, then ":LEVEL:".
         let line = format!("{}:{level}: {msg}\n", &stamp[..19]);
         let mut f = self.log.lock().unwrap_or_else(|p| p.into_inner());
@@ -198,7 +198,7 @@ pub fn release_stale_locks(store: &dyn MetaStore) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
     use crate::store::{FileStore, MetaDoc};
 
     fn store(tag: &str) -> (FileStore, PathBuf) {

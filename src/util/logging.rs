@@ -2,7 +2,7 @@
 //! to logs/clupserver.log (daemon) or stderr (foreground too).
 //!
 //! Callers must never pass a secret into a log line; config values that are
-//! secrets are [`crate::config::Secret`] and print as `******`.
+//! secrets are [`crate::model::config::Secret`] and print as `******`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

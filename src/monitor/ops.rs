@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::cli::{DelayRow, LsnRow};
 use crate::exec::pg::{self, format_lsn, parse_lsn, DbProbe};
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, recovery, vip};
 use crate::ha;
-use crate::meta::{Cluster, Db, DB_NORMAL};
+use crate::model::meta::{Cluster, Db, DB_NORMAL};
+use crate::model::report::{DelayRow, LsnRow};
+use crate::monitor::task::{self, TaskHandle};
 use crate::monitor::{self, cstlb_all, repoint_db, vip_of, Shared};
-use crate::task::{self, TaskHandle};
 
 /// How long a switch waits for the target to replay the old primary's last
 /// WAL before it gives up and puts the old primary back.
@@ -370,7 +370,7 @@ fn checkpoint_lsn(shared: &Shared, db: &Db) -> Result<u64, String> {
     parse_checkpoint(&out.stdout)
 }
 
-fn checkpoint_script(db: &Db, cfg: &crate::config::Config) -> String {
+fn checkpoint_script(db: &Db, cfg: &crate::model::config::Config) -> String {
     format!(
         r#"{}if [ -x "$bin/pg_controldata" ]; then as_user "$bin/pg_controldata" -D "$pgdata"
 else printf '{PG_CONTROL_TAG}%s\n' "$(od -An -v -t x1 -N 40 "$pgdata/global/pg_control" | tr -d ' \n')"; fi
@@ -686,7 +686,7 @@ fn rewind_prerequisites(shared: &Shared, primary: &Db) -> Result<(), String> {
 }
 
 /// The manual's advice when a node cannot simply follow the primary.
-pub fn instructions(cfg: &crate::config::Config, db: &Db, primary: &Db) -> String {
+pub fn instructions(cfg: &crate::model::config::Config, db: &Db, primary: &Db) -> String {
     format!(
         "Please rebuild the standby on the fault node, then retry (or run 'clupadm repair --rewind' / '--rebuild'):\n\n\
          pg_basebackup -D {pgdata} -U{user} -h {host} -p {port} -X stream\n\n\
@@ -786,8 +786,8 @@ pub fn repl_delay(shared: &Shared, c: &Cluster) -> Vec<DelayRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, SAMPLE};
-    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::model::config::{Config, SAMPLE};
+    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
 
     /// pg_controldata's line, or the raw bytes of pg_control as PG 10, 11,
     /// 16 and 18 wrote them (taken from initdb'd, cleanly stopped clusters).

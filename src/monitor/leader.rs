@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crate::config::{Config, StoreKind};
-use crate::etcd::{self, Campaign, Elected, EtcdStore, Leader};
-use crate::home::Home;
+use crate::model::config::{Config, StoreKind};
+use crate::model::home::Home;
+use crate::store::etcd::{self, Campaign, Elected, EtcdStore, Leader};
 use crate::store::{open_store, MetaDoc, MetaStore, StoreError};
 
 /// What this process knows about leadership.

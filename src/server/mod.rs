@@ -6,6 +6,13 @@
 //! non-zero exit with the reason, not a silent death. Signals are blocked
 //! before any thread starts and received by the main thread with sigwait.
 
+pub mod api;
+pub mod daemon;
+pub mod health;
+pub mod metrics;
+#[cfg(test)]
+mod obs_routes;
+
 use std::io::Read;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,12 +20,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::api::{self, Ctx, Req, MAX_BODY};
-use crate::config::Config;
-use crate::daemon::{self, Ready};
-use crate::home::Home;
+use crate::model::config::Config;
+use crate::model::home::Home;
 use crate::monitor::{self, Shared};
 use crate::store::MetaStore;
+use crate::util::signals;
+use api::{Ctx, Req, MAX_BODY};
+use daemon::Ready;
 
 const USAGE: &str = "\
 usage: clupserver <command> [options]
@@ -96,7 +104,8 @@ fn status(home: &Home) -> ExitCode {
         Some(pid) => {
             println!("Program({pid}) is running.");
             // With etcd, whether it leads (written by its campaign thread).
-            if let Ok(role) = std::fs::read_to_string(home.run_dir().join(crate::leader::ROLE_FILE))
+            if let Ok(role) =
+                std::fs::read_to_string(home.run_dir().join(crate::monitor::leader::ROLE_FILE))
             {
                 println!("Role: {}", role.trim());
             }
@@ -117,7 +126,7 @@ fn stop(home: &Home) -> ExitCode {
         println!("Program is not running.");
         return ExitCode::SUCCESS;
     };
-    if !daemon::signal(pid, libc::SIGTERM) {
+    if !signals::signal(pid, libc::SIGTERM) {
         println!("Program stopped.");
         return ExitCode::SUCCESS;
     }
@@ -156,7 +165,7 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
         eprintln!("Program({pid}) is already running.");
         return ExitCode::from(1);
     }
-    let (store, gate) = match crate::leader::open(&cfg, home) {
+    let (store, gate) = match crate::monitor::leader::open(&cfg, home) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("clupserver: {e}");
@@ -187,13 +196,13 @@ fn start(home: &Home, foreground: bool, level: Option<log::LevelFilter>) -> Exit
         }
     };
     let level = level.unwrap_or(cfg.log_level);
-    if let Err(e) = crate::logging::init(Some(&home.log_file()), foreground, level) {
+    if let Err(e) = crate::util::logging::init(Some(&home.log_file()), foreground, level) {
         ready.fail(&format!("clupserver: cannot open log: {e}"));
         return ExitCode::from(1);
     }
     let files = daemon::raise_fd_limit();
     log::debug!("open files limit: {files}");
-    let sigset = daemon::block_signals();
+    let sigset = signals::block_signals();
     match run(home, cfg, store, gate, &mut ready, &sigset) {
         Ok(()) => ExitCode::SUCCESS,
         Err(m) => {
@@ -208,7 +217,7 @@ fn run(
     home: &Home,
     cfg: Config,
     store: Arc<dyn MetaStore>,
-    gate: Arc<crate::leader::Gate>,
+    gate: Arc<crate::monitor::leader::Gate>,
     ready: &mut Ready,
     sigset: &libc::sigset_t,
 ) -> Result<(), String> {
@@ -221,7 +230,8 @@ fn run(
 
     // The lease is given back only after the probe threads stopped acting.
     let lead_stop = Arc::new(AtomicBool::new(false));
-    let leader_thread = crate::leader::start(gate.clone(), lead_stop.clone(), home.run_dir());
+    let leader_thread =
+        crate::monitor::leader::start(gate.clone(), lead_stop.clone(), home.run_dir());
     let monitor = Arc::new(Shared::new(cfg.clone(), home.clone(), store.clone()).with_gate(gate));
     log::info!("Start ha checking thread... ");
     let supervisor = monitor::start(&monitor);
@@ -256,7 +266,7 @@ fn run(
     ready.ok();
 
     loop {
-        let sig = daemon::wait_signal(sigset);
+        let sig = signals::wait_signal(sigset);
         if sig == libc::SIGHUP {
             log::info!("Received SIGHUP; ignored (restart to reload clup.conf).");
             continue;

@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use crate::api::{self, Ctx, Req, Resp};
-use crate::meta::{db_state_name, Cluster, Db};
+use crate::model::meta::{db_state_name, Cluster, Db};
 use crate::monitor::Observed;
+use crate::server::api::{self, Ctx, Req, Resp};
 
 /// Bytes the standby `db` has still to replay to reach the primary's WAL
 /// position, from one observation: the primary's wal_lsn minus the standby's
@@ -218,7 +218,7 @@ pub fn route(
 mod tests {
     use super::*;
     use crate::exec::pg::{DbProbe, Replica};
-    use crate::meta::{parse_clusters, DB_FAULT, SAMPLE_INIT};
+    use crate::model::meta::{parse_clusters, DB_FAULT, SAMPLE_INIT};
 
     /// The manual's cluster01: db 1 primary, dbs 2..4 standbys.
     fn cluster() -> Cluster {

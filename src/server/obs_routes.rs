@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use crate::api::tests::{call, ctx, TOKEN};
-use crate::api::Ctx;
 use crate::exec::pg::DbProbe;
-use crate::home::Home;
+use crate::model::home::Home;
 use crate::monitor::{Observed, Shared};
+use crate::server::api::tests::{call, ctx, TOKEN};
+use crate::server::api::Ctx;
 
 /// A router context whose (never started) monitor saw cluster01 `age`
 /// seconds ago: primary 1 at LSN 1000, standby 2 caught up, standby 3 500

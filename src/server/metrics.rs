@@ -18,9 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-use crate::api::{self, Ctx, Req, Resp};
-use crate::meta::{self, Clusters};
+use crate::model::meta::{self, Clusters};
 use crate::monitor::{Counters, Observed};
+use crate::server::api::{self, Ctx, Req, Resp};
 
 /// The Content-Type of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -169,7 +169,7 @@ pub fn render(
                 d_up.add(dl.clone(), u8::from(p.ok));
                 d_dur.add(dl.clone(), secs(p.probe_ms));
             }
-            if let Some(lag) = crate::health::lag_bytes(c, o, d) {
+            if let Some(lag) = crate::server::health::lag_bytes(c, o, d) {
                 d_lag.add(dl, lag);
             }
         }
@@ -255,7 +255,7 @@ pub fn serve(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Resp {
         Err(_) if gate.is_some() => Clusters::new(),
         Err(r) => return r,
     };
-    let observed = crate::health::snapshot(ctx);
+    let observed = crate::server::health::snapshot(ctx);
     let none = Counters::default();
     let counters = ctx.monitor.as_ref().map_or(&none, |m| &m.counters);
     let mut text = render(&clusters, &observed, counters, crate::now_secs());
@@ -292,7 +292,7 @@ fn leader_metrics(leading: bool, etcd_ok: bool) -> String {
 mod tests {
     use super::*;
     use crate::exec::pg::DbProbe;
-    use crate::meta::parse_clusters;
+    use crate::model::meta::parse_clusters;
 
     /// Two clusters: `c1` (primary 1 observed at LSN 5000, standby 2 at
     /// 4000, standby 3 Fault and down) locked until 200; `c"2` frozen, never

@@ -2,12 +2,14 @@
 //! cluster locks and the task records.
 //!
 //! It sits behind [`MetaStore`] so that an etcd-backed store
-//! ([`crate::etcd::EtcdStore`]) can replace the embedded file store. The file store never half-writes: every save writes a
+//! ([`crate::store::etcd::EtcdStore`]) can replace the embedded file store. The file store never half-writes: every save writes a
 //! temporary file, fsyncs it, renames it over `meta.json` and fsyncs the
 //! directory, so a crash at any moment leaves the old or the new document.
 //! Saves are compare-and-swap on the document's version, so two writers (the
 //! server and `clupadm init --force`, say) can never silently overwrite each
 //! other. A document that does not parse is reported, never guessed at.
+
+pub mod etcd;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -19,10 +21,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, StoreKind};
-use crate::etcd;
-use crate::home::Home;
-use crate::meta::{validate_cluster, Cluster, Clusters};
+use crate::model::config::{Config, StoreKind};
+use crate::model::home::Home;
+use crate::model::meta::{validate_cluster, Cluster, Clusters};
 
 /// A background operation (failover, switch, repair) and its outcome.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,7 +448,7 @@ impl std::error::Error for UpdateError {}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{parse_clusters, SAMPLE_INIT};
+    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
 
     pub(crate) fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::{clip, is_plain_name, is_safe_path};
+use crate::model::config::{clip, is_plain_name, is_safe_path};
 
 pub const DB_NORMAL: u8 = 1;
 pub const DB_FAULT: u8 = 2;

@@ -7,13 +7,17 @@
 //! served to clupadm and the HTTP API. It decides nothing itself: every
 //! branch on cluster state is in `ha`.
 
+pub mod leader;
+pub mod ops;
+pub mod task;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::model::config::Config;
 use std::net::Ipv4Addr;
 
 use crate::exec::pg::{self, DbProbe};
@@ -21,10 +25,10 @@ use crate::exec::recovery::Applied;
 use crate::exec::ssh::{self as exssh, Ssh};
 use crate::exec::{cstlb, pgctl, recovery, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, Params, Seen, VipSeen};
-use crate::home::Home;
-use crate::meta::{Cluster, Db, DB_FAULT};
+use crate::model::home::Home;
+use crate::model::meta::{Cluster, Db, DB_FAULT};
 use crate::store::{update, MetaStore};
-use crate::task::{self, TaskHandle};
+use task::TaskHandle;
 
 /// What the monitor last saw of a cluster, for clupadm and the HTTP API.
 #[derive(Clone, Debug, Default)]
@@ -57,7 +61,7 @@ pub struct Shared {
     pub observed: Mutex<BTreeMap<String, Observed>>,
     pub counters: Counters,
     /// Whether this clupserver may act (the leader lease with etcd).
-    pub gate: Arc<crate::leader::Gate>,
+    pub gate: Arc<crate::monitor::leader::Gate>,
     /// The interface in `network` of hosts looked at lately, and when:
     /// spares the VIP step of a failover one ssh call.
     ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
@@ -166,7 +170,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             observed: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
-            gate: Arc::new(crate::leader::Gate::always()),
+            gate: Arc::new(crate::monitor::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
             early_gathers: Arc::new(AtomicUsize::new(0)),
             last_ahead: Mutex::new(None),
@@ -260,7 +264,7 @@ impl Shared {
     }
 
     /// As [`Shared::new`], acting only while `gate` is open.
-    pub fn with_gate(mut self, gate: Arc<crate::leader::Gate>) -> Shared {
+    pub fn with_gate(mut self, gate: Arc<crate::monitor::leader::Gate>) -> Shared {
         self.gate = gate;
         self
     }
