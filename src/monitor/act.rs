@@ -1,0 +1,620 @@
+//! The round's third phase: carry out a decision. A restart runs at once;
+//! every other action runs as a task under the cluster lock, step by step,
+//! with the manual's log lines. It decides nothing: the plan comes from
+//! [`crate::ha::decide`], and a step that fails either aborts the plan
+//! (before the promotion) or is logged and passed (after it).
+//!
+//! A check that must be repeated right before an irreversible step (the
+//! write VIP free before promoting, the old primary fenced) is a step of its
+//! own in the plan, run here with a fresh, unshared look.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::checks::write_vip_seen;
+use super::task::{self, TaskHandle};
+use super::Shared;
+use crate::exec::pg;
+use crate::exec::recovery::{self, Applied};
+use crate::exec::ssh as exssh;
+use crate::exec::{cstlb, pgctl, vip};
+use crate::ha::{Action, Decision, Kind, VipSeen};
+use crate::model::meta::{Cluster, Db, DB_FAULT};
+use crate::store::update;
+
+/// What the act phase did, for the loop's memory.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Acted {
+    /// Nothing was to be done: the round may run its upkeep.
+    Calm,
+    /// Nothing was done: more facts are wanted, this clupserver no longer
+    /// leads, or the meta changed while the round probed.
+    Held,
+    /// These databases were (re)started.
+    Restarted(Vec<u32>),
+    /// A plan of this kind ran as a task.
+    Ran(Kind),
+}
+
+/// Carry out `d` for cluster `name`, whose meta was `cluster` when the
+/// round began.
+pub(super) fn act_on(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) -> Acted {
+    match d.kind {
+        Kind::Nothing => Acted::Calm,
+        Kind::Gather => Acted::Held,
+        _ if !shared.gate.may_act() => {
+            log::warn!(
+                "Cluster({name}): not acting on '{}': this clupserver no longer leads",
+                d.reason
+            );
+            Acted::Held
+        }
+        _ if !unchanged(shared, name, cluster) => {
+            // Frozen, locked or edited while this round probed: what was
+            // decided may no longer hold. Decide again next round.
+            log::info!(
+                "Cluster({name}): the meta changed during this round; not acting on: {}",
+                d.reason
+            );
+            Acted::Held
+        }
+        Kind::Restart => {
+            log::info!("{}", d.reason);
+            Acted::Restarted(restart(shared, cluster, &d.plan))
+        }
+        kind => {
+            run_as_task(shared, name, cluster, d);
+            Acted::Ran(kind)
+        }
+    }
+}
+
+/// Start the databases the plan names; returns their ids. A probe that
+/// failed for want of an answer (an overloaded server or network) finds
+/// the server running: pg_ctl leaves it be.
+fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for a in plan {
+        let Action::RestartDb { id } = a else {
+            continue;
+        };
+        ids.push(*id);
+        let Some(db) = cluster.db(*id) else {
+            continue;
+        };
+        match pgctl::start(&shared.ssh, db, &shared.cfg) {
+            Ok(o) if o.stdout.contains("server is already running") => {
+                log::info!("Database({}) is running: not restarted.", db.addr())
+            }
+            Ok(_) => log::info!("Database({}) restarted.", db.addr()),
+            Err(e) => log::error!("Restart of database({}) failed: {e}", db.addr()),
+        }
+    }
+    ids
+}
+
+/// Is the cluster's meta still what this round decided on?
+fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
+    matches!(shared.store.load(), Ok(doc) if doc.clusters.get(name) == Some(cluster))
+}
+
+/// Run an acting decision as a task, under the cluster lock.
+fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) {
+    let what = match d.kind {
+        Kind::Failover => "failover",
+        Kind::StandbyFault => "standby fault",
+        Kind::Fence => "fence",
+        Kind::Repoint => "repoint",
+        Kind::NoCandidate => "no candidate",
+        _ => "action",
+    };
+    let holder = format!("{what} of cluster {name}");
+    if let Err(e) = task::lock(&*shared.store, name, &holder, shared.cfg.lock_ttl.as_secs()) {
+        log::warn!("Cluster({name}): {e}; not acting now.");
+        return;
+    }
+    let task_name = format!("{what} {name}");
+    let t = match task::begin(&*shared.store, &shared.home.task_dir(), name, &task_name) {
+        Ok(t) => t,
+        Err(e) => {
+            log::error!("Cluster({name}): cannot record a task, not acting: {e}");
+            task::unlock(&*shared.store, name, &holder);
+            return;
+        }
+    };
+    t.info(&d.reason);
+    let started = Instant::now();
+    let ok = run_plan(shared, name, cluster, d, &t);
+    let ms = started.elapsed().as_millis() as u64;
+    if d.kind == Kind::Failover && ok {
+        shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .last_failover_ms
+            .store(ms, Ordering::Relaxed);
+    }
+    t.finish(&*shared.store, ok);
+    task::unlock(&*shared.store, name, &holder);
+}
+
+/// Prefix for a plan's log lines, as the manual words them.
+fn prefix(cluster: &Cluster, d: &Decision) -> String {
+    let subject = d.subject.and_then(|id| cluster.db(id));
+    let addr = subject.map(Db::addr).unwrap_or_default();
+    match (d.kind, subject) {
+        (Kind::Failover, Some(db)) if db.is_primary() => {
+            format!("Failover primary database({addr})")
+        }
+        (Kind::StandbyFault, _) => format!("Failover database({addr})"),
+        _ => format!("Cluster action on database({addr})"),
+    }
+}
+
+/// Run the plan step by step. Steps before the promotion abort the plan on
+/// failure; after it, every step is tried and failures are logged.
+fn run_plan(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    d: &Decision,
+    t: &TaskHandle,
+) -> bool {
+    let pre = prefix(cluster, d);
+    let mut promoted = false;
+    let mut ok = true;
+    // Repoints run in parallel: collect them and run when the plan reaches them.
+    let repoints: Vec<(u32, u32)> = d
+        .plan
+        .iter()
+        .filter_map(|a| match a {
+            Action::Repoint { id, to } => Some((*id, *to)),
+            _ => None,
+        })
+        .collect();
+    let mut repointed = false;
+    for a in &d.plan {
+        if let Action::Repoint { .. } = a {
+            if !repointed {
+                repointed = true;
+                ok &= repoint_all(shared, cluster, &repoints, &pre, t);
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        let res = step(shared, name, cluster, a, &pre, t);
+        let ms = t0.elapsed().as_millis();
+        match res {
+            Ok(()) => {
+                if let Action::Promote { .. } = a {
+                    promoted = true;
+                }
+                log::debug!("{pre}: step '{a}' done in {ms} ms");
+            }
+            Err(e) => {
+                t.error(&format!("{pre}: {a} failed after {ms} ms: {e}"));
+                let critical = matches!(
+                    a,
+                    Action::EnsureWriteVipFree { .. }
+                        | Action::Promote { .. }
+                        | Action::MetaPrimary { .. }
+                ) || (!promoted
+                    && matches!(a, Action::MetaDbState { .. } | Action::Fence { .. }));
+                if critical {
+                    t.error(&format!("{pre}: aborted, nothing further is changed."));
+                    return false;
+                }
+                ok = false;
+            }
+        }
+    }
+    if d.kind == Kind::Failover {
+        if let Some(new) = d.plan.iter().find_map(|a| match a {
+            Action::Promote { id } => cluster.db(*id),
+            _ => None,
+        }) {
+            t.info(&format!(
+                "{pre}: switch to new host({}) completed.",
+                new.host
+            ));
+        }
+    } else {
+        t.info(&format!("{pre}: all completed."));
+    }
+    ok
+}
+
+/// Point every standby in `repoints` (db id, new upstream id) at its new
+/// upstream, in parallel; false if any failed (each failure is logged).
+fn repoint_all(
+    shared: &Shared,
+    cluster: &Cluster,
+    repoints: &[(u32, u32)],
+    pre: &str,
+    t: &TaskHandle,
+) -> bool {
+    let mut ok = true;
+    let to = cluster
+        .db(repoints[0].1)
+        .map(|d| d.host.clone())
+        .unwrap_or_default();
+    t.info(&format!(
+        "{pre}: change all standby database upper level primary database to host({to})..."
+    ));
+    let t0 = Instant::now();
+    let results: Vec<(u32, Result<(), String>)> = thread::scope(|s| {
+        let hs: Vec<_> = repoints
+            .iter()
+            .map(|(id, to)| s.spawn(move || (*id, repoint(shared, cluster, *id, *to))))
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    for (id, r) in results {
+        if let Err(e) = r {
+            ok = false;
+            t.error(&format!("{pre}: repoint of db {id} failed: {e}"));
+        }
+    }
+    t.info(&format!(
+        "{pre}: change all standby database upper level primary database to host({to}) completed ({} ms).",
+        t0.elapsed().as_millis()
+    ));
+    ok
+}
+
+fn db_or_err(cluster: &Cluster, id: u32) -> Result<&Db, String> {
+    cluster
+        .db(id)
+        .ok_or_else(|| format!("db {id} is not in the cluster"))
+}
+
+/// One acting step. Gather actions never reach here.
+fn step(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    a: &Action,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    match a {
+        Action::CheckHost { .. }
+        | Action::CheckPeer { .. }
+        | Action::CheckWriteVip { .. }
+        | Action::RestartDb { .. }
+        | Action::Repoint { .. } => Ok(()),
+        Action::Fence { id } => fence(shared, cluster, *id, pre, t),
+        Action::CstlbDelete { backend } => cstlb_change(shared, cluster, backend, false, pre, t),
+        Action::CstlbAdd { backend } => cstlb_change(shared, cluster, backend, true, pre, t),
+        Action::DeleteWriteVip { host } => delete_write_vip(shared, cluster, host, t),
+        Action::EnsureWriteVipFree { id } => ensure_write_vip_free(shared, cluster, *id),
+        Action::Promote { id } => promote(shared, cluster, *id, pre, t),
+        Action::AddWriteVip { id } => add_write_vip(shared, cluster, *id, pre, t),
+        Action::SetSyncNames { id, names } => {
+            let db = db_or_err(cluster, *id)?;
+            pg::set_sync_names(db, &shared.cfg, names).map_err(|e| e.to_string())?;
+            t.info(&format!(
+                "{pre}: synchronous_standby_names on database({}) set to '{names}'.",
+                db.addr()
+            ));
+            Ok(())
+        }
+        Action::MoveReadVip { from, to } => move_read_vip(shared, name, cluster, from, to, pre, t),
+        Action::MetaPrimary { id, old } => {
+            let (id, old) = (*id, *old);
+            save_node_state(shared, name, pre, t, |c| {
+                for d in c.db_list.iter_mut() {
+                    d.is_primary = u8::from(d.id == id);
+                }
+                if let Some(o) = c.db_mut(old) {
+                    o.state = DB_FAULT;
+                }
+                Ok(())
+            })
+        }
+        Action::MetaDbState { id, state } => {
+            let (id, state) = (*id, *state);
+            save_node_state(shared, name, pre, t, |c| {
+                c.db_mut(id).ok_or("db vanished")?.state = state;
+                Ok(())
+            })
+        }
+        Action::MetaClusterState { state } => {
+            let state = *state;
+            meta_update_cluster(shared, name, |c| {
+                c.state = state;
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Stop the old primary (fast) so that it cannot take writes, and take the
+/// write VIP off its host first (best effort: the host may be gone).
+fn fence(
+    shared: &Shared,
+    cluster: &Cluster,
+    id: u32,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    t.info(&format!(
+        "{pre}: stop database({}) so that it cannot take writes...",
+        db.addr()
+    ));
+    let _ = vip::delete(&shared.ssh, &db.host, vip_of(&cluster.write_vip)?);
+    pgctl::stop_fast(&shared.ssh, db, &shared.cfg)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Add a backend to, or remove it from, every cstlb (never fatal).
+fn cstlb_change(
+    shared: &Shared,
+    cluster: &Cluster,
+    backend: &str,
+    add: bool,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let verb = if add { "add host" } else { "remove bad host" };
+    let dir = if add { "to" } else { "from" };
+    t.info(&format!("{pre}: begin {verb}({backend}) {dir} cstlb ..."));
+    cstlb_all(shared, cluster, backend, add, t);
+    t.info(&format!("{pre}: {verb}({backend}) {dir} cstlb finished."));
+    Ok(())
+}
+
+/// Take the write VIP off the old primary's host; a failure is logged and
+/// ignored (the host may be gone; the promotion checks ARP first).
+fn delete_write_vip(
+    shared: &Shared,
+    cluster: &Cluster,
+    host: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let v = &cluster.write_vip;
+    t.info(&format!(
+        "Switch primary database: begin delete write vip({v}) on host({host}) ..."
+    ));
+    match vip::delete(&shared.ssh, host, vip_of(v)?) {
+        Ok(()) => t.info(&format!(
+            "Switch primary database: delete write vip({v}) completed."
+        )),
+        Err(e) => t.error(&format!("Switch primary database: delete write vip({v}) failed (ignored, host may be gone): {e}")),
+    }
+    Ok(())
+}
+
+/// The split-brain guard before a promotion: from the candidate's host, no
+/// other host may still answer ARP for the write VIP (asked afresh, never
+/// a shared answer).
+fn ensure_write_vip_free(shared: &Shared, cluster: &Cluster, id: u32) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    match write_vip_seen(shared, cluster, &db.host, None).0 {
+        Ok(VipSeen::Free | VipSeen::HeldBy(_)) => Ok(()),
+        Ok(VipSeen::Answered) => Err(format!(
+            "another host still answers ARP for the write vip({}): refusing to promote (split brain guard)",
+            cluster.write_vip
+        )),
+        Err(e) => Err(format!("cannot check that the write vip is free: {e}")),
+    }
+}
+
+fn promote(
+    shared: &Shared,
+    cluster: &Cluster,
+    id: u32,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    t.info(&format!(
+        "{pre}: Promote standby database({}) to primary...",
+        db.host
+    ));
+    pg::promote(&shared.ssh, db, &shared.cfg).map_err(|e| e.to_string())?;
+    t.info(&format!(
+        "{pre}: Promote standby database({}) to primary completed.",
+        db.host
+    ));
+    Ok(())
+}
+
+/// Add the write VIP on the new primary's host, on the interface seen
+/// there; a remembered interface that has gone is looked up once more.
+fn add_write_vip(
+    shared: &Shared,
+    cluster: &Cluster,
+    id: u32,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let ssh = &shared.ssh;
+    let db = db_or_err(cluster, id)?;
+    let v = vip_of(&cluster.write_vip)?;
+    let ifname = shared.ifname(&db.host)?;
+    if let Err(e) = vip::add(ssh, &db.host, v, &ifname) {
+        log::warn!("{e}; looking up the interface of host {} again", db.host);
+        let (ifname, _) =
+            vip::find_interface(ssh, &db.host, shared.cfg.network).map_err(|e| e.to_string())?;
+        shared.remember_ifname(&db.host, &ifname);
+        vip::add(ssh, &db.host, v, &ifname).map_err(|e| e.to_string())?;
+    }
+    t.info(&format!(
+        "{pre}: write vip({}) added on host({}).",
+        cluster.write_vip, db.host
+    ));
+    Ok(())
+}
+
+fn move_read_vip(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    from: &str,
+    to: &str,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let ssh = &shared.ssh;
+    t.info(&format!(
+        "{pre}: move read vip({}) from host({from}) to host({to}) ...",
+        cluster.read_vip
+    ));
+    let read_vip = vip_of(&cluster.read_vip)?;
+    let _ = vip::delete(ssh, from, read_vip);
+    let (ifname, _) =
+        vip::find_interface(ssh, to, shared.cfg.network).map_err(|e| e.to_string())?;
+    vip::add(ssh, to, read_vip, &ifname).map_err(|e| e.to_string())?;
+    let to = to.to_string();
+    meta_update_cluster(shared, name, |c| {
+        c.read_vip_host = to.clone();
+        Ok(())
+    })
+}
+
+/// Save node states in the meta, between the manual's two log lines.
+fn save_node_state(
+    shared: &Shared,
+    name: &str,
+    pre: &str,
+    t: &TaskHandle,
+    f: impl Fn(&mut Cluster) -> Result<(), &'static str>,
+) -> Result<(), String> {
+    t.info(&format!("{pre}: save node state to meta server..."));
+    meta_update_cluster(shared, name, f)?;
+    t.info(&format!("{pre}: save node state to meta server completed."));
+    Ok(())
+}
+
+/// Change one cluster's meta (validated and saved atomically by the store).
+pub fn meta_update_cluster(
+    shared: &Shared,
+    name: &str,
+    f: impl Fn(&mut Cluster) -> Result<(), &'static str>,
+) -> Result<(), String> {
+    update(&*shared.store, |doc| {
+        let c = doc.clusters.get_mut(name).ok_or("cluster vanished")?;
+        f(c).map_err(str::to_string)
+    })
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Tell every cstlb of the cluster, in parallel; failures are logged and
+/// counted, never fatal, never slower than cstlb_timeout.
+pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t: &TaskHandle) {
+    let cfg = &shared.cfg;
+    let errors: Vec<String> = thread::scope(|s| {
+        let hs: Vec<_> = cluster
+            .cstlb_list
+            .iter()
+            .map(|mgr| {
+                s.spawn(move || {
+                    let r = if add {
+                        cstlb::add(mgr, backend, cfg)
+                    } else {
+                        cstlb::delete(mgr, backend, cfg)
+                    };
+                    r.err().map(|e| format!("cstlb({mgr}): {e}"))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| h.join().ok().flatten())
+            .collect()
+    });
+    for e in errors {
+        shared
+            .counters
+            .cstlb_failures
+            .fetch_add(1, Ordering::Relaxed);
+        t.error(&format!(
+            "Can not {} host({backend}) {} {e}",
+            if add { "add" } else { "remove" },
+            if add { "to" } else { "from" }
+        ));
+    }
+}
+
+pub fn vip_of(s: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("invalid VIP '{s}' in the meta"))
+}
+
+/// The server_version_num of a stopped server, from its PG_VERSION file.
+fn version_from_files(shared: &Shared, db: &Db) -> Result<u32, String> {
+    let script = format!("cat {}/PG_VERSION", crate::exec::shell::quote(&db.pgdata));
+    let out = exssh::Remote::run_script(
+        &shared.ssh,
+        &db.host,
+        "read PG_VERSION",
+        &script,
+        None,
+        Duration::from_secs(10),
+    )
+    .map_err(|e| e.to_string())?;
+    parse_pg_version(out.stdout.trim())
+        .ok_or_else(|| format!("unexpected PG_VERSION '{}'", out.stdout.trim()))
+}
+
+/// `15` -> 150000, `9.6` -> 90600.
+fn parse_pg_version(s: &str) -> Option<u32> {
+    let mut it = s.split('.');
+    let major: u32 = it.next()?.parse().ok()?;
+    let minor: u32 = it.next().map_or(Some(0), |m| m.parse().ok())?;
+    Some(if major >= 10 {
+        major * 10000
+    } else {
+        major * 10000 + minor * 100
+    })
+}
+
+/// Point standby `id` at `to`: recovery settings by version, then reload,
+/// restart or start as the version and state need.
+fn repoint(shared: &Shared, cluster: &Cluster, id: u32, to: u32) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    let primary = db_or_err(cluster, to)?;
+    repoint_db(shared, db, primary)
+}
+
+pub fn repoint_db(shared: &Shared, db: &Db, primary: &Db) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let (version, running) = match pg::version_and_role(db, cfg) {
+        Ok((v, true)) => (v, true),
+        Ok((_, false)) => {
+            return Err(format!(
+                "database({}) runs as a primary; it must be stopped (and rewound) before it can follow {}",
+                db.addr(),
+                primary.addr()
+            ))
+        }
+        Err(_) => (version_from_files(shared, db)?, false),
+    };
+    let applied = recovery::repoint(
+        &shared.ssh,
+        db,
+        cfg,
+        version,
+        running,
+        &primary.host,
+        primary.port,
+    )
+    .map_err(|e| e.to_string())?;
+    match applied {
+        Applied::Reloaded => Ok(()),
+        Applied::NeedsRestart => {
+            pgctl::stop_fast(&shared.ssh, db, cfg).map_err(|e| e.to_string())?;
+            pgctl::start(&shared.ssh, db, cfg)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Applied::Written => pgctl::start(&shared.ssh, db, cfg)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+    }
+}
