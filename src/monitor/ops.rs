@@ -156,13 +156,61 @@ pub fn start_switch(
     spawn_task(shared, cluster, name, move |s, t| switch(s, &cl, target, t))
 }
 
+/// What a switch found out before it changed anything: every later step
+/// works from these, so that all of them act on the same cluster view.
+struct SwitchFacts {
+    /// The cluster as read when the task started.
+    c: Cluster,
+    /// The primary to switch from.
+    old: Db,
+    /// The standby to promote.
+    new: Db,
+    /// synchronous_standby_names of the old primary, from the probe that
+    /// found it answering (it is stopped by the time the new one needs it).
+    old_sync_names: Option<String>,
+    write_vip: std::net::Ipv4Addr,
+}
+
+/// The switchover task, phase by phase; each phase logs its own steps and
+/// the first error ends the task. From stopping the old primary until the
+/// promotion, a failure starts the old primary again ([`restore_primary`]).
 fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Result<(), String> {
+    let pre = format!("Switch(cluster={name}, dbid={target})");
+    let f = switch_preflight(shared, name, target, t, &pre)?;
+    let last = stop_old_primary(shared, &f, t, &pre)?;
+    wait_for_catch_up(shared, &f, last, t, &pre)?;
+    promote_new_primary(shared, &f, t, &pre)?;
+
+    t.info(&format!("{pre}: save node state to meta server..."));
+    meta_set_primary(shared, name, f.new.id)?;
+    t.info(&format!("{pre}: save node state to meta server completed."));
+
+    set_sync_names_on_new_primary(shared, &f, t, &pre);
+    repoint_to_new_primary(shared, &f, t, &pre)?;
+    cstlb_all(shared, &f.c, &f.new.addr(), false, t);
+    cstlb_all(shared, &f.c, &f.old.addr(), true, t);
+    if f.c.read_vip_host == f.new.host {
+        move_read_vip_to_old_primary(shared, name, &f, t, &pre)?;
+    }
+    shared.counters.switchovers.fetch_add(1, Ordering::Relaxed);
+    t.info(&format!("{pre}: all completed."));
+    Ok(())
+}
+
+/// Find the old and new primary and check, before anything is touched,
+/// that the old one answers and the target streams from it: a refusal here
+/// leaves the cluster as it was.
+fn switch_preflight(
+    shared: &Shared,
+    name: &str,
+    target: u32,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<SwitchFacts, String> {
     let cfg = &shared.cfg;
-    let ssh = &shared.ssh;
     let c = cluster_of(shared, name)?;
     let new = c.db(target).ok_or("target vanished")?.clone();
     let old = c.primary().ok_or("no primary")?.clone();
-    let pre = format!("Switch(cluster={name}, dbid={target})");
     t.info(&format!("{pre}: begin..."));
 
     t.info(&format!(
@@ -178,12 +226,7 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         ));
     }
     let np = pg::probe(&new, cfg, false);
-    let streams = np.ok
-        && np.in_recovery == Some(true)
-        && np.upstream.as_ref().is_some_and(|u| {
-            u.status == "streaming" && u.sender_host.as_deref() == Some(old.host.as_str())
-        });
-    if !streams {
+    if !streams_from(&np, &old.host) {
         return Err(format!(
             "{pre}: database({}) is not a healthy standby streaming from {} (ok={}, in recovery={:?}, upstream={:?}); refusing",
             new.addr(),
@@ -193,8 +236,35 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
             np.upstream.as_ref().map(|u| (&u.status, &u.sender_host))
         ));
     }
-
     let write_vip = vip_of(&c.write_vip)?;
+    Ok(SwitchFacts {
+        c,
+        old,
+        new,
+        old_sync_names: op.sync_names,
+        write_vip,
+    })
+}
+
+/// A standby's probe says it is in recovery and its WAL receiver streams
+/// from `host`.
+fn streams_from(p: &DbProbe, host: &str) -> bool {
+    p.ok && p.in_recovery == Some(true)
+        && p.upstream
+            .as_ref()
+            .is_some_and(|u| u.status == "streaming" && u.sender_host.as_deref() == Some(host))
+}
+
+/// Fence the old primary: take its write VIP away, stop it cleanly and
+/// read where it stopped, the LSN the target must replay past before it
+/// may be promoted without losing a transaction.
+fn stop_old_primary(
+    shared: &Shared,
+    f: &SwitchFacts,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<u64, String> {
+    let (cfg, ssh, old, write_vip) = (&shared.cfg, &shared.ssh, &f.old, f.write_vip);
     t.info(&format!(
         "{pre}: delete write vip({write_vip}) from host({})...",
         old.host
@@ -206,14 +276,14 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         old.addr()
     ));
     let t0 = Instant::now();
-    if let Err(e) = pgctl::stop_fast(ssh, &old, cfg) {
-        restore_primary(shared, &c, &old, t, &pre);
+    if let Err(e) = pgctl::stop_fast(ssh, old, cfg) {
+        restore_primary(shared, &f.c, old, t, pre);
         return Err(format!("{pre}: cannot stop the old primary: {e}"));
     }
-    let last = match checkpoint_lsn(shared, &old) {
+    let last = match checkpoint_lsn(shared, old) {
         Ok(l) => l,
         Err(e) => {
-            restore_primary(shared, &c, &old, t, &pre);
+            restore_primary(shared, &f.c, old, t, pre);
             return Err(format!(
                 "{pre}: cannot read the old primary's last checkpoint: {e}"
             ));
@@ -223,19 +293,31 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         "{pre}: old primary stopped at {} ({} ms); waiting for database({}) to replay it...",
         format_lsn(last),
         t0.elapsed().as_millis(),
-        new.addr()
+        f.new.addr()
     ));
+    Ok(last)
+}
+
+/// Wait (up to [`CATCH_UP`]) until the target has replayed past `last`;
+/// if it does not, put the old primary back.
+fn wait_for_catch_up(
+    shared: &Shared,
+    f: &SwitchFacts,
+    last: u64,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<(), String> {
     let end = Instant::now() + CATCH_UP;
     loop {
-        let p = pg::probe(&new, cfg, false);
+        let p = pg::probe(&f.new, &shared.cfg, false);
         if p.replay_lsn.is_some_and(|r| r > last) {
-            break;
+            return Ok(());
         }
         if Instant::now() >= end {
-            restore_primary(shared, &c, &old, t, &pre);
+            restore_primary(shared, &f.c, &f.old, t, pre);
             return Err(format!(
                 "{pre}: database({}) did not replay {} within {} s (replayed {:?}); the old primary was put back",
-                new.addr(),
+                f.new.addr(),
                 format_lsn(last),
                 CATCH_UP.as_secs(),
                 p.replay_lsn.map(format_lsn)
@@ -243,13 +325,23 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
 
+/// Promote the target and give it the write VIP. A failed promotion still
+/// puts the old primary back; past it there is no way back.
+fn promote_new_primary(
+    shared: &Shared,
+    f: &SwitchFacts,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<(), String> {
+    let (cfg, ssh, new, write_vip) = (&shared.cfg, &shared.ssh, &f.new, f.write_vip);
     t.info(&format!(
         "{pre}: Promote standby database({}) to primary...",
         new.host
     ));
-    if let Err(e) = pg::promote(ssh, &new, cfg) {
-        restore_primary(shared, &c, &old, t, &pre);
+    if let Err(e) = pg::promote(ssh, new, cfg) {
+        restore_primary(shared, &f.c, &f.old, t, pre);
         return Err(format!("{pre}: promote failed: {e}"));
     }
     t.info(&format!(
@@ -263,32 +355,46 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         "{pre}: write vip({write_vip}) added on host({}).",
         new.host
     ));
+    Ok(())
+}
 
-    t.info(&format!("{pre}: save node state to meta server..."));
-    meta_set_primary(shared, name, new.id)?;
-    t.info(&format!("{pre}: save node state to meta server completed."));
-
-    if let Some(names) = ha::sync_names_after(&c, &old, &new, op.sync_names.as_deref()) {
-        match pg::set_sync_names(&new, cfg, &names) {
+/// Carry synchronous replication over to the new primary, naming the other
+/// standbys and the old primary. A failure is logged, not fatal: the switch
+/// itself is done by now.
+fn set_sync_names_on_new_primary(shared: &Shared, f: &SwitchFacts, t: &TaskHandle, pre: &str) {
+    let current = f.old_sync_names.as_deref();
+    if let Some(names) = ha::sync_names_after(&f.c, &f.old, &f.new, current) {
+        match pg::set_sync_names(&f.new, &shared.cfg, &names) {
             Ok(()) => t.info(&format!(
                 "{pre}: synchronous_standby_names on database({}) set to '{names}'.",
-                new.addr()
+                f.new.addr()
             )),
             Err(e) => t.error(&format!("{pre}: cannot set synchronous_standby_names: {e}")),
         }
     }
+}
 
+/// Point the other normal standbys (in parallel; failures logged, not
+/// fatal) and then the old primary at the new primary. The old primary
+/// failing to follow ends the task with an error.
+fn repoint_to_new_primary(
+    shared: &Shared,
+    f: &SwitchFacts,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<(), String> {
+    let (old, new) = (&f.old, &f.new);
     t.info(&format!(
         "{pre}: change all standby database upper level primary database to host({})...",
         new.host
     ));
-    let others: Vec<&Db> = c.normal_standbys().filter(|d| d.id != new.id).collect();
+    let others: Vec<&Db> = f.c.normal_standbys().filter(|d| d.id != new.id).collect();
     let errors: Vec<String> = thread::scope(|s| {
         let hs: Vec<_> = others
             .iter()
             .map(|d| {
                 s.spawn(|| {
-                    repoint_db(shared, d, &new)
+                    repoint_db(shared, d, new)
                         .err()
                         .map(|e| format!("database({}): {e}", d.addr()))
                 })
@@ -306,30 +412,34 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
         old.addr(),
         new.host
     ));
-    repoint_db(shared, &old, &new)
-        .map_err(|e| format!("{pre}: old primary cannot follow the new one: {e}"))?;
+    repoint_db(shared, old, new)
+        .map_err(|e| format!("{pre}: old primary cannot follow the new one: {e}"))
+}
 
-    cstlb_all(shared, &c, &new.addr(), false, t);
-    cstlb_all(shared, &c, &old.addr(), true, t);
-    if c.read_vip_host == new.host {
-        let read_vip = vip_of(&c.read_vip)?;
-        t.info(&format!(
-            "{pre}: move read vip({read_vip}) from host({}) to host({})...",
-            new.host, old.host
-        ));
-        let _ = vip::delete(ssh, &new.host, read_vip);
-        let (ifname, _) =
-            vip::find_interface(ssh, &old.host, cfg.network).map_err(|e| e.to_string())?;
-        vip::add(ssh, &old.host, read_vip, &ifname).map_err(|e| e.to_string())?;
-        let h = old.host.clone();
-        monitor::meta_update_cluster(shared, name, move |c| {
-            c.read_vip_host = h.clone();
-            Ok(())
-        })?;
-    }
-    shared.counters.switchovers.fetch_add(1, Ordering::Relaxed);
-    t.info(&format!("{pre}: all completed."));
-    Ok(())
+/// The read VIP was on the target, now the primary: move it to the old
+/// primary, now a standby, and record where it is.
+fn move_read_vip_to_old_primary(
+    shared: &Shared,
+    name: &str,
+    f: &SwitchFacts,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<(), String> {
+    let (ssh, old, new) = (&shared.ssh, &f.old, &f.new);
+    let read_vip = vip_of(&f.c.read_vip)?;
+    t.info(&format!(
+        "{pre}: move read vip({read_vip}) from host({}) to host({})...",
+        new.host, old.host
+    ));
+    let _ = vip::delete(ssh, &new.host, read_vip);
+    let (ifname, _) =
+        vip::find_interface(ssh, &old.host, shared.cfg.network).map_err(|e| e.to_string())?;
+    vip::add(ssh, &old.host, read_vip, &ifname).map_err(|e| e.to_string())?;
+    let h = old.host.clone();
+    monitor::meta_update_cluster(shared, name, move |c| {
+        c.read_vip_host = h.clone();
+        Ok(())
+    })
 }
 
 /// A switch that failed before the promotion: start the old primary again
@@ -472,6 +582,18 @@ pub fn start_repair(
     })
 }
 
+/// What a repair works on: the primary to follow and the node to repair,
+/// as the cluster was read when the task started.
+struct RepairFacts {
+    c: Cluster,
+    primary: Db,
+    /// The node to repair.
+    db: Db,
+}
+
+/// The repair task: optionally rewind or rebuild the node, point it at the
+/// primary, wait until it streams, then mark it Normal and put it back
+/// behind the cstlbs. The first error ends the task.
 fn repair(
     shared: &Arc<Shared>,
     name: &str,
@@ -479,11 +601,32 @@ fn repair(
     mode: RepairMode,
     t: &TaskHandle,
 ) -> Result<(), String> {
-    let cfg = &shared.cfg;
-    let ssh = &shared.ssh;
     let pre = format!("Repair(cluster={name}, dbid={id})");
     t.info(&format!("{pre}: begin get cluster lock..."));
     t.info(&format!("{pre}: begin..."));
+    let f = find_primary_and_fault(shared, name, id, t, &pre)?;
+    let hp = format!("Repair(cluster={name}, host={})", f.db.host);
+    match mode {
+        RepairMode::Plain => {}
+        RepairMode::Rewind => rewind(shared, &f, t, &hp)?,
+        RepairMode::Rebuild => rebuild(shared, &f, t, &hp)?,
+    }
+    rewrite_recovery_settings(shared, &f, t, &hp)?;
+    wait_until_streaming(shared, &f, t, &hp)?;
+    mark_normal(shared, name, &f, t, &hp)?;
+    t.info(&format!("{hp}: all completed."));
+    Ok(())
+}
+
+/// Read the cluster and find the primary and the node to repair, logging
+/// both as the manual shows them.
+fn find_primary_and_fault(
+    shared: &Shared,
+    name: &str,
+    id: u32,
+    t: &TaskHandle,
+    pre: &str,
+) -> Result<RepairFacts, String> {
     let c = cluster_of(shared, name)?;
     t.info(&format!("{pre}: find primary database ..."));
     let primary = c.primary().ok_or("no primary")?.clone();
@@ -497,78 +640,125 @@ fn repair(
         "Repair: fault database: {}",
         serde_json::to_string(&db).unwrap_or_default()
     ));
-    let hp = format!("Repair(cluster={name}, host={})", db.host);
+    Ok(RepairFacts { c, primary, db })
+}
 
-    match mode {
-        RepairMode::Plain => {}
-        RepairMode::Rewind => {
-            t.info(&format!(
-                "{hp}: checking pg_rewind prerequisites on the primary..."
-            ));
-            rewind_prerequisites(shared, &primary)?;
-            // A freshly promoted primary has not checkpointed on its new
-            // timeline yet; pg_rewind reads the timeline from the control
-            // file and would wrongly find nothing to rewind.
-            t.info(&format!(
-                "{hp}: checkpoint on the primary database({})...",
-                primary.addr()
-            ));
-            pg::checkpoint(&primary, cfg, Duration::from_secs(300))
-                .map_err(|e| format!("{hp}: checkpoint on the primary failed: {e}"))?;
-            t.info(&format!("{hp}: stop database before pg_rewind..."));
-            pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
-            t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));
-            let t0 = Instant::now();
-            let script = format!(
-                "{}{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
-                pgctl::prelude(&db, cfg),
-                need_tool("pg_rewind", "of the server's major version"),
-                quote(&format!(
-                    "host={} port={} user={} dbname=postgres connect_timeout=5",
-                    primary.host, primary.port, cfg.ha_db_user
-                ))
-            );
-            let pass = format!("{}\n", cfg.ha_db_pass.expose());
-            let out = ssh
-                .run_script(
-                    &db.host,
-                    "pg_rewind",
-                    &script,
-                    Some(pass.as_bytes()),
-                    Duration::from_secs(3600),
-                )
-                .map_err(|e| format!("{hp}: pg_rewind failed: {e}"))?;
-            t.info(&format!(
-                "{hp}: pg_rewind completed in {} ms: {}",
-                t0.elapsed().as_millis(),
-                out.stdout.lines().last().unwrap_or("").trim()
-            ));
-        }
-        RepairMode::Rebuild => {
-            t.info(&format!("{hp}: stop database before rebuilding it..."));
-            pgctl::stop_fast(ssh, &db, cfg).map_err(|e| e.to_string())?;
-            let ts = crate::now_secs();
-            let aside = format!("{}.clup-{ts}", db.pgdata);
-            t.info(&format!(
-                "{hp}: move {} aside (to {aside}, or to {}/clup-old-{ts} when it is a mount point; kept, never deleted)...",
-                db.pgdata, db.pgdata
-            ));
-            t.info(&format!(
-                "{hp}: pg_basebackup -D {} -U{} -h {} -p {} -X stream ...",
-                db.pgdata, cfg.db_repl_user, primary.host, primary.port
-            ));
-            let t0 = Instant::now();
-            let backup = format!(
-                "\"$bin/pg_basebackup\" -h {} -p {} -U {} -X stream --checkpoint=fast",
-                quote(&primary.host),
-                primary.port,
-                quote(&cfg.db_repl_user)
-            );
-            // A data directory that is a mount point cannot be renamed: its
-            // old files go into a directory inside it, the copy is made
-            // beside them on the same filesystem and moved up. Only renames.
-            let script = format!(
-                r#"{prelude}{need}IFS= read -r PGPASSWORD; export PGPASSWORD
+/// `repair --rewind`: check pg_rewind can work, checkpoint the primary,
+/// stop the node and pg_rewind it from the primary.
+fn rewind(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<(), String> {
+    let (cfg, ssh, primary, db) = (&shared.cfg, &shared.ssh, &f.primary, &f.db);
+    t.info(&format!(
+        "{hp}: checking pg_rewind prerequisites on the primary..."
+    ));
+    rewind_prerequisites(shared, primary)?;
+    // A freshly promoted primary has not checkpointed on its new
+    // timeline yet; pg_rewind reads the timeline from the control
+    // file and would wrongly find nothing to rewind.
+    t.info(&format!(
+        "{hp}: checkpoint on the primary database({})...",
+        primary.addr()
+    ));
+    pg::checkpoint(primary, cfg, Duration::from_secs(300))
+        .map_err(|e| format!("{hp}: checkpoint on the primary failed: {e}"))?;
+    t.info(&format!("{hp}: stop database before pg_rewind..."));
+    pgctl::stop_fast(ssh, db, cfg).map_err(|e| e.to_string())?;
+    t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));
+    let t0 = Instant::now();
+    let script = rewind_script(cfg, db, primary);
+    let pass = format!("{}\n", cfg.ha_db_pass.expose());
+    let out = ssh
+        .run_script(
+            &db.host,
+            "pg_rewind",
+            &script,
+            Some(pass.as_bytes()),
+            Duration::from_secs(3600),
+        )
+        .map_err(|e| format!("{hp}: pg_rewind failed: {e}"))?;
+    t.info(&format!(
+        "{hp}: pg_rewind completed in {} ms: {}",
+        t0.elapsed().as_millis(),
+        out.stdout.lines().last().unwrap_or("").trim()
+    ));
+    Ok(())
+}
+
+/// The script that pg_rewinds `db` from `primary` as the ha_db_user, whose
+/// password it reads from stdin (never on a command line).
+fn rewind_script(cfg: &crate::model::config::Config, db: &Db, primary: &Db) -> String {
+    format!(
+        "{}{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
+        pgctl::prelude(db, cfg),
+        need_tool("pg_rewind", "of the server's major version"),
+        quote(&format!(
+            "host={} port={} user={} dbname=postgres connect_timeout=5",
+            primary.host, primary.port, cfg.ha_db_user
+        ))
+    )
+}
+
+/// `repair --rebuild`: stop the node, move its data aside (kept, never
+/// deleted) and pg_basebackup a fresh copy from the primary.
+fn rebuild(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<(), String> {
+    let (cfg, ssh, primary, db) = (&shared.cfg, &shared.ssh, &f.primary, &f.db);
+    t.info(&format!("{hp}: stop database before rebuilding it..."));
+    pgctl::stop_fast(ssh, db, cfg).map_err(|e| e.to_string())?;
+    let ts = crate::now_secs();
+    let aside = format!("{}.clup-{ts}", db.pgdata);
+    t.info(&format!(
+        "{hp}: move {} aside (to {aside}, or to {}/clup-old-{ts} when it is a mount point; kept, never deleted)...",
+        db.pgdata, db.pgdata
+    ));
+    t.info(&format!(
+        "{hp}: pg_basebackup -D {} -U{} -h {} -p {} -X stream ...",
+        db.pgdata, cfg.db_repl_user, primary.host, primary.port
+    ));
+    let t0 = Instant::now();
+    let script = rebuild_script(cfg, db, primary, ts, &aside);
+    let pass = format!("{}\n", cfg.db_repl_pass.expose());
+    let out = ssh
+        .run_script(
+            &db.host,
+            "pg_basebackup",
+            &script,
+            Some(pass.as_bytes()),
+            Duration::from_secs(6 * 3600),
+        )
+        .map_err(|e| {
+            format!(
+                "{hp}: pg_basebackup failed (the old data is kept beside or inside {}): {e}",
+                db.pgdata
+            )
+        })?;
+    t.info(&format!(
+        "{hp}: pg_basebackup completed in {} ms; {}.",
+        t0.elapsed().as_millis(),
+        out.stdout.lines().last().unwrap_or("").trim()
+    ));
+    Ok(())
+}
+
+/// The script that moves `db`'s data aside (to `aside`, or into
+/// `clup-old-<ts>` inside a mount point) and pg_basebackups `primary` into
+/// its place as the db_repl_user, whose password it reads from stdin.
+fn rebuild_script(
+    cfg: &crate::model::config::Config,
+    db: &Db,
+    primary: &Db,
+    ts: u64,
+    aside: &str,
+) -> String {
+    let backup = format!(
+        "\"$bin/pg_basebackup\" -h {} -p {} -U {} -X stream --checkpoint=fast",
+        quote(&primary.host),
+        primary.port,
+        quote(&cfg.db_repl_user)
+    );
+    // A data directory that is a mount point cannot be renamed: its
+    // old files go into a directory inside it, the copy is made
+    // beside them on the same filesystem and moved up. Only renames.
+    format!(
+        r#"{prelude}{need}IFS= read -r PGPASSWORD; export PGPASSWORD
 if mountpoint -q "$pgdata" 2>/dev/null; then
   old="$pgdata/clup-old-{ts}"; new="$pgdata/clup-new-{ts}"
   mkdir -m 0700 "$old" || exit 1
@@ -587,52 +777,74 @@ else
   echo "old data kept at "{aside}
 fi
 "#,
-                prelude = pgctl::prelude(&db, cfg),
-                need = need_tool("pg_basebackup", "of the server's major version or newer"),
-                aside = quote(&aside),
-            );
-            let pass = format!("{}\n", cfg.db_repl_pass.expose());
-            let out = ssh
-                .run_script(&db.host, "pg_basebackup", &script, Some(pass.as_bytes()), Duration::from_secs(6 * 3600))
-                .map_err(|e| format!("{hp}: pg_basebackup failed (the old data is kept beside or inside {}): {e}", db.pgdata))?;
-            t.info(&format!(
-                "{hp}: pg_basebackup completed in {} ms; {}.",
-                t0.elapsed().as_millis(),
-                out.stdout.lines().last().unwrap_or("").trim()
-            ));
-        }
-    }
+        prelude = pgctl::prelude(db, cfg),
+        need = need_tool("pg_basebackup", "of the server's major version or newer"),
+        aside = quote(aside),
+    )
+}
 
+/// Write the node's recovery settings so that it follows the primary (then
+/// reload, restart or start it as needed); on failure, the manual's advice
+/// goes with the error.
+fn rewrite_recovery_settings(
+    shared: &Shared,
+    f: &RepairFacts,
+    t: &TaskHandle,
+    hp: &str,
+) -> Result<(), String> {
+    let (primary, db) = (&f.primary, &f.db);
     t.info(&format!("{hp}: create recovery.conf for this database..."));
-    repoint_db(shared, &db, &primary)
-        .map_err(|e| format!("{hp}: {e}\n{}", instructions(cfg, &db, &primary)))?;
+    repoint_db(shared, db, primary)
+        .map_err(|e| format!("{hp}: {e}\n{}", instructions(&shared.cfg, db, primary)))?;
     t.info(&format!(
         "{hp}: create recovery.conf for this database completed"
     ));
+    Ok(())
+}
 
+/// Wait (up to [`STREAM_WAIT`]) until the primary's pg_stat_replication
+/// shows the node streaming; else fail with the manual's advice.
+fn wait_until_streaming(
+    shared: &Shared,
+    f: &RepairFacts,
+    t: &TaskHandle,
+    hp: &str,
+) -> Result<(), String> {
+    let (cfg, primary, db) = (&shared.cfg, &f.primary, &f.db);
     t.info(&format!(
         "{hp}: checking repair database replication steaming is ok..."
     ));
     let end = Instant::now() + STREAM_WAIT;
     loop {
-        let p = pg::probe(&primary, cfg, false);
+        let p = pg::probe(primary, cfg, false);
         if p.replicas
             .iter()
             .any(|r| r.application_name == db.repl_app_name && r.state == "streaming")
         {
-            break;
+            return Ok(());
         }
         if Instant::now() >= end {
             return Err(format!(
                 "{hp}: database({}) does not stream from the primary after {} s.\n{}",
                 db.addr(),
                 STREAM_WAIT.as_secs(),
-                instructions(cfg, &db, &primary)
+                instructions(cfg, db, primary)
             ));
         }
         thread::sleep(Duration::from_millis(300));
     }
+}
 
+/// Mark the repaired node Normal (a standby) in the meta and add it back
+/// to every cstlb.
+fn mark_normal(
+    shared: &Shared,
+    name: &str,
+    f: &RepairFacts,
+    t: &TaskHandle,
+    hp: &str,
+) -> Result<(), String> {
+    let id = f.db.id;
     t.info(&format!("{hp}: change fault database node to normal ..."));
     monitor::meta_update_cluster(shared, name, move |c| {
         let d = c.db_mut(id).ok_or("db vanished")?;
@@ -640,8 +852,7 @@ fi
         d.is_primary = 0;
         Ok(())
     })?;
-    cstlb_all(shared, &c, &db.addr(), true, t);
-    t.info(&format!("{hp}: all completed."));
+    cstlb_all(shared, &f.c, &f.db.addr(), true, t);
     Ok(())
 }
 
