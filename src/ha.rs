@@ -253,47 +253,15 @@ impl Decision {
 
 /// Decide what to do for one cluster.
 pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decision {
-    if cluster.is_frozen() {
-        return Decision::nothing("no action: cluster is frozen");
-    }
-    if cluster.lock_time > now {
-        let who = if cluster.lock_holder.is_empty() {
-            "an operation"
-        } else {
-            &cluster.lock_holder
-        };
-        // The expiry as a time, not a countdown: the reason stays the same
-        // from round to round and is logged once.
-        return Decision::nothing(format!(
-            "no action: cluster is locked by {who} until {}",
-            crate::util::logging::format_epoch(cluster.lock_time)
-        ));
+    if let Some(d) = hold_off(cluster, now) {
+        return d;
     }
     let Some(primary) = cluster.primary() else {
         return Decision::nothing("no action: the meta names no primary");
     };
-
-    // A Fault node that runs as a primary while another node is the
-    // primary: the returning old primary. Fence it before anything else.
-    for d in cluster
-        .db_list
-        .iter()
-        .filter(|d| !d.is_normal() && !d.is_primary())
-    {
-        if let Some(s) = facts.seen.get(&d.id) {
-            if s.ok && s.in_recovery == Some(false) {
-                return Decision {
-                    kind: Kind::Fence,
-                    plan: vec![Action::Fence { id: d.id }],
-                    reason: format!(
-                        "database({}) is Fault but runs as a primary while database({}) is the primary: fencing it (stop), it keeps no VIP and stays Fault until repaired",
-                        d.addr(),
-                        primary.addr()
-                    ),
-                    subject: Some(d.id),
-                };
-            }
-        }
+    // A returning old primary is fenced before anything else.
+    if let Some(d) = fence_returning_primary(cluster, primary, facts) {
+        return d;
     }
 
     let failed = |d: &Db| facts.seen.get(&d.id).is_some_and(|s| !s.ok);
@@ -311,13 +279,78 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
             return standby_failed(cluster, d, facts, p);
         }
     }
+    if let Some(d) = repoint_misrouted(cluster, primary, facts) {
+        return d;
+    }
+    if let Some(d) = fault_stuck_standby(cluster, primary, facts, now) {
+        return d;
+    }
 
-    // Standbys that stream from somebody other than the primary.
+    let ok = cluster.normal_standbys().filter(|d| !failed(d)).count();
+    Decision::nothing(format!(
+        "no action: primary database({}) ok, {ok} standby(s) ok",
+        primary.addr()
+    ))
+}
+
+/// Nothing may be done while the cluster is frozen or locked by an
+/// operation: the operator or that operation owns it. `None` when free.
+fn hold_off(cluster: &Cluster, now: u64) -> Option<Decision> {
+    if cluster.is_frozen() {
+        return Some(Decision::nothing("no action: cluster is frozen"));
+    }
+    if cluster.lock_time > now {
+        let who = if cluster.lock_holder.is_empty() {
+            "an operation"
+        } else {
+            &cluster.lock_holder
+        };
+        // The expiry as a time, not a countdown: the reason stays the same
+        // from round to round and is logged once.
+        return Some(Decision::nothing(format!(
+            "no action: cluster is locked by {who} until {}",
+            crate::util::logging::format_epoch(cluster.lock_time)
+        )));
+    }
+    None
+}
+
+/// A Fault node that runs as a primary while another node is the primary
+/// is the returning old primary: two writable nodes would split the data,
+/// so it is stopped and gets nothing. The first such node, if any.
+fn fence_returning_primary(cluster: &Cluster, primary: &Db, facts: &Facts) -> Option<Decision> {
+    for d in cluster
+        .db_list
+        .iter()
+        .filter(|d| !d.is_normal() && !d.is_primary())
+    {
+        if let Some(s) = facts.seen.get(&d.id) {
+            if s.ok && s.in_recovery == Some(false) {
+                return Some(Decision {
+                    kind: Kind::Fence,
+                    plan: vec![Action::Fence { id: d.id }],
+                    reason: format!(
+                        "database({}) is Fault but runs as a primary while database({}) is the primary: fencing it (stop), it keeps no VIP and stays Fault until repaired",
+                        d.addr(),
+                        primary.addr()
+                    ),
+                    subject: Some(d.id),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The first answering standby that streams from somebody other than the
+/// primary: every standby of a cluster streams from the primary, so it is
+/// repointed there.
+fn repoint_misrouted(cluster: &Cluster, primary: &Db, facts: &Facts) -> Option<Decision> {
     for d in cluster.normal_standbys() {
         if let Some(s) = facts.seen.get(&d.id) {
             if let Some(up) = &s.upstream_host {
                 if s.ok && up != &primary.host {
-                    return Decision {
+                    return Some(Decision {
                         kind: Kind::Repoint,
                         plan: vec![Action::Repoint { id: d.id, to: primary.id }],
                         reason: format!(
@@ -326,19 +359,28 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
                             primary.host
                         ),
                         subject: Some(d.id),
-                    };
+                    });
                 }
             }
         }
     }
+    None
+}
 
-    // Standbys that answer but have not streamed from the primary for a
-    // while: after a failover one whose WAL went past the new timeline's
-    // fork cannot follow it. The meta must not call it Normal.
+/// The first standby that answers but has not streamed from the primary
+/// for [`STUCK_STANDBY_SECS`]: after a failover one whose WAL went past the
+/// new timeline's fork cannot follow it, and the meta must not call it
+/// Normal. It is taken out of service.
+fn fault_stuck_standby(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    now: u64,
+) -> Option<Decision> {
     for d in cluster.normal_standbys() {
         if let Some(&since) = facts.not_streaming_since.get(&d.id) {
             if now.saturating_sub(since) >= STUCK_STANDBY_SECS {
-                return Decision {
+                return Some(Decision {
                     kind: Kind::StandbyFault,
                     plan: fault_plan(cluster, d, facts),
                     reason: format!(
@@ -349,16 +391,11 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
                         d.addr()
                     ),
                     subject: Some(d.id),
-                };
+                });
             }
         }
     }
-
-    let ok = cluster.normal_standbys().filter(|d| !failed(d)).count();
-    Decision::nothing(format!(
-        "no action: primary database({}) ok, {ok} standby(s) ok",
-        primary.addr()
-    ))
+    None
 }
 
 fn find_msg(d: &Db) -> String {
@@ -610,83 +647,139 @@ fn parse_sync_method(s: &str) -> (&'static str, usize) {
     (method, num)
 }
 
+/// Fail over from `primary` (failed, or already Fault), `why` saying what
+/// happened to it: only once it is known to be gone for the standbys too,
+/// and only to a candidate the write VIP can safely move to.
 fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: String) -> Decision {
-    let standbys: Vec<&Db> = cluster.normal_standbys().collect();
-    let reachable = |d: &&Db| facts.seen.get(&d.id).is_some_and(|s| s.ok);
-
-    // Is the monitor the one cut off? If no standby answers, look at their
-    // hosts; if none of the cluster's hosts answers, do nothing.
-    if primary.is_normal() && !standbys.iter().any(reachable) {
-        let unchecked: Vec<Action> = standbys
-            .iter()
-            .filter(|d| !facts.hosts.contains_key(&d.host))
-            .map(|d| Action::CheckHost {
-                host: d.host.clone(),
-            })
-            .collect();
-        if !unchecked.is_empty() {
-            return Decision::gather(
-                primary.id,
-                unchecked,
-                format!("{why} no standby answers either: checking their hosts"),
-            );
-        }
-        if standbys
-            .iter()
-            .all(|d| facts.hosts.get(&d.host) == Some(&false))
-        {
-            return Decision::nothing(format!(
-                "no action: {why} and the monitor reaches none of the cluster's hosts; it may be the isolated one"
-            ));
-        }
-    }
-
-    // Split-brain guard: can the standbys still reach the primary?
     if primary.is_normal() {
-        let via: Vec<&Db> = standbys.iter().copied().filter(reachable).collect();
-        let unchecked: Vec<Action> = via
-            .iter()
-            .filter(|d| !facts.peer_sees_primary.contains_key(&d.host))
-            .filter(|d| facts.hosts.get(&d.host).is_none_or(|up| *up))
-            .map(|d| Action::CheckPeer {
-                via: d.host.clone(),
-                host: primary.host.clone(),
-                port: primary.port,
-            })
-            .collect();
-        // Ask once per round: a check that failed stays absent.
-        if !unchecked.is_empty() && !facts.peers_asked {
-            return Decision::gather(
-                primary.id,
-                unchecked,
-                format!("{why} confirming with the standbys that the primary is gone"),
-            );
+        let standbys: Vec<&Db> = cluster.normal_standbys().collect();
+        if let Some(d) = monitor_cut_off(primary, &standbys, facts, &why) {
+            return d;
         }
-        if let Some((via, _)) = facts.peer_sees_primary.iter().find(|(_, seen)| **seen) {
-            return Decision::nothing(format!(
-                "no failover: {why} but standby host {via} still reaches database({}); the monitor alone is cut off from it",
-                primary.addr()
-            ));
-        }
-        if facts.peer_sees_primary.is_empty() {
-            // No standby could be asked: fall back to their WAL receivers.
-            if let Some(d) = via.iter().find(|d| {
-                facts.seen.get(&d.id).is_some_and(|s| {
-                    s.upstream_host.as_deref() == Some(primary.host.as_str())
-                        && s.upstream_status.as_deref() == Some("streaming")
-                })
-            }) {
-                return Decision::nothing(format!(
-                    "no failover: {why} but standby database({}) still streams from it",
-                    d.addr()
-                ));
-            }
+        if let Some(d) = standbys_reach_primary(primary, &standbys, facts, &why) {
+            return d;
         }
     }
+    let (cand, adopting) = match failover_target(cluster, primary, facts, p, &why) {
+        Ok(target) => target,
+        Err(d) => return d,
+    };
+    let old_host_up = facts.hosts.get(&primary.host) == Some(&true);
+    if let Some(d) = write_vip_taken(primary, cand, facts, old_host_up, &why) {
+        return d;
+    }
+    Decision {
+        kind: Kind::Failover,
+        plan: failover_plan(cluster, primary, cand, facts, adopting, old_host_up),
+        reason: failover_reason(&why, primary, cand, adopting),
+        subject: Some(primary.id),
+    }
+}
 
-    // A standby that already runs as a primary was promoted by a failover
-    // that did not finish (the monitor died after the promotion): adopt it,
-    // never promote a second one. Two of them need a human.
+/// The database answered this round's probe.
+fn answered(facts: &Facts, d: &Db) -> bool {
+    facts.seen.get(&d.id).is_some_and(|s| s.ok)
+}
+
+/// Is the monitor the one cut off? If no standby answers, look at their
+/// hosts; if none of the cluster's hosts answers, do nothing: the monitor
+/// may be the isolated one. `None` lets the failover go on.
+fn monitor_cut_off(primary: &Db, standbys: &[&Db], facts: &Facts, why: &str) -> Option<Decision> {
+    if standbys.iter().any(|d| answered(facts, d)) {
+        return None;
+    }
+    let unchecked: Vec<Action> = standbys
+        .iter()
+        .filter(|d| !facts.hosts.contains_key(&d.host))
+        .map(|d| Action::CheckHost {
+            host: d.host.clone(),
+        })
+        .collect();
+    if !unchecked.is_empty() {
+        return Some(Decision::gather(
+            primary.id,
+            unchecked,
+            format!("{why} no standby answers either: checking their hosts"),
+        ));
+    }
+    if standbys
+        .iter()
+        .all(|d| facts.hosts.get(&d.host) == Some(&false))
+    {
+        return Some(Decision::nothing(format!(
+            "no action: {why} and the monitor reaches none of the cluster's hosts; it may be the isolated one"
+        )));
+    }
+    None
+}
+
+/// Split-brain guard: can the standbys still reach the primary? Their hosts
+/// are asked once per round; if one still reaches it (or, when none could
+/// be asked, a standby's WAL receiver still streams from it), only the
+/// monitor is cut off and there is no failover. `None` lets it go on.
+fn standbys_reach_primary(
+    primary: &Db,
+    standbys: &[&Db],
+    facts: &Facts,
+    why: &str,
+) -> Option<Decision> {
+    let via: Vec<&Db> = standbys
+        .iter()
+        .copied()
+        .filter(|d| answered(facts, d))
+        .collect();
+    let unchecked: Vec<Action> = via
+        .iter()
+        .filter(|d| !facts.peer_sees_primary.contains_key(&d.host))
+        .filter(|d| facts.hosts.get(&d.host).is_none_or(|up| *up))
+        .map(|d| Action::CheckPeer {
+            via: d.host.clone(),
+            host: primary.host.clone(),
+            port: primary.port,
+        })
+        .collect();
+    // Ask once per round: a check that failed stays absent.
+    if !unchecked.is_empty() && !facts.peers_asked {
+        return Some(Decision::gather(
+            primary.id,
+            unchecked,
+            format!("{why} confirming with the standbys that the primary is gone"),
+        ));
+    }
+    if let Some((via, _)) = facts.peer_sees_primary.iter().find(|(_, seen)| **seen) {
+        return Some(Decision::nothing(format!(
+            "no failover: {why} but standby host {via} still reaches database({}); the monitor alone is cut off from it",
+            primary.addr()
+        )));
+    }
+    if !facts.peer_sees_primary.is_empty() {
+        return None;
+    }
+    // No standby could be asked: fall back to their WAL receivers.
+    let streaming = via.iter().find(|d| {
+        facts.seen.get(&d.id).is_some_and(|s| {
+            s.upstream_host.as_deref() == Some(primary.host.as_str())
+                && s.upstream_status.as_deref() == Some("streaming")
+        })
+    })?;
+    Some(Decision::nothing(format!(
+        "no failover: {why} but standby database({}) still streams from it",
+        streaming.addr()
+    )))
+}
+
+/// The standby to become the primary, and whether it already is one. A
+/// standby that already runs as a primary was promoted by a failover that
+/// did not finish (the monitor died after the promotion): adopt it, never
+/// promote a second one. Two of them need a human. `Err` is the decision
+/// to stop at: several promoted, or no standby safe to promote.
+fn failover_target<'a>(
+    cluster: &'a Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    why: &str,
+) -> Result<(&'a Db, bool), Decision> {
     let promoted: Vec<&Db> = cluster
         .normal_standbys()
         .filter(|d| {
@@ -698,7 +791,7 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
         .collect();
     if promoted.len() > 1 {
         let list: Vec<String> = promoted.iter().map(|d| d.addr()).collect();
-        return Decision {
+        return Err(Decision {
             kind: Kind::NoCandidate,
             plan: vec![],
             reason: format!(
@@ -706,45 +799,74 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
                 list.join(", ")
             ),
             subject: Some(primary.id),
-        };
+        });
     }
-    let cand = match promoted.first() {
-        Some(d) => d,
-        None => match choose_candidate(cluster, facts, p) {
-            Ok(c) => c,
-            Err(e) => {
-                let plan = if cluster.state == CLUSTER_FAULT {
-                    vec![]
-                } else {
-                    vec![Action::MetaClusterState {
-                        state: CLUSTER_FAULT,
-                    }]
-                };
-                return Decision {
-                    kind: Kind::NoCandidate,
-                    plan,
-                    reason: format!(
-                        "{why} NO STANDBY IS SAFE TO PROMOTE, cluster left without a primary: {e}"
-                    ),
-                    subject: Some(primary.id),
-                };
-            }
-        },
+    if let Some(d) = promoted.first() {
+        return Ok((d, true));
+    }
+    match choose_candidate(cluster, facts, p) {
+        Ok(c) => Ok((c, false)),
+        Err(e) => Err(no_candidate(cluster, primary, why, &e)),
+    }
+}
+
+/// No standby is safe to promote: the cluster is left without a primary
+/// and marked Fault (once), so that it shows and the next rounds look again.
+fn no_candidate(cluster: &Cluster, primary: &Db, why: &str, skipped: &str) -> Decision {
+    let plan = if cluster.state == CLUSTER_FAULT {
+        vec![]
+    } else {
+        vec![Action::MetaClusterState {
+            state: CLUSTER_FAULT,
+        }]
     };
-    let adopting = !promoted.is_empty();
-    let old_host_up = facts.hosts.get(&primary.host) == Some(&true);
+    Decision {
+        kind: Kind::NoCandidate,
+        plan,
+        reason: format!(
+            "{why} NO STANDBY IS SAFE TO PROMOTE, cluster left without a primary: {skipped}"
+        ),
+        subject: Some(primary.id),
+    }
+}
+
+/// Split-brain guard on the write VIP: refuse to move it while this round
+/// saw it answered by a machine that is neither the candidate nor the old
+/// primary with its host up (whose VIP the plan deletes and checks again).
+/// `None` lets the failover go on.
+fn write_vip_taken(
+    primary: &Db,
+    cand: &Db,
+    facts: &Facts,
+    old_host_up: bool,
+    why: &str,
+) -> Option<Decision> {
     let refuse = |whom: &str| {
-        Decision::nothing(format!(
+        Some(Decision::nothing(format!(
             "no failover: {why} but {whom} still answers ARP for the write VIP; refusing to move it (split brain guard)"
-        ))
+        )))
     };
     match &facts.write_vip {
-        Some(VipSeen::Answered) if !old_host_up => return refuse("somebody"),
+        Some(VipSeen::Answered) if !old_host_up => refuse("somebody"),
         Some(VipSeen::HeldBy(h)) if *h != cand.host && !(old_host_up && *h == primary.host) => {
-            return refuse(&format!("host {h}"))
+            refuse(&format!("host {h}"))
         }
-        _ => {}
+        _ => None,
     }
+}
+
+/// The failover's steps, in order: free the write VIP, promote the
+/// candidate (unless adopting one already promoted), give it the write VIP
+/// and the meta's primary, then bring the rest along: synchronous names,
+/// the other standbys, the cstlbs, the read VIP and the cluster state.
+fn failover_plan(
+    cluster: &Cluster,
+    primary: &Db,
+    cand: &Db,
+    facts: &Facts,
+    adopting: bool,
+    old_host_up: bool,
+) -> Vec<Action> {
     let mut plan = Vec::new();
     if old_host_up {
         plan.push(Action::DeleteWriteVip {
@@ -781,36 +903,47 @@ fn failover(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params, why: Str
     plan.push(Action::CstlbDelete {
         backend: primary.addr(),
     });
-    if cluster.read_vip_host == cand.host || cluster.read_vip_host == primary.host {
-        if let Some(to) = read_vip_target(cluster, facts, &[cand.id, primary.id]) {
-            if to != cluster.read_vip_host {
-                plan.push(Action::MoveReadVip {
-                    from: cluster.read_vip_host.clone(),
-                    to,
-                });
-            }
-        }
-    }
+    plan.extend(read_vip_after_failover(cluster, primary, cand, facts));
     if cluster.state == CLUSTER_FAULT {
         plan.push(Action::MetaClusterState {
             state: crate::model::meta::CLUSTER_NORMAL,
         });
     }
-    Decision {
-        kind: Kind::Failover,
-        plan,
-        reason: format!(
-            "{why} Failover primary database({}): switch to new host({}){}...",
-            primary.addr(),
-            cand.host,
-            if adopting {
-                " (already promoted by an unfinished failover: finishing it)"
-            } else {
-                ""
-            }
-        ),
-        subject: Some(primary.id),
+    plan
+}
+
+/// The read VIP leaves the new primary's and the old primary's host (the
+/// one turns writer, the other failed) for a healthy standby, if there is
+/// one elsewhere; `None` when it stays.
+fn read_vip_after_failover(
+    cluster: &Cluster,
+    primary: &Db,
+    cand: &Db,
+    facts: &Facts,
+) -> Option<Action> {
+    if cluster.read_vip_host != cand.host && cluster.read_vip_host != primary.host {
+        return None;
     }
+    let to = read_vip_target(cluster, facts, &[cand.id, primary.id])?;
+    (to != cluster.read_vip_host).then(|| Action::MoveReadVip {
+        from: cluster.read_vip_host.clone(),
+        to,
+    })
+}
+
+/// The failover's log line: what happened, from where to where, and
+/// whether it only finishes an earlier, unfinished one.
+fn failover_reason(why: &str, primary: &Db, cand: &Db, adopting: bool) -> String {
+    format!(
+        "{why} Failover primary database({}): switch to new host({}){}...",
+        primary.addr(),
+        cand.host,
+        if adopting {
+            " (already promoted by an unfinished failover: finishing it)"
+        } else {
+            ""
+        }
+    )
 }
 
 #[cfg(test)]
