@@ -372,7 +372,7 @@ fn lay_out_home(home: &std::path::Path, probe_interval: u32) {
         .arg(home)
         .args([
             "--bin",
-            crate::util::BIN,
+            &crate::util::lab_bin(),
             "--probe-interval",
             &probe_interval.to_string(),
         ])

@@ -6,6 +6,20 @@ use std::process::{Command, Output, Stdio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_clup");
 
+/// The binary the lab's monitors run: `CLUP_LAB_BIN` when set (scripts/test
+/// sets it to the static musl release build, `panic = "abort"`, the binary
+/// users install, so a panic in a probe thread ends the server in CI as it
+/// would in production), else the test build.
+pub fn lab_bin() -> String {
+    match std::env::var("CLUP_LAB_BIN") {
+        Ok(b) if !b.is_empty() => {
+            assert!(Path::new(&b).is_file(), "CLUP_LAB_BIN={b} is not a file");
+            b
+        }
+        _ => BIN.to_string(),
+    }
+}
+
 /// A clup home in a fresh temp directory, removed on drop.
 pub struct TestHome {
     pub root: PathBuf,

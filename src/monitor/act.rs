@@ -155,13 +155,7 @@ fn prefix(cluster: &Cluster, d: &Decision) -> String {
 
 /// Run the plan step by step. Steps before the promotion abort the plan on
 /// failure; after it, every step is tried and failures are logged.
-fn run_plan(
-    shared: &Shared,
-    name: &str,
-    cluster: &Cluster,
-    d: &Decision,
-    t: &TaskHandle,
-) -> bool {
+fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &TaskHandle) -> bool {
     let pre = prefix(cluster, d);
     let mut promoted = false;
     let mut ok = true;
