@@ -230,133 +230,157 @@ fn emit(s: &str) -> ExitCode {
     }
 }
 
+/// Parse the command's options and run it; the text to print on success.
 fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure> {
     match cmd {
-        "init" => {
-            let o = parse_opts(p, cmd)?;
-            init(home, o.file.unwrap_or_else(|| home.init_json()), o.force)
-        }
-        "log" => {
-            let o = parse_opts(p, cmd)?;
-            follow_log(&home.log_file(), o.lines.unwrap_or(10), !o.no_follow)?;
-            Ok(String::new())
-        }
-        "show" => {
-            let o = parse_opts(p, cmd)?;
-            let d = call(home, "show", json!({ "cluster": o.cluster }))?;
-            let clusters: Clusters = field_of(&d, "clusters")?;
-            // With etcd: which clupserver leads (absent with the file store,
-            // where the manual's layout is left as it is).
-            let monitor = d["monitor"].as_str();
-            Ok(match (o.json, monitor) {
-                (true, m) => show_json(&clusters, m),
-                (false, None) => show_text(&clusters),
-                (false, Some(m)) => format!("{}\nmonitor: {m}\n", show_text(&clusters)),
-            })
-        }
-        "get_meta" => {
-            let o = parse_opts(p, cmd)?;
-            let clusters = fetch_clusters(home, o.cluster.as_deref(), "get_meta")?;
-            let v = match &o.cluster {
-                Some(c) => json!(clusters.get(c)),
-                None => json!(clusters),
-            };
-            Ok(format!(
-                "{}\n",
-                serde_json::to_string_pretty(&v).expect("json")
-            ))
-        }
-        "change_meta" => {
-            let o = parse_opts(p, cmd)?;
-            let cluster = o
-                .cluster
-                .ok_or_else(|| fail(EXIT_USAGE, "change_meta needs -c CLUSTER"))?;
-            let text = read_input(o.file.as_deref())?;
-            let new: Value = serde_json::from_str(&text)
-                .map_err(|e| fail(EXIT_USAGE, format!("the new meta is not valid JSON: {e}")))?;
-            call(
-                home,
-                "change_meta",
-                json!({"cluster": cluster, "meta": new}),
-            )?;
-            Ok(format!("Cluster({cluster}) meta changed.\n"))
-        }
-        "froze" | "unfroze" => {
-            let o = parse_opts(p, cmd)?;
-            let d = call(home, cmd, json!({"cluster": o.cluster}))?;
-            Ok(format!(
-                "Cluster({}) {}.\n",
-                d["cluster"].as_str().unwrap_or("?"),
-                if cmd == "froze" { "frozen" } else { "unfrozen" }
-            ))
-        }
-        "show_task" => {
-            let o = parse_opts(p, cmd)?;
-            let d = call(home, "show_task", json!({ "cluster": o.cluster }))?;
-            let tasks: Vec<Task> = field_of(&d, "tasks")?;
-            Ok(if o.json {
-                pretty(&json!({ "tasks": tasks }))
-            } else {
-                show_task_text(&tasks)
-            })
-        }
-        "task_log" => {
-            let o = parse_opts(p, cmd)?;
-            let id = o
-                .task
-                .ok_or_else(|| fail(EXIT_USAGE, "task_log needs -t TASK_ID"))?;
-            follow_task(home, id, o.follow)
-        }
-        "get_last_lsn" => {
-            let o = parse_opts(p, cmd)?;
-            let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
-            let rows: Vec<LsnRow> = field_of(&d, "rows")?;
-            Ok(if o.json { pretty(&d) } else { lsn_text(&rows) })
-        }
-        "repl_delay" => {
-            let o = parse_opts(p, cmd)?;
-            let d = call(home, cmd, json!({ "cluster": o.cluster }))?;
-            let rows: Vec<DelayRow> = field_of(&d, "rows")?;
-            Ok(if o.json {
-                pretty(&d)
-            } else {
-                delay_text(&rows)
-            })
-        }
-        "switch" | "repair" => {
-            let o = parse_opts(p, cmd)?;
-            let id =
-                o.id.ok_or_else(|| fail(EXIT_USAGE, format!("{cmd} needs -i ID")))?;
-            if o.rewind && o.rebuild {
-                return Err(fail(EXIT_USAGE, "choose one of --rewind and --rebuild"));
-            }
-            let mode = if o.rewind {
-                "rewind"
-            } else if o.rebuild {
-                "rebuild"
-            } else {
-                "plain"
-            };
-            let d = call(
-                home,
-                cmd,
-                json!({ "cluster": o.cluster, "id": id, "mode": mode }),
-            )?;
-            let task = d["task_id"].as_u64().unwrap_or(0);
-            println!(
-                "taskid={task}, task_name={}",
-                d["task_name"].as_str().unwrap_or("")
-            );
-            if o.no_follow {
-                return Ok(String::new());
-            }
-            follow_task(home, task, true)
-        }
+        "init" => cmd_init(home, parse_opts(p, cmd)?),
+        "log" => cmd_log(home, parse_opts(p, cmd)?),
+        "show" => cmd_show(home, parse_opts(p, cmd)?),
+        "get_meta" => cmd_get_meta(home, parse_opts(p, cmd)?),
+        "change_meta" => cmd_change_meta(home, parse_opts(p, cmd)?),
+        "froze" | "unfroze" => cmd_froze(home, cmd, parse_opts(p, cmd)?),
+        "show_task" => cmd_show_task(home, parse_opts(p, cmd)?),
+        "task_log" => cmd_task_log(home, parse_opts(p, cmd)?),
+        "get_last_lsn" => cmd_get_last_lsn(home, parse_opts(p, cmd)?),
+        "repl_delay" => cmd_repl_delay(home, parse_opts(p, cmd)?),
+        "switch" | "repair" => cmd_switch_or_repair(home, cmd, parse_opts(p, cmd)?),
         other => Err(fail(
             EXIT_USAGE,
             format!("unknown command '{other}'\n{}", usage()),
         )),
     }
+}
+
+/// `init`: write the meta from init.json (or `-f`) into the store.
+fn cmd_init(home: &Home, o: Opts) -> Result<String, Failure> {
+    init(home, o.file.unwrap_or_else(|| home.init_json()), o.force)
+}
+
+/// `log`: print the last lines of clupserver's log, then follow it.
+fn cmd_log(home: &Home, o: Opts) -> Result<String, Failure> {
+    follow_log(&home.log_file(), o.lines.unwrap_or(10), !o.no_follow)?;
+    Ok(String::new())
+}
+
+/// `show`: the databases of one cluster or all, as the manual's table or JSON.
+fn cmd_show(home: &Home, o: Opts) -> Result<String, Failure> {
+    let d = call(home, "show", json!({ "cluster": o.cluster }))?;
+    let clusters: Clusters = field_of(&d, "clusters")?;
+    // With etcd: which clupserver leads (absent with the file store,
+    // where the manual's layout is left as it is).
+    let monitor = d["monitor"].as_str();
+    Ok(match (o.json, monitor) {
+        (true, m) => show_json(&clusters, m),
+        (false, None) => show_text(&clusters),
+        (false, Some(m)) => format!("{}\nmonitor: {m}\n", show_text(&clusters)),
+    })
+}
+
+/// `get_meta`: the meta of one cluster or all, as pretty JSON.
+fn cmd_get_meta(home: &Home, o: Opts) -> Result<String, Failure> {
+    let clusters = fetch_clusters(home, o.cluster.as_deref(), "get_meta")?;
+    let v = match &o.cluster {
+        Some(c) => json!(clusters.get(c)),
+        None => json!(clusters),
+    };
+    Ok(format!(
+        "{}\n",
+        serde_json::to_string_pretty(&v).expect("json")
+    ))
+}
+
+/// `change_meta`: send a cluster's new meta, read from `-f` or stdin.
+fn cmd_change_meta(home: &Home, o: Opts) -> Result<String, Failure> {
+    let cluster = o
+        .cluster
+        .ok_or_else(|| fail(EXIT_USAGE, "change_meta needs -c CLUSTER"))?;
+    let text = read_input(o.file.as_deref())?;
+    let new: Value = serde_json::from_str(&text)
+        .map_err(|e| fail(EXIT_USAGE, format!("the new meta is not valid JSON: {e}")))?;
+    call(
+        home,
+        "change_meta",
+        json!({"cluster": cluster, "meta": new}),
+    )?;
+    Ok(format!("Cluster({cluster}) meta changed.\n"))
+}
+
+/// `froze` and `unfroze` (`cmd`): change the cluster's state.
+fn cmd_froze(home: &Home, cmd: &str, o: Opts) -> Result<String, Failure> {
+    let d = call(home, cmd, json!({"cluster": o.cluster}))?;
+    Ok(format!(
+        "Cluster({}) {}.\n",
+        d["cluster"].as_str().unwrap_or("?"),
+        if cmd == "froze" { "frozen" } else { "unfrozen" }
+    ))
+}
+
+/// `show_task`: the task records, as a table or JSON.
+fn cmd_show_task(home: &Home, o: Opts) -> Result<String, Failure> {
+    let d = call(home, "show_task", json!({ "cluster": o.cluster }))?;
+    let tasks: Vec<Task> = field_of(&d, "tasks")?;
+    Ok(if o.json {
+        pretty(&json!({ "tasks": tasks }))
+    } else {
+        show_task_text(&tasks)
+    })
+}
+
+/// `task_log`: a task's log, followed with `--follow`.
+fn cmd_task_log(home: &Home, o: Opts) -> Result<String, Failure> {
+    let id = o
+        .task
+        .ok_or_else(|| fail(EXIT_USAGE, "task_log needs -t TASK_ID"))?;
+    follow_task(home, id, o.follow)
+}
+
+/// `get_last_lsn`: every database's LSN, as the manual's table or JSON.
+fn cmd_get_last_lsn(home: &Home, o: Opts) -> Result<String, Failure> {
+    let d = call(home, "get_last_lsn", json!({ "cluster": o.cluster }))?;
+    let rows: Vec<LsnRow> = field_of(&d, "rows")?;
+    Ok(if o.json { pretty(&d) } else { lsn_text(&rows) })
+}
+
+/// `repl_delay`: every standby's delay, as the manual's table or JSON.
+fn cmd_repl_delay(home: &Home, o: Opts) -> Result<String, Failure> {
+    let d = call(home, "repl_delay", json!({ "cluster": o.cluster }))?;
+    let rows: Vec<DelayRow> = field_of(&d, "rows")?;
+    Ok(if o.json {
+        pretty(&d)
+    } else {
+        delay_text(&rows)
+    })
+}
+
+/// `switch` and `repair` (`cmd`): start the task, print its id and follow
+/// its log unless `--no-follow`.
+fn cmd_switch_or_repair(home: &Home, cmd: &str, o: Opts) -> Result<String, Failure> {
+    let id =
+        o.id.ok_or_else(|| fail(EXIT_USAGE, format!("{cmd} needs -i ID")))?;
+    if o.rewind && o.rebuild {
+        return Err(fail(EXIT_USAGE, "choose one of --rewind and --rebuild"));
+    }
+    let mode = if o.rewind {
+        "rewind"
+    } else if o.rebuild {
+        "rebuild"
+    } else {
+        "plain"
+    };
+    let d = call(
+        home,
+        cmd,
+        json!({ "cluster": o.cluster, "id": id, "mode": mode }),
+    )?;
+    let task = d["task_id"].as_u64().unwrap_or(0);
+    println!(
+        "taskid={task}, task_name={}",
+        d["task_name"].as_str().unwrap_or("")
+    );
+    if o.no_follow {
+        return Ok(String::new());
+    }
+    follow_task(home, task, true)
 }
 
 fn read_input(file: Option<&Path>) -> Result<String, Failure> {

@@ -27,10 +27,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::model::config::Secret;
 use proxy::Shared;
@@ -287,6 +287,27 @@ fn raise_fd_limit() -> u64 {
     0
 }
 
+/// The two listening sockets, bound before any thread starts.
+struct Sockets {
+    listen: SocketAddr,
+    listener: TcpListener,
+    mgr_addr: SocketAddr,
+    http: Arc<tiny_http::Server>,
+    /// The soft fd limit after raising it (for the log).
+    fds: u64,
+}
+
+/// The started threads and what stops them.
+struct Running {
+    /// Dropped to tell the management, health and refresh threads to stop.
+    stop_tx: Sender<()>,
+    wakers: Vec<proxy::Waker>,
+    workers: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// cstlb from start to stop: bind, start the threads, wait for SIGTERM or
+/// SIGINT, drain.
 fn run(
     o: Opts,
     clup_token: Option<Secret>,
@@ -295,41 +316,16 @@ fn run(
 ) -> Result<(), String> {
     log::info!("{}", crate::banner());
     log::info!("cstlb starting ...");
-    let fds = raise_fd_limit();
-    let listen = resolve(&o.listen, "--listen")?;
-    let listener =
-        TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    proxy::prepare_listener(&listener).map_err(|e| format!("listener {listen}: {e}"))?;
-    let mgr_addr = resolve(&o.mgr, "--mgr")?;
-    let http = tiny_http::Server::http(mgr_addr)
-        .map_err(|e| format!("cannot listen on {mgr_addr} (management API): {e}"))?;
-
-    let shared = Arc::new(Shared {
-        ring: Mutex::new(Ring::new()),
-        stop: AtomicBool::new(false),
-        listening: AtomicUsize::new(o.workers),
-        connect_timeout: o.connect_timeout,
-        idle_timeout: o.idle_timeout,
-        drain_timeout: o.drain_timeout,
-    });
-    {
-        let mut ring = shared.ring.lock().unwrap_or_else(|p| p.into_inner());
-        for &b in &o.backends {
-            ring.add(b);
-        }
-    }
+    let sockets = bind_sockets(&o)?;
+    let shared = new_shared(&o);
     let token_from_clup = fixed_token.is_none();
     let mgr_token = fixed_token.as_ref().map(|(t, _)| t.clone());
-    match &fixed_token {
-        Some((_, from)) => log::info!("Management token from {from}."),
-        None if o.clup.is_some() => {
-            log::info!("Management token: the cstlb_token of clupserver's answer.")
-        }
-        None => log::warn!(
-            "No management token (set CSTLB_MGR_TOKEN, --mgr-token-file or use --clup): \
-             the management API refuses every request."
-        ),
-    }
+    log_token_source(
+        fixed_token.as_ref().map(|(_, from)| from.as_str()),
+        o.clup.is_some(),
+    );
+    // check_tx lives until run returns: the health thread also stops once
+    // every sender is gone.
     let (check_tx, check_rx) = crossbeam_channel::bounded::<()>(1);
     let mgmt = Arc::new(mgmt::Mgmt {
         shared: shared.clone(),
@@ -355,51 +351,139 @@ fn run(
         );
     }
 
+    let running = start_threads(
+        &o,
+        clup_token,
+        &sockets,
+        &shared,
+        &mgmt,
+        check_rx,
+        token_from_clup,
+    )?;
+    log::info!(
+        "cstlb listening on {} with {} proxy thread(s), management API on {}, \
+         health checks every {} s, fd limit {}.",
+        sockets.listen,
+        o.workers,
+        sockets.mgr_addr,
+        o.check_interval.as_secs_f64(),
+        sockets.fds
+    );
+
+    wait_for_stop(sigset, o.drain_timeout);
+    shut_down(&shared, sockets, running);
+    log::info!("cstlb stopped.");
+    Ok(())
+}
+
+/// Raise the fd limit, then bind the client listener and the management API.
+fn bind_sockets(o: &Opts) -> Result<Sockets, String> {
+    let fds = raise_fd_limit();
+    let listen = resolve(&o.listen, "--listen")?;
+    let listener =
+        TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    proxy::prepare_listener(&listener).map_err(|e| format!("listener {listen}: {e}"))?;
+    let mgr_addr = resolve(&o.mgr, "--mgr")?;
+    let http = tiny_http::Server::http(mgr_addr)
+        .map_err(|e| format!("cannot listen on {mgr_addr} (management API): {e}"))?;
+    Ok(Sockets {
+        listen,
+        listener,
+        mgr_addr,
+        http: Arc::new(http),
+        fds,
+    })
+}
+
+/// The state the proxy workers share, its ring holding the `--backend`s.
+fn new_shared(o: &Opts) -> Arc<Shared> {
+    let shared = Arc::new(Shared {
+        ring: Mutex::new(Ring::new()),
+        stop: AtomicBool::new(false),
+        listening: AtomicUsize::new(o.workers),
+        connect_timeout: o.connect_timeout,
+        idle_timeout: o.idle_timeout,
+        drain_timeout: o.drain_timeout,
+    });
+    {
+        let mut ring = shared.ring.lock().unwrap_or_else(|p| p.into_inner());
+        for &b in &o.backends {
+            ring.add(b);
+        }
+    }
+    shared
+}
+
+/// Log where the management token comes from: `fixed_from` names the
+/// environment or file, else clupserver's answers (with `--clup`), else none.
+fn log_token_source(fixed_from: Option<&str>, with_clup: bool) {
+    match fixed_from {
+        Some(from) => log::info!("Management token from {from}."),
+        None if with_clup => {
+            log::info!("Management token: the cstlb_token of clupserver's answer.")
+        }
+        None => log::warn!(
+            "No management token (set CSTLB_MGR_TOKEN, --mgr-token-file or use --clup): \
+             the management API refuses every request."
+        ),
+    }
+}
+
+/// Start a named thread.
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
+    thread::Builder::new()
+        .name(name.clone())
+        .spawn(f)
+        .map_err(|e| format!("cannot start thread {name}: {e}"))
+}
+
+/// Start the management API threads, the health checker, the refresh from
+/// clupserver (with `--clup`) and the proxy workers, in that order.
+fn start_threads(
+    o: &Opts,
+    clup_token: Option<Secret>,
+    sockets: &Sockets,
+    shared: &Arc<Shared>,
+    mgmt: &Arc<mgmt::Mgmt>,
+    check_rx: Receiver<()>,
+    token_from_clup: bool,
+) -> Result<Running, String> {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let mut threads = Vec::new();
-    let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
-        thread::Builder::new()
-            .name(name.clone())
-            .spawn(f)
-            .map_err(|e| format!("cannot start thread {name}: {e}"))
-    };
-    let http = Arc::new(http);
     for i in 0..MGR_THREADS {
-        let (m, s, h) = (mgmt.clone(), stop_rx.clone(), http.clone());
-        threads.push(spawn(
-            format!("mgr-{i}"),
-            Box::new(move || mgmt::serve(&h, &m, &s)),
-        )?);
+        let (m, s, h) = (mgmt.clone(), stop_rx.clone(), sockets.http.clone());
+        threads.push(spawn(format!("mgr-{i}"), move || mgmt::serve(&h, &m, &s))?);
     }
     {
         let (sh, s, iv) = (shared.clone(), stop_rx.clone(), o.check_interval);
-        threads.push(spawn(
-            "health".into(),
-            Box::new(move || health::run(sh, iv, check_rx, s)),
-        )?);
+        threads.push(spawn("health".into(), move || {
+            health::run(sh, iv, check_rx, s)
+        })?);
     }
     if let (Some(url), Some(tok)) = (o.clup.clone(), clup_token) {
         let (sh, m, s, every) = (shared.clone(), mgmt.clone(), stop_rx.clone(), o.refresh);
-        threads.push(spawn(
-            "refresh".into(),
-            Box::new(move || refresh_loop(&url, &tok, &sh, &m, token_from_clup, every, &s)),
-        )?);
+        threads.push(spawn("refresh".into(), move || {
+            refresh_loop(&url, &tok, &sh, &m, token_from_clup, every, &s)
+        })?);
     }
     let mut wakers = Vec::new();
     let mut workers = Vec::new();
     for i in 0..o.workers {
-        let (w, waker) = proxy::Worker::new(i, listener.as_raw_fd(), shared.clone())
+        let (w, waker) = proxy::Worker::new(i, sockets.listener.as_raw_fd(), shared.clone())
             .map_err(|e| format!("cannot start proxy worker: {e}"))?;
         wakers.push(waker);
-        workers.push(spawn(format!("proxy-{i}"), Box::new(move || w.run()))?);
+        workers.push(spawn(format!("proxy-{i}"), move || w.run())?);
     }
-    log::info!(
-        "cstlb listening on {listen} with {} proxy thread(s), management API on {mgr_addr}, \
-         health checks every {} s, fd limit {fds}.",
-        o.workers,
-        o.check_interval.as_secs_f64()
-    );
+    Ok(Running {
+        stop_tx,
+        wakers,
+        workers,
+        threads,
+    })
+}
 
+/// Block until SIGTERM or SIGINT (SIGHUP is logged and ignored).
+fn wait_for_stop(sigset: &libc::sigset_t, drain_timeout: Duration) {
     loop {
         let sig = crate::util::signals::wait_signal(sigset);
         if sig == libc::SIGHUP {
@@ -408,10 +492,22 @@ fn run(
         }
         log::info!(
             "Received signal {sig}: no new connections; draining open sessions (up to {} s) ...",
-            o.drain_timeout.as_secs_f64()
+            drain_timeout.as_secs_f64()
         );
         break;
     }
+}
+
+/// Stop accepting, close the listener, stop the other threads and wait for
+/// every thread; the workers end once their sessions drained.
+fn shut_down(shared: &Shared, sockets: Sockets, running: Running) {
+    let Sockets { listener, http, .. } = sockets;
+    let Running {
+        stop_tx,
+        wakers,
+        workers,
+        threads,
+    } = running;
     shared.stop.store(true, Ordering::SeqCst);
     for w in &wakers {
         w.wake();
@@ -433,8 +529,6 @@ fn run(
     for t in threads {
         let _ = t.join();
     }
-    log::info!("cstlb stopped.");
-    Ok(())
 }
 
 fn refresh_once(

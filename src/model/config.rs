@@ -224,70 +224,23 @@ impl Config {
 
     /// Parse clup.conf text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let err = |line: Option<usize>, key: Option<&str>, msg: String| ConfigError {
-            file: path.to_path_buf(),
-            line,
-            key: key.map(str::to_string),
-            msg,
-        };
-        // key -> (line, raw value)
-        let mut seen: BTreeMap<&'static str, (usize, String)> = BTreeMap::new();
-        for (idx, raw) in text.lines().enumerate() {
-            let lineno = idx + 1;
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                return Err(err(
-                    Some(lineno),
-                    None,
-                    "expected 'key = value'".to_string(),
-                ));
-            };
-            let k = k.trim();
-            let Some(def) = KEYS.iter().find(|d| d.name == k) else {
-                return Err(err(Some(lineno), Some(&clip(k)), "unknown key".to_string()));
-            };
-            if let Some((first, _)) = seen.get(def.name) {
-                return Err(err(
-                    Some(lineno),
-                    Some(k),
-                    format!("duplicate key (first set on line {first})"),
-                ));
-            }
-            seen.insert(def.name, (lineno, unquote(v.trim()).to_string()));
-        }
-
-        // Resolve every key to (line, value), applying defaults.
-        let mut values: BTreeMap<&'static str, (Option<usize>, String)> = BTreeMap::new();
-        for def in KEYS {
-            match (seen.remove(def.name), def.default) {
-                (Some((line, v)), _) => {
-                    values.insert(def.name, (Some(line), v));
-                }
-                (None, Some(d)) => {
-                    values.insert(def.name, (None, d.to_string()));
-                }
-                (None, None) => {
-                    return Err(err(
-                        None,
-                        Some(def.name),
-                        "required key is missing".to_string(),
-                    ))
-                }
-            }
-        }
+        let seen = read_lines(text, path)?;
+        let values = with_defaults(seen, path)?;
         for def in KEYS {
             let (line, v) = &values[def.name];
-            check_value(def, v).map_err(|m| err(*line, Some(def.name), m))?;
+            check_value(def, v).map_err(|m| conf_err(path, *line, Some(def.name), m))?;
         }
-        check_together(&values).map_err(|(k, m)| err(values[k].0, Some(k), m))?;
+        check_together(&values).map_err(|(k, m)| conf_err(path, values[k].0, Some(k), m))?;
+        Ok(Config::from_values(&values, path))
+    }
+
+    /// The config from checked values: each converted to its type.
+    fn from_values(values: &Values, path: &Path) -> Config {
         let get = |k: &str| values[k].1.clone();
         let secs = |k: &str| Duration::from_secs(get(k).parse::<u64>().unwrap_or(1));
         let timeout = |k: &str| parse_timeout(&get(k)).unwrap_or(Duration::from_secs(1));
         let count = |k: &str| get(k).parse::<u32>().unwrap_or(0);
-        Ok(Config {
+        Config {
             path: path.to_path_buf(),
             network: get("network").parse().expect("checked"),
             ha_rpc_pass: Secret(get("ha_rpc_pass")),
@@ -329,15 +282,84 @@ impl Config {
             etcd_prefix: get("etcd_prefix"),
             etcd_timeout: secs("etcd_timeout"),
             leader_ttl: secs("leader_ttl"),
-        })
+        }
     }
+}
+
+/// The keys set in the text: line and raw value.
+type Lines = BTreeMap<&'static str, (usize, String)>;
+
+/// Every key's line (None for a default) and raw value.
+type Values = BTreeMap<&'static str, (Option<usize>, String)>;
+
+/// A [`ConfigError`] in `path`.
+fn conf_err(path: &Path, line: Option<usize>, key: Option<&str>, msg: String) -> ConfigError {
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        key: key.map(str::to_string),
+        msg,
+    }
+}
+
+/// The `key = value` lines of the text: key -> (line, unquoted value).
+/// Refuses a line without '=', an unknown key and a key set twice.
+fn read_lines(text: &str, path: &Path) -> Result<Lines, ConfigError> {
+    let err = |line: usize, key: Option<&str>, msg: String| conf_err(path, Some(line), key, msg);
+    let mut seen = Lines::new();
+    for (idx, raw) in text.lines().enumerate() {
+        let lineno = idx + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(err(lineno, None, "expected 'key = value'".to_string()));
+        };
+        let k = k.trim();
+        let Some(def) = KEYS.iter().find(|d| d.name == k) else {
+            return Err(err(lineno, Some(&clip(k)), "unknown key".to_string()));
+        };
+        if let Some((first, _)) = seen.get(def.name) {
+            return Err(err(
+                lineno,
+                Some(k),
+                format!("duplicate key (first set on line {first})"),
+            ));
+        }
+        seen.insert(def.name, (lineno, unquote(v.trim()).to_string()));
+    }
+    Ok(seen)
+}
+
+/// Every key resolved to (line, value): the value set, else the default;
+/// refuses a required key left out.
+fn with_defaults(mut seen: Lines, path: &Path) -> Result<Values, ConfigError> {
+    let mut values = Values::new();
+    for def in KEYS {
+        match (seen.remove(def.name), def.default) {
+            (Some((line, v)), _) => {
+                values.insert(def.name, (Some(line), v));
+            }
+            (None, Some(d)) => {
+                values.insert(def.name, (None, d.to_string()));
+            }
+            (None, None) => {
+                return Err(conf_err(
+                    path,
+                    None,
+                    Some(def.name),
+                    "required key is missing".to_string(),
+                ))
+            }
+        }
+    }
+    Ok(values)
 }
 
 /// Rules between keys, each checked after every key alone is valid: the key
 /// to blame and why.
-fn check_together(
-    values: &BTreeMap<&'static str, (Option<usize>, String)>,
-) -> Result<(), (&'static str, String)> {
+fn check_together(values: &Values) -> Result<(), (&'static str, String)> {
     let get = |k: &str| values[k].1.as_str();
     if get("meta_store") != "etcd" {
         return Ok(());
@@ -374,7 +396,6 @@ fn unquote(v: &str) -> &str {
     v
 }
 
-/// Check one value against its kind. The message never repeats a secret.
 /// Seconds with up to three decimals ("3", "0.5", "1.25"); no sign, no
 /// exponent, no unit.
 pub fn parse_timeout(v: &str) -> Option<Duration> {
@@ -392,46 +413,10 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
     ))
 }
 
+/// Check one value against its kind. The message never repeats a secret.
 fn check_value(def: &Key, v: &str) -> Result<(), String> {
-    let shown = |v: &str| {
-        if def.kind == Kind::Secret {
-            "(hidden)".to_string()
-        } else {
-            format!("'{}'", clip(v))
-        }
-    };
     match def.kind {
-        Kind::Text => {
-            if def.default.is_none() && v.is_empty() {
-                return Err("must not be empty".to_string());
-            }
-            if v.chars().any(char::is_control) {
-                return Err("must not contain control characters".to_string());
-            }
-            if matches!(
-                def.name,
-                "probe_db_name" | "probe_user" | "ha_db_user" | "db_repl_user" | "ssh_user"
-            ) && !is_plain_name(v)
-            {
-                return Err(format!(
-                    "invalid value {}: use letters, digits, '_' and '-' only",
-                    shown(v)
-                ));
-            }
-            if def.name == "etcd_prefix" && (!is_safe_path(v) || v.contains("//")) {
-                return Err(format!(
-                    "invalid value {}: must start with '/' and hold letters, digits, '/', '.', '_' and '-' only",
-                    shown(v)
-                ));
-            }
-            if def.name == "pg_bin_dir" && !v.is_empty() && !is_safe_path(v) {
-                return Err(format!(
-                    "invalid value {}: must be an absolute path of letters, digits, '/', '.', '_' and '-'",
-                    shown(v)
-                ));
-            }
-            Ok(())
-        }
+        Kind::Text => check_text(def, v),
         Kind::Secret => {
             if v.is_empty() {
                 return Err("must not be empty".to_string());
@@ -444,12 +429,12 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
         Kind::Ipv4 => v
             .parse::<Ipv4Addr>()
             .map(|_| ())
-            .map_err(|_| format!("invalid value {}: expected an IPv4 address", shown(v))),
+            .map_err(|_| format!("invalid value {}: expected an IPv4 address", shown(def, v))),
         Kind::Seconds => match v.parse::<u64>() {
             Ok(n) if (1..=86_400).contains(&n) => Ok(()),
             _ => Err(format!(
                 "invalid value {}: expected whole seconds from 1 to 86400",
-                shown(v)
+                shown(def, v)
             )),
         },
         Kind::Timeout => match parse_timeout(v) {
@@ -458,45 +443,89 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             }
             _ => Err(format!(
                 "invalid value {}: expected seconds from 0.1 to 86400, at most 3 decimals (e.g. 0.5)",
-                shown(v)
+                shown(def, v)
             )),
         },
         Kind::Port => match v.parse::<u16>() {
             Ok(n) if n > 0 => Ok(()),
             _ => Err(format!(
                 "invalid value {}: expected a port from 1 to 65535",
-                shown(v)
+                shown(def, v)
             )),
         },
         Kind::Count => match v.parse::<u32>() {
             Ok(n) if n <= 100 => Ok(()),
             _ => Err(format!(
                 "invalid value {}: expected a whole number from 0 to 100",
-                shown(v)
+                shown(def, v)
             )),
         },
         Kind::Bytes => parse_bytes(v).map(|_| ()).ok_or_else(|| {
             format!(
                 "invalid value {}: expected a byte count such as 16777216, 512kB, 16MB or 1GB",
-                shown(v)
+                shown(def, v)
             )
         }),
         Kind::LogLevel => match v {
             "debug" | "info" | "warn" | "error" => Ok(()),
             _ => Err(format!(
                 "invalid value {}: expected debug, info, warn or error",
-                shown(v)
+                shown(def, v)
             )),
         },
         Kind::MetaStore => match v {
             "file" | "etcd" => Ok(()),
-            _ => Err(format!("invalid value {}: expected file or etcd", shown(v))),
+            _ => Err(format!("invalid value {}: expected file or etcd", shown(def, v))),
         },
         Kind::Endpoints if v.is_empty() => Ok(()),
         Kind::Endpoints => parse_endpoints(v)
             .map(|_| ())
             .map_err(|m| format!("invalid value: {m}")),
     }
+}
+
+/// A value as an error message may show it: quoted and clipped, or
+/// "(hidden)" for a secret.
+fn shown(def: &Key, v: &str) -> String {
+    if def.kind == Kind::Secret {
+        "(hidden)".to_string()
+    } else {
+        format!("'{}'", clip(v))
+    }
+}
+
+/// A [`Kind::Text`] value: set if required, no control characters, and the
+/// form its key needs (a plain name, an etcd prefix, an absolute path).
+fn check_text(def: &Key, v: &str) -> Result<(), String> {
+    if def.default.is_none() && v.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    if v.chars().any(char::is_control) {
+        return Err("must not contain control characters".to_string());
+    }
+    if matches!(
+        def.name,
+        "probe_db_name" | "probe_user" | "ha_db_user" | "db_repl_user" | "ssh_user"
+    ) && !is_plain_name(v)
+    {
+        return Err(format!(
+            "invalid value {}: use letters, digits, '_' and '-' only",
+            shown(def, v)
+        ));
+    }
+    if def.name == "etcd_prefix" && (!is_safe_path(v) || v.contains("//")) {
+        return Err(format!(
+            "invalid value {}: must start with '/' and hold letters, digits, '/', '.', '_' and '-' only",
+            shown(def, v)
+        ));
+    }
+    if def.name == "pg_bin_dir" && !v.is_empty() && !is_safe_path(v) {
+        return Err(format!(
+            "invalid value {}: must be an absolute path of letters, digits, '/', '.', '_' and '-'",
+            shown(def, v)
+        ));
+    }
+    Ok(())
 }
 
 /// `16777216`, `512kB`, `16MB`, `1GB` (powers of 1024, as PostgreSQL counts).

@@ -350,6 +350,21 @@ pub fn validate_cluster(name: &str, c: &Cluster) -> Result<(), MetaError> {
         cluster: Some(name),
         db: None,
     };
+    validate_cluster_fields(&ctx, c)?;
+    let mut seen = Seen::default();
+    for d in &c.db_list {
+        let dctx = Ctx {
+            cluster: Some(name),
+            db: Some(d.id.to_string()),
+        };
+        validate_db(&dctx, c, d, &mut seen)?;
+    }
+    validate_db_roles(&ctx, c)
+}
+
+/// The cluster's own fields: VIPs, read_vip_host, cstlb_list, state, and
+/// that it lists a database at all.
+fn validate_cluster_fields(ctx: &Ctx, c: &Cluster) -> Result<(), MetaError> {
     for (field, v) in [("write_vip", &c.write_vip), ("read_vip", &c.read_vip)] {
         if !is_ipv4(v) {
             return Err(ctx.err(
@@ -381,69 +396,87 @@ pub fn validate_cluster(name: &str, c: &Cluster) -> Result<(), MetaError> {
     if c.db_list.is_empty() {
         return Err(ctx.err(Some("db_list"), "no database listed"));
     }
-    let mut ids = BTreeSet::new();
-    let mut names = BTreeSet::new();
-    let mut addrs = BTreeSet::new();
-    for d in &c.db_list {
-        let dctx = Ctx {
-            cluster: Some(name),
-            db: Some(d.id.to_string()),
-        };
-        if d.id == 0 {
-            return Err(dctx.err(Some("id"), "must be 1 or more"));
-        }
-        if !ids.insert(d.id) {
-            return Err(dctx.err(Some("id"), "duplicate id"));
-        }
-        if !matches!(d.state, DB_NORMAL | DB_FAULT) {
-            return Err(dctx.err(Some("state"), "expected 1 (Normal) or 2 (Fault)"));
-        }
-        if d.is_primary > 1 {
-            return Err(dctx.err(Some("is_primary"), "expected 0 or 1"));
-        }
-        if !is_os_user(&d.os_user) {
-            return Err(dctx.err(
-                Some("os_user"),
-                "invalid user name: lower-case letters, digits, '_' and '-', starting with a letter or '_'",
-            ));
-        }
-        if !is_safe_path(&d.pgdata) {
-            return Err(dctx.err(
-                Some("pgdata"),
-                "must be an absolute path of letters, digits, '/', '.', '_' and '-'",
-            ));
-        }
-        if !is_repl_name(&d.repl_app_name) {
-            return Err(dctx.err(
-                Some("repl_app_name"),
-                "invalid name: lower-case letters, digits and '_', at most 63",
-            ));
-        }
-        if !names.insert(d.repl_app_name.as_str()) {
-            return Err(dctx.err(Some("repl_app_name"), "duplicate repl_app_name"));
-        }
-        if !is_ipv4(&d.host) {
-            return Err(dctx.err(
-                Some("host"),
-                format!("invalid IPv4 address \"{}\"", short(&d.host)),
-            ));
-        }
-        if !is_ipv4(&d.switch_host) {
-            return Err(dctx.err(
-                Some("switch_host"),
-                format!("invalid IPv4 address \"{}\"", short(&d.switch_host)),
-            ));
-        }
-        if d.port == 0 {
-            return Err(dctx.err(Some("port"), "must be from 1 to 65535"));
-        }
-        if !addrs.insert((d.host.as_str(), d.port)) {
-            return Err(dctx.err(Some("host"), format!("{} is listed twice", d.addr())));
-        }
-        if d.host == c.write_vip || d.host == c.read_vip {
-            return Err(dctx.err(Some("host"), "must not be a VIP of the cluster"));
-        }
+    Ok(())
+}
+
+/// What the databases checked so far use, which the next must not repeat.
+#[derive(Default)]
+struct Seen<'a> {
+    ids: BTreeSet<u32>,
+    names: BTreeSet<&'a str>,
+    addrs: BTreeSet<(&'a str, u16)>,
+}
+
+/// One database's fields, and that its id, repl_app_name and address are
+/// not in `seen` (then recorded there). The uniqueness checks sit between
+/// the field checks, in the order that decides which error a meta with
+/// several faults gets.
+fn validate_db<'a>(
+    dctx: &Ctx,
+    c: &Cluster,
+    d: &'a Db,
+    seen: &mut Seen<'a>,
+) -> Result<(), MetaError> {
+    if d.id == 0 {
+        return Err(dctx.err(Some("id"), "must be 1 or more"));
     }
+    if !seen.ids.insert(d.id) {
+        return Err(dctx.err(Some("id"), "duplicate id"));
+    }
+    if !matches!(d.state, DB_NORMAL | DB_FAULT) {
+        return Err(dctx.err(Some("state"), "expected 1 (Normal) or 2 (Fault)"));
+    }
+    if d.is_primary > 1 {
+        return Err(dctx.err(Some("is_primary"), "expected 0 or 1"));
+    }
+    if !is_os_user(&d.os_user) {
+        return Err(dctx.err(
+            Some("os_user"),
+            "invalid user name: lower-case letters, digits, '_' and '-', starting with a letter or '_'",
+        ));
+    }
+    if !is_safe_path(&d.pgdata) {
+        return Err(dctx.err(
+            Some("pgdata"),
+            "must be an absolute path of letters, digits, '/', '.', '_' and '-'",
+        ));
+    }
+    if !is_repl_name(&d.repl_app_name) {
+        return Err(dctx.err(
+            Some("repl_app_name"),
+            "invalid name: lower-case letters, digits and '_', at most 63",
+        ));
+    }
+    if !seen.names.insert(d.repl_app_name.as_str()) {
+        return Err(dctx.err(Some("repl_app_name"), "duplicate repl_app_name"));
+    }
+    if !is_ipv4(&d.host) {
+        return Err(dctx.err(
+            Some("host"),
+            format!("invalid IPv4 address \"{}\"", short(&d.host)),
+        ));
+    }
+    if !is_ipv4(&d.switch_host) {
+        return Err(dctx.err(
+            Some("switch_host"),
+            format!("invalid IPv4 address \"{}\"", short(&d.switch_host)),
+        ));
+    }
+    if d.port == 0 {
+        return Err(dctx.err(Some("port"), "must be from 1 to 65535"));
+    }
+    if !seen.addrs.insert((d.host.as_str(), d.port)) {
+        return Err(dctx.err(Some("host"), format!("{} is listed twice", d.addr())));
+    }
+    if d.host == c.write_vip || d.host == c.read_vip {
+        return Err(dctx.err(Some("host"), "must not be a VIP of the cluster"));
+    }
+    Ok(())
+}
+
+/// Across the databases: exactly one primary, and read_vip_host (if set) is
+/// one of their hosts.
+fn validate_db_roles(ctx: &Ctx, c: &Cluster) -> Result<(), MetaError> {
     let primaries = c.db_list.iter().filter(|d| d.is_primary()).count();
     if primaries != 1 {
         return Err(ctx.err(

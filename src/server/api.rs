@@ -212,6 +212,8 @@ fn not_leader(ctx: &Ctx) -> Option<Resp> {
     })
 }
 
+/// `POST /admin/<cmd>`: a write only on the leader (421 elsewhere), the meta
+/// loaded (500 if it cannot be), then the command.
 fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
     if WRITES.contains(&cmd) {
         if let Some(r) = not_leader(ctx) {
@@ -223,170 +225,234 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
         Err(r) => return r,
     };
     match cmd {
-        "show" | "get_meta" => {
-            let mut v = match arg_str(args, "cluster") {
-                None => json!({ "clusters": clusters }),
-                Some(_) => match pick_cluster(&clusters, args) {
-                    Ok(name) => json!({ "clusters": { name.clone(): clusters[&name] } }),
-                    Err(r) => return r,
-                },
-            };
-            if let Some(g) = ctx
-                .monitor
-                .as_ref()
-                .map(|m| &m.gate)
-                .filter(|g| g.is_elected())
-            {
-                v["monitor"] = json!(g.role());
-            }
-            Resp::ok(v)
-        }
-        "froze" | "unfroze" => {
-            let name = match pick_cluster(&clusters, args) {
-                Ok(n) => n,
-                Err(r) => return r,
-            };
-            let (from, to, verb) = if cmd == "froze" {
-                (None, CLUSTER_FROZEN, "frozen")
-            } else {
-                (Some(CLUSTER_FROZEN), CLUSTER_NORMAL, "unfrozen")
-            };
-            let res = update(&*ctx.store, |doc| {
-                let c = doc.clusters.get_mut(&name).ok_or("cluster vanished")?;
-                if let Some(f) = from {
-                    if c.state != f {
-                        return Err(format!("cluster '{name}' is not frozen"));
-                    }
-                }
-                if c.state == to {
-                    return Err(format!("cluster '{name}' is already {verb}"));
-                }
-                c.state = to;
-                Ok(())
-            });
-            match res {
-                Ok(_) => {
-                    log::info!("Cluster({name}) {verb} by clupadm.");
-                    Resp::ok(json!({ "cluster": name, "state": meta::cluster_state_name(to) }))
-                }
-                Err(e) => refused(e),
-            }
-        }
-        "change_meta" => {
-            let Some(name) = arg_str(args, "cluster").map(str::to_string) else {
-                return Resp::err(400, "change_meta needs a cluster name (-c)");
-            };
-            let Some(new) = args.get("meta") else {
-                return Resp::err(400, "change_meta needs the new meta");
-            };
-            let parsed = match meta::clusters_from_value(&json!({ name.clone(): new })) {
-                Ok(mut c) => c.remove(&name).expect("just inserted"),
-                Err(e) => return Resp::err(400, e.to_string()),
-            };
-            let res = update(&*ctx.store, |doc| {
-                let slot = doc
-                    .clusters
-                    .get_mut(&name)
-                    .ok_or_else(|| format!("no cluster named '{name}'"))?;
-                if slot.lock_time > crate::now_secs() && parsed.lock_time == 0 {
-                    return Err(format!(
-                        "cluster '{name}' is locked by {}; wait for it to finish",
-                        if slot.lock_holder.is_empty() {
-                            "an operation"
-                        } else {
-                            &slot.lock_holder
-                        }
-                    ));
-                }
-                *slot = parsed.clone();
-                Ok(())
-            });
-            match res {
-                Ok(_) => {
-                    log::info!("Cluster({name}) meta changed by clupadm change_meta.");
-                    Resp::ok(json!({ "cluster": name }))
-                }
-                Err(e) => refused(e),
-            }
-        }
-        "get_last_lsn" | "repl_delay" | "switch" | "repair" => {
-            let Some(m) = &ctx.monitor else {
-                return Resp::err(503, "the monitor is not running");
-            };
-            let name = match pick_cluster(&clusters, args) {
-                Ok(n) => n,
-                Err(r) => return r,
-            };
-            let c = &clusters[&name];
-            let id = args.get("id").and_then(Value::as_u64).map(|i| i as u32);
-            let task = |r: Result<(u64, String), String>| match r {
-                Ok((id, name)) => Resp::ok(json!({ "task_id": id, "task_name": name })),
-                Err(e) => Resp::err(409, e),
-            };
-            match cmd {
-                "get_last_lsn" => Resp::ok(
-                    json!({ "cluster": name, "rows": crate::monitor::ops::last_lsn(m, c) }),
-                ),
-                "repl_delay" => Resp::ok(
-                    json!({ "cluster": name, "rows": crate::monitor::ops::repl_delay(m, c) }),
-                ),
-                "switch" => match id {
-                    Some(id) => task(crate::monitor::ops::start_switch(m, &name, id)),
-                    None => Resp::err(400, "switch needs a database id (-i)"),
-                },
-                _ => {
-                    let mode = match arg_str(args, "mode") {
-                        None | Some("plain") => crate::monitor::ops::RepairMode::Plain,
-                        Some("rewind") => crate::monitor::ops::RepairMode::Rewind,
-                        Some("rebuild") => crate::monitor::ops::RepairMode::Rebuild,
-                        Some(o) => return Resp::err(400, format!("unknown repair mode '{o}'")),
-                    };
-                    match id {
-                        Some(id) => task(crate::monitor::ops::start_repair(m, &name, id, mode)),
-                        None => Resp::err(400, "repair needs a database id (-i)"),
-                    }
-                }
-            }
-        }
-        "show_task" => {
-            let cluster = arg_str(args, "cluster");
-            let doc = match ctx.store.load() {
-                Ok(d) => d,
-                Err(e) => return Resp::err(500, e.to_string()),
-            };
-            let tasks: Vec<&crate::store::Task> = doc
-                .tasks
-                .iter()
-                .filter(|t| cluster.is_none_or(|c| t.cluster == c))
-                .collect();
-            Resp::ok(json!({ "tasks": tasks }))
-        }
-        "task_log" => {
-            let Some(id) = args.get("task").and_then(Value::as_u64) else {
-                return Resp::err(400, "task_log needs a task id (-t)");
-            };
-            let offset = args.get("offset").and_then(Value::as_u64).unwrap_or(0);
-            let doc = match ctx.store.load() {
-                Ok(d) => d,
-                Err(e) => return Resp::err(500, e.to_string()),
-            };
-            let Some(task) = doc.tasks.iter().find(|t| t.id == id) else {
-                return Resp::err(404, format!("no task {id}"));
-            };
-            let path = crate::monitor::task::log_path(&ctx.task_dir, id);
-            let text = std::fs::read(&path).unwrap_or_default();
-            let from = (offset as usize).min(text.len());
-            // At most 256 KiB per answer; the client asks again from `offset`.
-            let to = (from + (256 << 10)).min(text.len());
-            Resp::ok(json!({
-                "task": task,
-                "text": String::from_utf8_lossy(&text[from..to]),
-                "offset": to,
-                "more": to < text.len(),
-            }))
-        }
+        "show" | "get_meta" => admin_show(ctx, &clusters, args),
+        "froze" => admin_freeze(ctx, &clusters, args, true),
+        "unfroze" => admin_freeze(ctx, &clusters, args, false),
+        "change_meta" => admin_change_meta(ctx, args),
+        "get_last_lsn" => admin_last_lsn(ctx, &clusters, args),
+        "repl_delay" => admin_repl_delay(ctx, &clusters, args),
+        "switch" => admin_switch(ctx, &clusters, args),
+        "repair" => admin_repair(ctx, &clusters, args),
+        "show_task" => admin_show_task(ctx, args),
+        "task_log" => admin_task_log(ctx, args),
         _ => Resp::err(404, format!("unknown command '{}'", clip(cmd))),
     }
+}
+
+/// `show` and `get_meta`: the meta of one cluster or of all, and with etcd
+/// this clupserver's role.
+fn admin_show(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
+    let mut v = match arg_str(args, "cluster") {
+        None => json!({ "clusters": clusters }),
+        Some(_) => match pick_cluster(clusters, args) {
+            Ok(name) => json!({ "clusters": { name.clone(): clusters[&name] } }),
+            Err(r) => return r,
+        },
+    };
+    if let Some(g) = ctx
+        .monitor
+        .as_ref()
+        .map(|m| &m.gate)
+        .filter(|g| g.is_elected())
+    {
+        v["monitor"] = json!(g.role());
+    }
+    Resp::ok(v)
+}
+
+/// `froze` (`freeze` true) and `unfroze`: set the cluster's state in the
+/// meta, refusing when it is already there.
+fn admin_freeze(ctx: &Ctx, clusters: &Clusters, args: &Value, freeze: bool) -> Resp {
+    let name = match pick_cluster(clusters, args) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let (from, to, verb) = if freeze {
+        (None, CLUSTER_FROZEN, "frozen")
+    } else {
+        (Some(CLUSTER_FROZEN), CLUSTER_NORMAL, "unfrozen")
+    };
+    let res = update(&*ctx.store, |doc| {
+        let c = doc.clusters.get_mut(&name).ok_or("cluster vanished")?;
+        if let Some(f) = from {
+            if c.state != f {
+                return Err(format!("cluster '{name}' is not frozen"));
+            }
+        }
+        if c.state == to {
+            return Err(format!("cluster '{name}' is already {verb}"));
+        }
+        c.state = to;
+        Ok(())
+    });
+    match res {
+        Ok(_) => {
+            log::info!("Cluster({name}) {verb} by clupadm.");
+            Resp::ok(json!({ "cluster": name, "state": meta::cluster_state_name(to) }))
+        }
+        Err(e) => refused(e),
+    }
+}
+
+/// `change_meta`: replace one cluster's meta with a validated new one,
+/// unless an operation holds its lock.
+fn admin_change_meta(ctx: &Ctx, args: &Value) -> Resp {
+    let Some(name) = arg_str(args, "cluster").map(str::to_string) else {
+        return Resp::err(400, "change_meta needs a cluster name (-c)");
+    };
+    let Some(new) = args.get("meta") else {
+        return Resp::err(400, "change_meta needs the new meta");
+    };
+    let parsed = match meta::clusters_from_value(&json!({ name.clone(): new })) {
+        Ok(mut c) => c.remove(&name).expect("just inserted"),
+        Err(e) => return Resp::err(400, e.to_string()),
+    };
+    let res = update(&*ctx.store, |doc| {
+        let slot = doc
+            .clusters
+            .get_mut(&name)
+            .ok_or_else(|| format!("no cluster named '{name}'"))?;
+        if slot.lock_time > crate::now_secs() && parsed.lock_time == 0 {
+            return Err(format!(
+                "cluster '{name}' is locked by {}; wait for it to finish",
+                if slot.lock_holder.is_empty() {
+                    "an operation"
+                } else {
+                    &slot.lock_holder
+                }
+            ));
+        }
+        *slot = parsed.clone();
+        Ok(())
+    });
+    match res {
+        Ok(_) => {
+            log::info!("Cluster({name}) meta changed by clupadm change_meta.");
+            Resp::ok(json!({ "cluster": name }))
+        }
+        Err(e) => refused(e),
+    }
+}
+
+/// What the commands served by the monitor need: the running monitor (503
+/// without it, checked first) and the cluster's name.
+fn monitor_and_cluster<'a>(
+    ctx: &'a Ctx,
+    clusters: &Clusters,
+    args: &Value,
+) -> Result<(&'a Arc<crate::monitor::Shared>, String), Resp> {
+    let Some(m) = &ctx.monitor else {
+        return Err(Resp::err(503, "the monitor is not running"));
+    };
+    Ok((m, pick_cluster(clusters, args)?))
+}
+
+/// The database id (`id`) of switch and repair.
+fn arg_db_id(args: &Value) -> Option<u32> {
+    args.get("id").and_then(Value::as_u64).map(|i| i as u32)
+}
+
+/// The answer to a started task: its id and name, or 409 with why it did
+/// not start.
+fn task_started(r: Result<(u64, String), String>) -> Resp {
+    match r {
+        Ok((id, name)) => Resp::ok(json!({ "task_id": id, "task_name": name })),
+        Err(e) => Resp::err(409, e),
+    }
+}
+
+/// `get_last_lsn`: every database's last LSN, asked now.
+fn admin_last_lsn(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
+    match monitor_and_cluster(ctx, clusters, args) {
+        Ok((m, name)) => {
+            let rows = crate::monitor::ops::last_lsn(m, &clusters[&name]);
+            Resp::ok(json!({ "cluster": name, "rows": rows }))
+        }
+        Err(r) => r,
+    }
+}
+
+/// `repl_delay`: every standby's replication delay, asked now.
+fn admin_repl_delay(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
+    match monitor_and_cluster(ctx, clusters, args) {
+        Ok((m, name)) => {
+            let rows = crate::monitor::ops::repl_delay(m, &clusters[&name]);
+            Resp::ok(json!({ "cluster": name, "rows": rows }))
+        }
+        Err(r) => r,
+    }
+}
+
+/// `switch`: start a switchover task to database `id`.
+fn admin_switch(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
+    let (m, name) = match monitor_and_cluster(ctx, clusters, args) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match arg_db_id(args) {
+        Some(id) => task_started(crate::monitor::ops::start_switch(m, &name, id)),
+        None => Resp::err(400, "switch needs a database id (-i)"),
+    }
+}
+
+/// `repair`: start a repair task of database `id` in the given `mode`.
+fn admin_repair(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
+    use crate::monitor::ops::RepairMode;
+    let (m, name) = match monitor_and_cluster(ctx, clusters, args) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let mode = match arg_str(args, "mode") {
+        None | Some("plain") => RepairMode::Plain,
+        Some("rewind") => RepairMode::Rewind,
+        Some("rebuild") => RepairMode::Rebuild,
+        Some(o) => return Resp::err(400, format!("unknown repair mode '{o}'")),
+    };
+    match arg_db_id(args) {
+        Some(id) => task_started(crate::monitor::ops::start_repair(m, &name, id, mode)),
+        None => Resp::err(400, "repair needs a database id (-i)"),
+    }
+}
+
+/// `show_task`: the task records, of one cluster if `cluster` is given.
+fn admin_show_task(ctx: &Ctx, args: &Value) -> Resp {
+    let cluster = arg_str(args, "cluster");
+    let doc = match ctx.store.load() {
+        Ok(d) => d,
+        Err(e) => return Resp::err(500, e.to_string()),
+    };
+    let tasks: Vec<&crate::store::Task> = doc
+        .tasks
+        .iter()
+        .filter(|t| cluster.is_none_or(|c| t.cluster == c))
+        .collect();
+    Resp::ok(json!({ "tasks": tasks }))
+}
+
+/// `task_log`: a task's record and a page of its log from `offset`.
+fn admin_task_log(ctx: &Ctx, args: &Value) -> Resp {
+    let Some(id) = args.get("task").and_then(Value::as_u64) else {
+        return Resp::err(400, "task_log needs a task id (-t)");
+    };
+    let offset = args.get("offset").and_then(Value::as_u64).unwrap_or(0);
+    let doc = match ctx.store.load() {
+        Ok(d) => d,
+        Err(e) => return Resp::err(500, e.to_string()),
+    };
+    let Some(task) = doc.tasks.iter().find(|t| t.id == id) else {
+        return Resp::err(404, format!("no task {id}"));
+    };
+    let path = crate::monitor::task::log_path(&ctx.task_dir, id);
+    let text = std::fs::read(&path).unwrap_or_default();
+    let from = (offset as usize).min(text.len());
+    // At most 256 KiB per answer; the client asks again from `offset`.
+    let to = (from + (256 << 10)).min(text.len());
+    Resp::ok(json!({
+        "task": task,
+        "text": String::from_utf8_lossy(&text[from..to]),
+        "offset": to,
+        "more": to < text.len(),
+    }))
 }
 
 #[cfg(test)]

@@ -90,9 +90,31 @@ pub fn render(
     counters: &Counters,
     now: u64,
 ) -> String {
+    let mut out = String::new();
+    let families = std::iter::once(build_family())
+        .chain(cluster_families(clusters, observed, now))
+        .chain(db_families(clusters, observed))
+        .chain(counter_families(counters));
+    for f in families {
+        f.write(&mut out);
+    }
+    out
+}
+
+/// `clup_build_info`: the version as a label.
+fn build_family() -> Family {
     let mut build = Family::new("clup_build_info", "gauge", "clup version, always 1.");
     build.add(labels(&[("version", crate::VERSION)]), 1);
+    build
+}
 
+/// The per-cluster families, in scrape order: state, frozen, lock and, once
+/// observed, the last probe round's time and duration.
+fn cluster_families(
+    clusters: &Clusters,
+    observed: &BTreeMap<String, Observed>,
+    now: u64,
+) -> [Family; 5] {
     let mut c_state = Family::new(
         "clup_cluster_state",
         "gauge",
@@ -118,6 +140,22 @@ pub fn render(
         "gauge",
         "How long the last probe round of the cluster took, actions included.",
     );
+    for (name, c) in clusters {
+        let cl = labels(&[("cluster", name)]);
+        c_state.add(cl.clone(), c.state);
+        c_frozen.add(cl.clone(), u8::from(c.state == meta::CLUSTER_FROZEN));
+        c_lock.add(cl.clone(), u8::from(c.lock_time > now));
+        if let Some(o) = observed.get(name) {
+            c_at.add(cl.clone(), o.at);
+            c_round.add(cl, secs(o.round_ms));
+        }
+    }
+    [c_state, c_frozen, c_lock, c_at, c_round]
+}
+
+/// The per-database families, in scrape order: role and state from the
+/// meta, then reachable, lag and probe duration once observed.
+fn db_families(clusters: &Clusters, observed: &BTreeMap<String, Observed>) -> [Family; 5] {
     let mut d_role = Family::new(
         "clup_db_role",
         "gauge",
@@ -143,17 +181,8 @@ pub fn render(
         "gauge",
         "How long the last probe of the database took.",
     );
-
     for (name, c) in clusters {
-        let cl = labels(&[("cluster", name)]);
-        c_state.add(cl.clone(), c.state);
-        c_frozen.add(cl.clone(), u8::from(c.state == meta::CLUSTER_FROZEN));
-        c_lock.add(cl.clone(), u8::from(c.lock_time > now));
         let obs = observed.get(name);
-        if let Some(o) = obs {
-            c_at.add(cl.clone(), o.at);
-            c_round.add(cl, secs(o.round_ms));
-        }
         for d in &c.db_list {
             let (id, port) = (d.id.to_string(), d.port.to_string());
             let dl = labels(&[
@@ -174,7 +203,11 @@ pub fn render(
             }
         }
     }
+    [d_role, d_state, d_up, d_lag, d_dur]
+}
 
+/// The monitor's counters and the last failover's duration, in scrape order.
+fn counter_families(counters: &Counters) -> [Family; 6] {
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let counter = |name: &'static str, help: &'static str, v: u64| {
         let mut f = Family::new(name, "counter", help);
@@ -212,30 +245,14 @@ pub fn render(
         "How long the last completed failover took (0 before the first).",
     );
     last_failover.add(String::new(), secs(n(&counters.last_failover_ms)));
-
-    let mut out = String::new();
-    for f in [
-        &build,
-        &c_state,
-        &c_frozen,
-        &c_lock,
-        &c_at,
-        &c_round,
-        &d_role,
-        &d_state,
-        &d_up,
-        &d_lag,
-        &d_dur,
-        &probe_failures,
-        &failovers,
-        &switchovers,
-        &last_failover,
-        &cstlb,
-        &overruns,
-    ] {
-        f.write(&mut out);
-    }
-    out
+    [
+        probe_failures,
+        failovers,
+        switchovers,
+        last_failover,
+        cstlb,
+        overruns,
+    ]
 }
 
 /// The router's `GET /metrics`: token (401 first), then the scrape.
