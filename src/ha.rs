@@ -63,6 +63,10 @@ pub struct Facts {
     /// Normal standbys that answer but do not stream from the primary, by
     /// db id: since when (epoch seconds), as the monitor has watched it.
     pub not_streaming_since: BTreeMap<u32, u64>,
+    /// Databases whose probes have stalled (a new connection accepted, no
+    /// answer: the postmaster lives but does not serve), by db id: since
+    /// when (epoch seconds), without a round in between that was not.
+    pub stalled_since: BTreeMap<u32, u64>,
 }
 
 /// How long a Normal standby may answer without streaming from the primary
@@ -88,6 +92,9 @@ pub struct Params {
     /// 0 = no limit.
     pub failover_max_lag: u64,
     pub restart_tries: u32,
+    /// Seconds a stalled primary whose host answers is waited for before
+    /// it is fenced (killed) and failed over.
+    pub hung_timeout: u64,
 }
 
 /// One step of a plan. Gather steps only add facts; the rest act.
@@ -115,6 +122,22 @@ pub enum Action {
     /// Stop a database that must not run as a primary.
     Fence {
         id: u32,
+    },
+    /// Kill a hung database for certain, over ssh: kill -9 of its
+    /// postmaster and the postmaster's children, then check they are gone
+    /// and its port is closed. The plan stops if that cannot be confirmed.
+    KillDb {
+        id: u32,
+    },
+    /// Right before the old primary `id` loses its place to `cand`, look
+    /// again, afresh: `id` must still take no connection (a flap that
+    /// healed while the failover was decided ends it), and `cand` must
+    /// still be the standby with the most WAL (positions read now, not at
+    /// the start of the round). The plan stops if either fails; the next
+    /// round decides again with fresh facts.
+    ConfirmGone {
+        id: u32,
+        cand: u32,
     },
     /// Remove a backend from every cstlb of the cluster.
     CstlbDelete {
@@ -186,6 +209,10 @@ impl fmt::Display for Action {
             }
             Action::RestartDb { id } => write!(f, "restart db {id}"),
             Action::Fence { id } => write!(f, "fence (stop) db {id}"),
+            Action::KillDb { id } => write!(f, "fence (kill -9) db {id}"),
+            Action::ConfirmGone { id, cand } => {
+                write!(f, "confirm db {id} is gone and db {cand} has the most WAL")
+            }
             Action::CstlbDelete { backend } => write!(f, "remove {backend} from cstlb"),
             Action::CstlbAdd { backend } => write!(f, "add {backend} to cstlb"),
             Action::DeleteWriteVip { host } => write!(f, "delete write vip from {host}"),
@@ -267,7 +294,7 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
     let failed = |d: &Db| facts.seen.get(&d.id).is_some_and(|s| !s.ok);
 
     if primary.is_normal() && failed(primary) {
-        return primary_failed(cluster, primary, facts, p);
+        return primary_failed(cluster, primary, facts, p, now);
     }
     if !primary.is_normal() {
         // A previous failover found no candidate; look again each round.
@@ -432,7 +459,13 @@ pub fn primary_checks(cluster: &Cluster, primary: &Db, facts: &Facts) -> Vec<Act
     plan
 }
 
-fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) -> Decision {
+fn primary_failed(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    now: u64,
+) -> Decision {
     match facts.hosts.get(&primary.host) {
         None => Decision::gather(
             primary.id,
@@ -440,6 +473,9 @@ fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) ->
             find_msg(primary),
         ),
         Some(true) => {
+            if let Some(&since) = facts.stalled_since.get(&primary.id) {
+                return primary_stalled(cluster, primary, facts, p, now.saturating_sub(since));
+            }
             let tried = facts.restarts.get(&primary.id).copied().unwrap_or(0);
             if tried < p.restart_tries {
                 Decision {
@@ -476,6 +512,49 @@ fn primary_failed(cluster: &Cluster, primary: &Db, facts: &Facts, p: &Params) ->
                 primary.addr()
             ),
         ),
+    }
+}
+
+/// The primary's host answers and its server accepts connections but
+/// serves none (stopped, stuck on a dying disk): restarting a running
+/// server does nothing, and the standbys' "can I reach it" check is
+/// fooled by the accepting socket. So it is waited for `hung_timeout`
+/// (a long checkpoint or a busy server answers a login well within it),
+/// then killed for certain over ssh before a standby is promoted: once it
+/// is dead it cannot take a write, so the split-brain guards that ask
+/// whether it is gone have nothing to add.
+fn primary_stalled(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    stalled_for: u64,
+) -> Decision {
+    if stalled_for < p.hung_timeout {
+        return Decision::nothing(format!(
+            "no action yet: database({}) accepts connections but serves none for {stalled_for} s while its host is ok; it is running, so it is not restarted; fenced and failed over after hung_timeout ({} s)",
+            primary.addr(),
+            p.hung_timeout
+        ));
+    }
+    let why = format!(
+        "database({}) is hung: it accepts connections but has served none for {stalled_for} s while its host is ok; fencing it (kill -9)",
+        primary.addr()
+    );
+    let (cand, adopting) = match failover_target(cluster, primary, facts, p, &why) {
+        Ok(target) => target,
+        Err(d) => return d,
+    };
+    if let Some(d) = write_vip_taken(primary, cand, facts, true, &why) {
+        return d;
+    }
+    let mut plan = vec![Action::KillDb { id: primary.id }];
+    plan.extend(failover_plan(cluster, primary, cand, facts, adopting, true));
+    Decision {
+        kind: Kind::Failover,
+        plan,
+        reason: failover_reason(&why, primary, cand, adopting),
+        subject: Some(primary.id),
     }
 }
 
@@ -868,6 +947,12 @@ fn failover_plan(
     old_host_up: bool,
 ) -> Vec<Action> {
     let mut plan = Vec::new();
+    if !adopting && primary.is_normal() {
+        plan.push(Action::ConfirmGone {
+            id: primary.id,
+            cand: cand.id,
+        });
+    }
     if old_host_up {
         plan.push(Action::DeleteWriteVip {
             host: primary.host.clone(),
@@ -954,6 +1039,7 @@ mod tests {
     const P: Params = Params {
         failover_max_lag: 16 << 20,
         restart_tries: 2,
+        hung_timeout: 20,
     };
 
     fn cluster() -> Cluster {
@@ -1244,7 +1330,9 @@ mod tests {
             "{:?}",
             d.plan
         );
-        assert_eq!(d.plan[0], Action::Promote { id: 2 });
+        // The last look at the old primary, then the promotion.
+        assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
+        assert_eq!(d.plan[1], Action::Promote { id: 2 });
         // Somebody answers while the old host is down: no failover.
         let taken = primary_down(|f| {
             peers(f, false);
@@ -1294,13 +1382,14 @@ mod tests {
         });
         let d = decide(&cluster(), &up, &P, 0);
         assert_eq!(d.kind, Kind::Failover);
+        assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
         assert_eq!(
-            d.plan[0],
+            d.plan[1],
             Action::DeleteWriteVip {
                 host: "192.168.56.41".into()
             }
         );
-        assert_eq!(d.plan[1], Action::EnsureWriteVipFree { id: 2 });
+        assert_eq!(d.plan[2], Action::EnsureWriteVipFree { id: 2 });
     }
 
     #[test]
@@ -1388,6 +1477,7 @@ mod tests {
         assert_eq!(
             d.plan,
             [
+                Action::ConfirmGone { id: 1, cand: 4 },
                 Action::EnsureWriteVipFree { id: 4 },
                 Action::Promote { id: 4 },
                 Action::AddWriteVip { id: 4 },
@@ -1434,12 +1524,65 @@ mod tests {
         });
         let d = decide(&cluster(), &f, &P, 0);
         assert_eq!(d.kind, Kind::Failover);
+        // The old primary is looked at once more before its VIP goes.
+        assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
         assert_eq!(
-            d.plan[0],
+            d.plan[1],
             Action::DeleteWriteVip {
                 host: "192.168.56.41".into()
             }
         );
+    }
+
+    /// A hung primary (accepts connections, serves none, its host up) is
+    /// never restarted; after hung_timeout it is killed, then failed over,
+    /// even though every standby still opens its port (the accepting
+    /// socket fools that check, and a dead server cannot take writes).
+    #[test]
+    fn hung_primary_is_waited_for_then_killed_and_failed_over() {
+        let hung = |stalled_at: u64| {
+            facts(|f| {
+                f.seen.insert(1, down());
+                f.hosts.insert("192.168.56.41".into(), true);
+                f.stalled_since.insert(1, stalled_at);
+                peers(f, true);
+            })
+        };
+        let d = decide(&cluster(), &hung(100), &P, 105);
+        assert_eq!(d.kind, Kind::Nothing, "{d:?}");
+        assert!(
+            d.reason.contains("for 5 s") && d.reason.contains("not restarted"),
+            "{}",
+            d.reason
+        );
+        assert!(d.plan.is_empty());
+
+        let d = decide(&cluster(), &hung(100), &P, 120);
+        assert_eq!(d.kind, Kind::Failover, "{d:?}");
+        assert_eq!(d.plan[0], Action::KillDb { id: 1 });
+        assert_eq!(d.plan[1], Action::ConfirmGone { id: 1, cand: 2 });
+        assert_eq!(
+            d.plan[2],
+            Action::DeleteWriteVip {
+                host: "192.168.56.41".into()
+            }
+        );
+        let promote = d
+            .plan
+            .iter()
+            .position(|a| matches!(a, Action::Promote { .. }));
+        let free = d
+            .plan
+            .iter()
+            .position(|a| matches!(a, Action::EnsureWriteVipFree { .. }));
+        assert!(free.unwrap() < promote.unwrap(), "{:?}", d.plan);
+        assert!(d.reason.contains("is hung"), "{}", d.reason);
+
+        // A primary that refuses (not stalled) is restarted, as before.
+        let mut f = hung(100);
+        f.stalled_since.clear();
+        let d = decide(&cluster(), &f, &P, 120);
+        assert_eq!(d.kind, Kind::Restart);
     }
 
     #[test]

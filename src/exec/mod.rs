@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+pub mod accepts;
 pub mod cmd;
 pub mod cstlb;
 pub mod heartbeat;

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::exec::heartbeat::{self, Turn};
 use crate::exec::ssh::Remote;
-use crate::exec::{pgctl, pool, wire, Error};
+use crate::exec::{accepts, pgctl, pool, wire, Error};
 use crate::model::config::{Config, Secret};
 use crate::model::meta::Db;
 
@@ -88,6 +88,11 @@ pub struct DbProbe {
     /// How long this probe took (for /metrics).
     #[serde(default)]
     pub probe_ms: u64,
+    /// A new connection to the server was accepted but its startup packet
+    /// got no answer in time: the postmaster lives but does not serve
+    /// ([`crate::exec::accepts`]).
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 /// A failed connection or statement: `what` names the server and the action.
@@ -561,6 +566,8 @@ struct ProbeJob {
     fallback: wire::Params,
     held: Vec<wire::Conn>,
     deadline: wire::Deadline,
+    /// How long an answered handshake with this server serves.
+    fresh: Duration,
 }
 
 impl ProbeJob {
@@ -593,14 +600,16 @@ impl ProbeJob {
             fallback: Target::status(db, cfg, "postgres").params(),
             held,
             deadline,
+            fresh: cfg.probe_interval,
         }
     }
 
     fn run(mut self) -> (DbProbe, Vec<wire::Conn>) {
         let started = Instant::now();
+        let handshake = accepts::start(&self.reader, &self.what, self.deadline, self.fresh);
         let mut keep = Vec::new();
         let what = &self.what;
-        let mut p = if self.primary {
+        let p = if self.primary {
             probe_primary(
                 what,
                 &self.key,
@@ -621,6 +630,7 @@ impl ProbeJob {
                 self.deadline,
             )
         };
+        let mut p = accepts::judge(p, handshake, self.deadline);
         p.probe_ms = started.elapsed().as_millis() as u64;
         keep.retain(|c| !c.is_broken());
         (p, keep)
@@ -1167,6 +1177,17 @@ pub fn checkpoint(db: &Db, cfg: &Config, timeout: Duration) -> Result<(), PgErro
     admin(db, cfg, "checkpoint", timeout, |c, what| {
         affected(c, what, "CHECKPOINT").map(|_| ())
     })
+}
+
+/// Does the server take a new session? [`wire::handshake`] as ha_db_user
+/// (no password is sent), bounded by `timeout`.
+pub fn accepts(db: &Db, cfg: &Config, timeout: Duration) -> wire::Handshake {
+    let t = Target::status(db, cfg, &cfg.probe_db_name);
+    wire::handshake(
+        &t.params(),
+        &format!("database({})", db.addr()),
+        wire::Deadline::after(timeout),
+    )
 }
 
 /// The server's current WAL position: pg_current_wal_lsn() on a primary,

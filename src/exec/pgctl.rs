@@ -115,6 +115,59 @@ pub fn promote_script(db: &Db, cfg: &Config, wait: Duration) -> String {
     )
 }
 
+/// Kill the server for certain, for a fence: SIGKILL to the postmaster
+/// named by postmaster.pid (only if it is a postgres process of os_user:
+/// a stale pid file may name somebody else's process) and to its children
+/// at once (a SIGSTOPped server dies too: SIGKILL needs no cooperation),
+/// then wait up to 5 s until they are all gone and nothing listens on the
+/// port. Exits 1, saying what is left, if that cannot be confirmed.
+pub fn kill_script(db: &Db) -> String {
+    format!(
+        r#"user={user}; pgdata={pgdata}; port={port}
+cd / || exit 1
+pid=$(head -n 1 "$pgdata/postmaster.pid" 2>/dev/null)
+case "$pid" in ''|*[!0-9]*) pid= ;; esac
+kids=
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+  comm=$(ps -o comm= -p "$pid" 2>/dev/null); owner=$(ps -o user= -p "$pid" 2>/dev/null)
+  case "$comm" in
+    postgres|postmaster) ;;
+    *) echo "clup: pid $pid of $pgdata/postmaster.pid is '$comm', not postgres: not killed" >&2; pid= ;;
+  esac
+  if [ -n "$pid" ] && [ "$owner" != "$user" ]; then
+    echo "clup: pid $pid runs as '$owner', not $user: not killed" >&2; pid=
+  fi
+fi
+if [ -n "$pid" ]; then
+  kids=$(ps -o pid= --ppid "$pid" 2>/dev/null)
+  kill -9 "$pid" $kids 2>/dev/null
+  echo "killed postmaster $pid and $(echo $kids | wc -w) child process(es)"
+else
+  echo "no postmaster of $pgdata runs"
+fi
+i=0; alive=
+while [ $i -lt 50 ]; do
+  alive=
+  for p in $pid $kids; do
+    # A zombie is gone for good; it only waits to be reaped.
+    st=$(ps -o stat= -p "$p" 2>/dev/null)
+    case "$st" in ''|Z*) ;; *) alive="$alive $p($st)" ;; esac
+  done
+  [ -z "$alive" ] && break
+  sleep 0.1; i=$((i+1))
+done
+if [ -n "$alive" ]; then echo "clup: still alive 5 s after kill -9:$alive (D: stuck in uninterruptible I/O)" >&2; exit 1; fi
+if command -v ss >/dev/null 2>&1 && ss -ltn 2>/dev/null | awk '{{print $4}}' | grep -q "[:.]$port\$"; then
+  echo "clup: something still listens on port $port" >&2; exit 1
+fi
+exit 0
+"#,
+        user = quote(&db.os_user),
+        pgdata = quote(&db.pgdata),
+        port = db.port,
+    )
+}
+
 fn budget(remote: &dyn Remote, wait: Duration) -> Duration {
     remote.connect_timeout() + wait + Duration::from_secs(10)
 }
@@ -136,6 +189,17 @@ pub fn stop_fast(remote: &dyn Remote, db: &Db, cfg: &Config) -> Result<Output, C
         &stop_fast_script(db, cfg, PG_CTL_WAIT),
         None,
         budget(remote, PG_CTL_WAIT),
+    )
+}
+
+/// [`kill_script`] on the database's host.
+pub fn kill(remote: &dyn Remote, db: &Db) -> Result<Output, CommandError> {
+    remote.run_script(
+        &db.host,
+        &format!("kill -9 postgres {}", db.pgdata),
+        &kill_script(db),
+        None,
+        remote.connect_timeout() + Duration::from_secs(10),
     )
 }
 
@@ -281,6 +345,116 @@ mod tests {
         let path = format!("{}:/usr/bin:/bin", bin.display());
         let out = run(promote_script(&d, &empty, PG_CTL_WAIT), &path).unwrap();
         assert!(out.stdout.starts_with("fake pg_ctl promote -D "), "{out:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The fence's kill, run by the local sh against a fake server: a copy
+    /// of sh named `postgres`, stopped (SIGSTOP, as a hung server) with two
+    /// children. All three must be gone after it; a pid file naming a
+    /// process that is not postgres must leave that process alone.
+    #[test]
+    fn kill_script_kills_a_stopped_postmaster_and_its_children_only() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("clup-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("postgres");
+        std::fs::copy("/bin/sh", &fake).unwrap();
+        let mut child = std::process::Command::new(&fake)
+            .args(["-c", "sleep 300 & sleep 300 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        std::fs::write(
+            dir.join("postmaster.pid"),
+            format!("{pid}\n{}\n", dir.display()),
+        )
+        .unwrap();
+        let kids = || {
+            let out = cmd::run(
+                "ps",
+                &["-o".into(), "pid=".into(), "--ppid".into(), pid.to_string()],
+                None,
+                Duration::from_secs(5),
+            )
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+            out.split_whitespace().count()
+        };
+        let t0 = std::time::Instant::now();
+        while kids() < 2 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(kids(), 2, "the fake postmaster's children");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let me = cmd::run("id", &["-un".into()], None, Duration::from_secs(5))
+            .unwrap()
+            .stdout
+            .trim()
+            .to_string();
+        let mut d = db();
+        d.os_user = me;
+        d.pgdata = dir.display().to_string();
+        d.port = 1; // nothing listens there
+        let run = |d: &Db| {
+            cmd::run(
+                "sh",
+                &["-c".into(), kill_script(d)],
+                None,
+                Duration::from_secs(10),
+            )
+        };
+        let out = run(&d).unwrap();
+        assert!(
+            out.stdout
+                .contains(&format!("killed postmaster {pid} and 2 child")),
+            "{out:?}"
+        );
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        let t0 = std::time::Instant::now();
+        while kids() > 0 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Its children are gone too (reparented, maybe not reaped yet: a
+        // zombie is gone for good).
+        let left = cmd::run(
+            "ps",
+            &[
+                "-o".into(),
+                "pid=,stat=".into(),
+                "-g".into(),
+                pid.to_string(),
+            ],
+            None,
+            Duration::from_secs(5),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+        let alive: Vec<&str> = left
+            .lines()
+            .filter(|l| !l.trim_end().ends_with('Z') && !l.contains(" Z"))
+            .collect();
+        assert!(alive.is_empty(), "children left: {left}");
+
+        // A stale pid file naming another process: refused, that process lives.
+        let mut other = std::process::Command::new("sleep")
+            .arg("300")
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.join("postmaster.pid"), format!("{}\n", other.id())).unwrap();
+        let out = run(&d).unwrap();
+        assert!(out.stderr.contains("not postgres: not killed"), "{out:?}");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "an unrelated process was killed"
+        );
+        other.kill().unwrap();
+        let _ = other.wait();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

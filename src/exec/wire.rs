@@ -480,6 +480,14 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 impl Conn {
     /// Connect and log in, all by `deadline`.
     pub fn connect(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
+        let mut c = Conn::open(p, what, deadline)?;
+        c.login(what, deadline)?;
+        c.broken = false;
+        Ok(c)
+    }
+
+    /// The connection, before anything is sent on it (broken until logged in).
+    fn open(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
         let connecting = |e: io::Error| err(what, format!("error connecting to server: {e}"));
         let addr = resolve(&p.host, p.port).map_err(connecting)?;
         let left = deadline
@@ -493,7 +501,7 @@ impl Conn {
             }
         })?;
         let _ = stream.set_nodelay(true);
-        let mut c = Conn {
+        Ok(Conn {
             stream,
             inbuf: Vec::with_capacity(8192),
             start: 0,
@@ -503,14 +511,11 @@ impl Conn {
             prepared: Vec::new(),
             owed: None,
             read_timed_out: false,
-        };
-        c.login(what, deadline)?;
-        c.broken = false;
-        Ok(c)
+        })
     }
 
-    fn login(&mut self, what: &str, deadline: Deadline) -> Result<(), PgError> {
-        let p = self.params.clone();
+    fn startup_packet(&self) -> Vec<u8> {
+        let p = &self.params;
         let mut params = vec![
             ("user", p.user.as_str()),
             ("database", p.dbname.as_str()),
@@ -520,7 +525,13 @@ impl Conn {
         if !p.options.is_empty() {
             params.push(("options", p.options.as_str()));
         }
-        self.send(what, &startup(&params), deadline)?;
+        startup(&params)
+    }
+
+    fn login(&mut self, what: &str, deadline: Deadline) -> Result<(), PgError> {
+        let p = self.params.clone();
+        let packet = self.startup_packet();
+        self.send(what, &packet, deadline)?;
         let pw = p.password.expose().as_bytes();
         let need_pw = || {
             if pw.is_empty() {
@@ -886,6 +897,45 @@ fn timed_out(what: &str, limit: Duration) -> PgError {
     )
 }
 
+/// What a new connection's first moments showed of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    /// A server process answered the startup packet (an authentication
+    /// request, or an error such as "too many clients": either way the
+    /// postmaster accepted the connection and started a backend for it).
+    Answered,
+    /// The TCP connection was accepted (by the kernel, into the listen
+    /// backlog) but nothing answered the startup packet by the deadline:
+    /// the postmaster is alive but not serving (stopped, or stuck on I/O).
+    Stalled(String),
+    /// No connection: refused, unreachable or timed out.
+    Unreachable(String),
+}
+
+/// Open a new connection and send the startup packet; wait for the server's
+/// first answer, then close (before any password is sent: the server logs
+/// nothing for a client that leaves at that point, as psql does when it
+/// asks for a password). A kept session can go on answering while the
+/// postmaster takes no new connection; this proves that it does.
+pub fn handshake(p: &Params, what: &str, deadline: Deadline) -> Handshake {
+    let mut c = match Conn::open(p, what, deadline) {
+        Ok(c) => c,
+        Err(e) => return Handshake::Unreachable(e.to_string()),
+    };
+    let packet = c.startup_packet();
+    if let Err(e) = c.send(what, &packet, deadline) {
+        return Handshake::Unreachable(e.to_string());
+    }
+    match c.recv(what, deadline) {
+        Ok(_) => Handshake::Answered,
+        Err(_) if c.read_timed_out => Handshake::Stalled(format!(
+            "{what}: the server accepts TCP connections but answered no startup packet within {:.1}s",
+            deadline.limit.as_secs_f64()
+        )),
+        Err(e) => Handshake::Unreachable(e.to_string()),
+    }
+}
+
 impl Client {
     pub fn connect(p: &Params, what: &str, timeout: Duration) -> Result<Client, PgError> {
         let conn = Conn::connect(p, what, Deadline::after(timeout))?;
@@ -931,6 +981,57 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params_for(port: u16) -> Params {
+        Params {
+            host: "127.0.0.1".to_string(),
+            port,
+            user: "u".to_string(),
+            dbname: "d".to_string(),
+            password: Secret::new(""),
+            options: String::new(),
+        }
+    }
+
+    #[test]
+    fn handshake_tells_answered_from_stalled_from_unreachable() {
+        let limit = Duration::from_millis(300);
+        // A listener nobody accepts on: the kernel completes the TCP
+        // handshake into the backlog and nothing answers, as with a stopped
+        // postmaster.
+        let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = stalled.local_addr().unwrap().port();
+        let h = handshake(&params_for(port), "probe x", Deadline::after(limit));
+        assert!(
+            matches!(h, Handshake::Stalled(ref m) if m.contains("accepts TCP")),
+            "{h:?}"
+        );
+
+        // A server that asks for a password.
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).unwrap();
+            let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+            s.read_exact(&mut rest).unwrap();
+            s.write_all(&message(b'R', &3u32.to_be_bytes())).unwrap();
+            // The client leaves before sending a password.
+            let mut buf = [0u8; 16];
+            s.read(&mut buf).unwrap()
+        });
+        let h = handshake(&params_for(port), "probe x", Deadline::after(limit));
+        assert_eq!(h, Handshake::Answered);
+        assert_eq!(t.join().unwrap(), 0, "nothing sent after the answer");
+
+        // Nothing listens.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let h = handshake(&params_for(port), "probe x", Deadline::after(limit));
+        assert!(matches!(h, Handshake::Unreachable(_)), "{h:?}");
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         message(tag, body)

@@ -15,13 +15,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::checks::write_vip_seen;
+use super::probe::seen_of;
 use super::task::{self, TaskHandle};
 use super::Shared;
 use crate::exec::pg;
 use crate::exec::recovery::{self, Applied};
 use crate::exec::ssh as exssh;
+use crate::exec::wire::Handshake;
 use crate::exec::{cstlb, pgctl, vip};
-use crate::ha::{Action, Decision, Kind, VipSeen};
+use crate::ha::{self, Action, Decision, Facts, Kind, VipSeen};
 use crate::model::meta::{Cluster, Db, DB_FAULT};
 use crate::store::update;
 
@@ -41,7 +43,13 @@ pub(super) enum Acted {
 
 /// Carry out `d` for cluster `name`, whose meta was `cluster` when the
 /// round began.
-pub(super) fn act_on(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) -> Acted {
+pub(super) fn act_on(
+    shared: &Arc<Shared>,
+    name: &str,
+    cluster: &Cluster,
+    d: &Decision,
+    facts: &Facts,
+) -> Acted {
     match d.kind {
         Kind::Nothing => Acted::Calm,
         Kind::Gather => Acted::Held,
@@ -66,7 +74,7 @@ pub(super) fn act_on(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &De
             Acted::Restarted(restart(shared, cluster, &d.plan))
         }
         kind => {
-            run_as_task(shared, name, cluster, d);
+            run_as_task(shared, name, cluster, d, facts);
             Acted::Ran(kind)
         }
     }
@@ -102,7 +110,7 @@ fn unchanged(shared: &Shared, name: &str, cluster: &Cluster) -> bool {
 }
 
 /// Run an acting decision as a task, under the cluster lock.
-fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision) {
+fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision, facts: &Facts) {
     let what = match d.kind {
         Kind::Failover => "failover",
         Kind::StandbyFault => "standby fault",
@@ -127,7 +135,15 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
     };
     t.info(&d.reason);
     let started = Instant::now();
-    let ok = run_plan(shared, name, cluster, d, &t);
+    let run = Run {
+        shared,
+        name,
+        cluster,
+        facts,
+        pre: prefix(cluster, d),
+        t: &t,
+    };
+    let ok = run_plan(&run, d);
     let ms = started.elapsed().as_millis() as u64;
     if d.kind == Kind::Failover && ok {
         shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -153,10 +169,26 @@ fn prefix(cluster: &Cluster, d: &Decision) -> String {
     }
 }
 
+/// What every step of a running plan needs.
+struct Run<'a> {
+    shared: &'a Shared,
+    name: &'a str,
+    /// The meta the plan was decided on.
+    cluster: &'a Cluster,
+    /// The facts it was decided on.
+    facts: &'a Facts,
+    /// The prefix of its log lines.
+    pre: String,
+    t: &'a TaskHandle,
+}
+
 /// Run the plan step by step. Steps before the promotion abort the plan on
 /// failure; after it, every step is tried and failures are logged.
-fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &TaskHandle) -> bool {
-    let pre = prefix(cluster, d);
+fn run_plan(run: &Run, d: &Decision) -> bool {
+    let Run {
+        shared, cluster, t, ..
+    } = *run;
+    let pre = run.pre.as_str();
     let mut promoted = false;
     let mut ok = true;
     // Repoints run in parallel: collect them and run when the plan reaches them.
@@ -173,12 +205,12 @@ fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &Ta
         if let Action::Repoint { .. } = a {
             if !repointed {
                 repointed = true;
-                ok &= repoint_all(shared, cluster, &repoints, &pre, t);
+                ok &= repoint_all(shared, cluster, &repoints, pre, t);
             }
             continue;
         }
         let t0 = Instant::now();
-        let res = step(shared, name, cluster, a, &pre, t);
+        let res = step(run, a);
         let ms = t0.elapsed().as_millis();
         match res {
             Ok(()) => {
@@ -191,7 +223,9 @@ fn run_plan(shared: &Shared, name: &str, cluster: &Cluster, d: &Decision, t: &Ta
                 t.error(&format!("{pre}: {a} failed after {ms} ms: {e}"));
                 let critical = matches!(
                     a,
-                    Action::EnsureWriteVipFree { .. }
+                    Action::KillDb { .. }
+                        | Action::ConfirmGone { .. }
+                        | Action::EnsureWriteVipFree { .. }
                         | Action::Promote { .. }
                         | Action::MetaPrimary { .. }
                 ) || (!promoted
@@ -265,14 +299,15 @@ fn db_or_err(cluster: &Cluster, id: u32) -> Result<&Db, String> {
 }
 
 /// One acting step. Gather actions never reach here.
-fn step(
-    shared: &Shared,
-    name: &str,
-    cluster: &Cluster,
-    a: &Action,
-    pre: &str,
-    t: &TaskHandle,
-) -> Result<(), String> {
+fn step(run: &Run, a: &Action) -> Result<(), String> {
+    let Run {
+        shared,
+        name,
+        cluster,
+        t,
+        ..
+    } = *run;
+    let pre = run.pre.as_str();
     match a {
         Action::CheckHost { .. }
         | Action::CheckPeer { .. }
@@ -280,6 +315,8 @@ fn step(
         | Action::RestartDb { .. }
         | Action::Repoint { .. } => Ok(()),
         Action::Fence { id } => fence(shared, cluster, *id, pre, t),
+        Action::KillDb { id } => kill(shared, cluster, *id, pre, t),
+        Action::ConfirmGone { id, cand } => confirm_gone(run, *id, *cand),
         Action::CstlbDelete { backend } => cstlb_change(shared, cluster, backend, false, pre, t),
         Action::CstlbAdd { backend } => cstlb_change(shared, cluster, backend, true, pre, t),
         Action::DeleteWriteVip { host } => delete_write_vip(shared, cluster, host, t),
@@ -343,6 +380,90 @@ fn fence(
     pgctl::stop_fast(&shared.ssh, db, &shared.cfg)
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// Kill a hung server for certain (see [`pgctl::kill_script`]); the plan
+/// stops here if its death cannot be confirmed.
+fn kill(
+    shared: &Shared,
+    cluster: &Cluster,
+    id: u32,
+    pre: &str,
+    t: &TaskHandle,
+) -> Result<(), String> {
+    let db = db_or_err(cluster, id)?;
+    t.info(&format!(
+        "{pre}: fence database({}): kill -9 its postmaster and children so that it cannot take writes...",
+        db.addr()
+    ));
+    let out = pgctl::kill(&shared.ssh, db).map_err(|e| e.to_string())?;
+    t.info(&format!(
+        "{pre}: fence database({}) completed: {}.",
+        db.addr(),
+        out.stdout.trim()
+    ));
+    Ok(())
+}
+
+/// How long the last look at an old primary waits for it to answer. On a
+/// LAN a live server answers a new connection in milliseconds; a dead host
+/// costs the failover this much.
+const CONFIRM_WAIT: Duration = Duration::from_millis(300);
+
+/// [`Action::ConfirmGone`]: in parallel, a new connection to the old
+/// primary (it must not be answered) and fresh probes of the Normal
+/// standbys (the candidate must still be the one [`ha::choose_candidate`]
+/// picks from them). Facts older than the promotion decide nothing.
+fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
+    let Run {
+        shared, cluster, t, ..
+    } = *run;
+    let cfg = &shared.cfg;
+    let old = db_or_err(cluster, id)?;
+    let standbys: Vec<(&Db, bool)> = cluster.normal_standbys().map(|d| (d, false)).collect();
+    let wait = cfg.probe_timeout.min(CONFIRM_WAIT);
+    let (answer, probes) = thread::scope(|s| {
+        let h = s.spawn(|| pg::accepts(old, cfg, wait));
+        let probes = pg::probe_many(&standbys, cfg, &mut pg::ProbeConns::default());
+        (h.join(), probes)
+    });
+    match answer {
+        Ok(Handshake::Unreachable(_)) => {}
+        Ok(Handshake::Answered) => {
+            return Err(format!(
+                "database({}) answers again: its outage was shorter than the failover; not promoting, the next round decides again",
+                old.addr()
+            ))
+        }
+        Ok(Handshake::Stalled(_)) => {
+            return Err(format!(
+                "database({}) is reachable again (it accepts connections, serves none); not promoting, the next round decides again",
+                old.addr()
+            ))
+        }
+        Err(_) => return Err("the check of the old primary panicked".to_string()),
+    }
+    let mut fresh = run.facts.clone();
+    for (db_id, p) in &probes {
+        fresh.seen.insert(*db_id, seen_of(p));
+    }
+    match ha::choose_candidate(cluster, &fresh, &shared.params()) {
+        Ok(c) if c.id == cand => {
+            t.info(&format!(
+                "{}: database({}) is still gone and database({}) still has the most WAL.",
+                run.pre,
+                old.addr(),
+                c.addr()
+            ));
+            Ok(())
+        }
+        Ok(c) => Err(format!(
+            "database({}) now has more WAL than database({}); not promoting on old positions, the next round decides again",
+            c.addr(),
+            db_or_err(cluster, cand)?.addr()
+        )),
+        Err(e) => Err(format!("no standby is safe to promote now: {e}")),
+    }
 }
 
 /// Add a backend to, or remove it from, every cstlb (never fatal).

@@ -277,6 +277,7 @@ impl Shared {
         Params {
             failover_max_lag: self.cfg.failover_max_lag,
             restart_tries: self.cfg.restart_tries,
+            hung_timeout: self.cfg.hung_timeout.as_secs(),
         }
     }
 
@@ -391,6 +392,8 @@ struct Memory {
     not_streaming_since: BTreeMap<u32, u64>,
     /// The last probe error logged per database.
     probe_errors: BTreeMap<u32, String>,
+    /// Databases whose probes stall (see [`crate::ha::Facts::stalled_since`]).
+    stalled_since: BTreeMap<u32, u64>,
 }
 
 impl Memory {
@@ -411,6 +414,7 @@ impl Memory {
                     self.primary_last_lsn = None;
                     self.restarts.clear();
                     self.not_streaming_since.clear();
+                    self.stalled_since.clear();
                 }
             }
         }
@@ -458,7 +462,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     let probed = t0.elapsed();
 
     let d = decide::settle(shared, name, cluster, &mut facts, t0, &mut mem.last_reason);
-    let acted = act::act_on(shared, name, cluster, &d);
+    let acted = act::act_on(shared, name, cluster, &d, &facts);
     mem.after(&acted);
     mem.last_reason = d.reason.clone();
     let primary_ok = d.reason.starts_with("no action: primary");

@@ -152,7 +152,13 @@ pub(super) fn remember(
     probes: &BTreeMap<u32, DbProbe>,
     mem: &mut Memory,
 ) {
+    let now = crate::now_secs();
     for (id, p) in probes {
+        if p.stalled {
+            mem.stalled_since.entry(*id).or_insert(now);
+        } else {
+            mem.stalled_since.remove(id);
+        }
         if p.ok {
             mem.restarts.remove(id);
             mem.probe_errors.remove(id);
@@ -254,6 +260,7 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
         sync_names: mem.sync_names.clone(),
         sync_standbys: mem.sync_standbys.clone(),
         not_streaming_since: mem.not_streaming_since.clone(),
+        stalled_since: mem.stalled_since.clone(),
         ..Default::default()
     }
 }
@@ -296,7 +303,7 @@ fn watch_streaming(
     }
 }
 
-fn seen_of(p: &DbProbe) -> Seen {
+pub(super) fn seen_of(p: &DbProbe) -> Seen {
     Seen {
         ok: p.ok,
         in_recovery: p.in_recovery,
