@@ -117,8 +117,8 @@ fn clupserver_survives_abuse() {
         assert!(!a.contains(PASS) && !a.contains(TOKEN), "{a}");
     }
 
-    // Invalid UTF-8 in the request line: tiny_http closes the connection
-    // without an answer (0 here); the server stays up.
+    // Invalid UTF-8 in the request line: refused (400) or closed without an
+    // answer (0 here); the server stays up.
     let a = raw(
         port,
         b"GET /cluster01/get_lb_host?token=\xff\xfe HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -206,16 +206,10 @@ fn clupserver_survives_abuse() {
 }
 
 /// At the descriptor limit accept() fails; the server must come back once
-/// descriptors are free again.
-///
-/// KNOWN BUG, not fixed: tiny_http 0.12's accept thread unwraps
-/// `try_clone()` of the accepted socket (refined_tcp_stream.rs:18) and stops
-/// on any accept error, so at EMFILE the HTTP interface goes deaf for good
-/// (and with the release profile's panic = "abort" the panic in that thread
-/// ends the whole clupserver). Fixing it means our own accept loop or
-/// another HTTP server. Run with `--ignored` to see it.
+/// descriptors are free again. (tiny_http 0.12's accept thread stopped for
+/// good at EMFILE, or panicked, ending the server under panic = "abort";
+/// clupserver now serves HTTP with its own accept loop, util::http.)
 #[test]
-#[ignore = "tiny_http's accept thread dies at EMFILE (see the comment)"]
 fn clupserver_recovers_from_running_out_of_descriptors() {
     raise_nofile(4096);
     let h = TestHome::new("emfile");

@@ -13,9 +13,8 @@ pub mod metrics;
 #[cfg(test)]
 mod obs_routes;
 
-use std::io::Read;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use crate::model::config::Config;
 use crate::model::home::Home;
 use crate::monitor::{self, Shared};
 use crate::store::MetaStore;
-use crate::util::signals;
+use crate::util::{http, signals};
 use api::{Ctx, Req, MAX_BODY};
 use daemon::Ready;
 
@@ -39,14 +38,6 @@ usage: clupserver <command> [options]
                         etcd, whether it leads)
     clupserver --version | --help
 ";
-
-/// HTTP worker threads. They only take requests from tiny_http and hand
-/// each to its own thread (see [`serve`]), so a few suffice.
-const HTTP_WORKERS: usize = 4;
-
-/// Requests handled at once; beyond this a request gets 503 at once.
-/// Each holds one thread until its client has sent its body.
-const MAX_IN_FLIGHT: usize = 256;
 
 pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     use lexopt::prelude::*;
@@ -240,27 +231,20 @@ fn run(
 
     log::info!("Starting web server...");
     let addr = (cfg.http_listen, cfg.http_port);
-    let http = tiny_http::Server::http(addr)
+    let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| format!("cannot listen on {}:{}: {e}", addr.0, addr.1))?;
-    let http = Arc::new(http);
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         store: store.clone(),
         task_dir: home.task_dir(),
         monitor: Some(monitor.clone()),
     });
-    let mut workers = Vec::new();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    for i in 0..HTTP_WORKERS {
-        let (http, ctx, stop) = (http.clone(), ctx.clone(), stop.clone());
-        let in_flight = in_flight.clone();
-        workers.push(
-            thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || serve(&http, &ctx, &stop, &in_flight))
-                .map_err(|e| format!("cannot start web server thread: {e}"))?,
-        );
-    }
+    let handler: Arc<http::Handler> = Arc::new(move |req| handle(req, &ctx));
+    let web_stop = stop.clone();
+    let web = thread::Builder::new()
+        .name("http-accept".into())
+        .spawn(move || http::serve(listener, handler, MAX_BODY, &web_stop))
+        .map_err(|e| format!("cannot start web server thread: {e}"))?;
     log::info!("Complete the startup of web server.");
     log::info!("Web Server at port {} ...", cfg.http_port);
     ready.ok();
@@ -276,9 +260,6 @@ fn run(
     }
     stop.store(true, Ordering::SeqCst);
     monitor.stop.store(true, Ordering::SeqCst);
-    for _ in 0..HTTP_WORKERS {
-        http.unblock();
-    }
     // Let probe rounds and running steps finish, but not forever: an
     // overloaded server (or a step stuck on a dead host) must still stop. A
     // task cut short is marked interrupted and finished at the next start.
@@ -289,9 +270,7 @@ fn run(
         if let Some(l) = leader_thread {
             let _ = l.join();
         }
-        for w in workers {
-            let _ = w.join();
-        }
+        let _ = web.join();
         let _ = done_tx.send(());
     });
     if done_rx.recv_timeout(STOP_GRACE).is_err() {
@@ -307,107 +286,21 @@ fn run(
 /// How long a stopping server waits for its threads.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
-/// Take requests and hand each to a thread of its own.
-///
-/// Why not handle them here: tiny_http reads bodies over 1 KiB only when we
-/// read them, on our thread, with no timeout. A client that announces a
-/// body and never sends it would hold the thread forever, and four such
-/// clients (HTTP_WORKERS) made the admin API deaf (tests/abuse.rs). A stuck
-/// request now costs one thread, as its connection already does in
-/// tiny_http; the count is capped by MAX_IN_FLIGHT.
-fn serve(
-    http: &tiny_http::Server,
-    ctx: &Arc<Ctx>,
-    stop: &AtomicBool,
-    in_flight: &Arc<AtomicUsize>,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        let req = match http.recv_timeout(Duration::from_millis(500)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                log::warn!("web server: {e}");
-                continue;
-            }
-        };
-        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            respond(
-                req,
-                api::Resp::err(503, "server busy: too many requests in progress"),
-            );
-            continue;
-        }
-        let (ctx, n) = (ctx.clone(), in_flight.clone());
-        let spawned = thread::Builder::new()
-            .name("http-req".into())
-            .spawn(move || {
-                handle(req, &ctx);
-                n.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            // The request was dropped with the closure (tiny_http answers 500).
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("web server: cannot start a request thread: {e}");
-        }
-    }
-}
-
-fn handle(mut req: tiny_http::Request, ctx: &Ctx) {
-    let resp = if req.body_length().is_some_and(|n| n > MAX_BODY) {
-        api::Resp::err(413, format!("request body over {MAX_BODY} bytes"))
-    } else {
-        let mut body = Vec::new();
-        let read = req
-            .as_reader()
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut body);
-        match read {
-            Err(e) => api::Resp::err(400, format!("cannot read request body: {e}")),
-            Ok(_) => {
-                let headers: Vec<(String, String)> = req
-                    .headers()
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.field.as_str().as_str().to_string(),
-                            h.value.as_str().to_string(),
-                        )
-                    })
-                    .collect();
-                let header = |name: &str| {
-                    headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                        .map(|(_, v)| v.clone())
-                };
-                let method = req.method().as_str().to_string();
-                let url = req.url().to_string();
-                api::route(
-                    ctx,
-                    &Req {
-                        method: &method,
-                        url: &url,
-                        header: &header,
-                        body: &body,
-                    },
-                )
-            }
-        }
-    };
-    respond(req, resp);
-}
-
-fn respond(req: tiny_http::Request, resp: api::Resp) {
-    // JSON unless the route answers text (e.g. /metrics).
+/// Route one request; JSON answers unless the route answers text (e.g.
+/// /metrics).
+fn handle(req: http::Request, ctx: &Ctx) -> http::Response {
+    let header = |name: &str| req.header(name);
+    let resp = api::route(
+        ctx,
+        &Req {
+            method: &req.method,
+            url: &req.url,
+            header: &header,
+            body: &req.body,
+        },
+    );
     let (ctype, text) = resp
         .text
         .unwrap_or_else(|| ("application/json", resp.body.to_string()));
-    let r = tiny_http::Response::from_string(text)
-        .with_status_code(resp.status)
-        .with_header(
-            tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
-                .expect("static header"),
-        );
-    let _ = req.respond(r);
+    http::Response::new(resp.status, ctype, text)
 }

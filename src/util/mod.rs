@@ -1,7 +1,8 @@
 //! Plumbing that knows nothing of clusters or databases: the log's format,
-//! fixed-width tables, URL queries and signals. Every other part may use it;
+//! fixed-width tables, URL queries, signals and a small HTTP server. Every other part may use it;
 //! it imports nothing from them.
 
+pub mod http;
 pub mod logging;
 pub mod signals;
 pub mod table;
