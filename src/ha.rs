@@ -67,6 +67,12 @@ pub struct Facts {
     /// answer: the postmaster lives but does not serve), by db id: since
     /// when (epoch seconds), without a round in between that was not.
     pub stalled_since: BTreeMap<u32, u64>,
+    /// Standbys (repl_app_name) that acknowledge the primary's WAL now: see
+    /// [`acknowledgers`].
+    pub acks: BTreeSet<String>,
+    /// Since when (epoch seconds) the primary's synchronous_standby_names
+    /// cannot be met by [`Facts::acks`]: commits wait. See [`sync_met`].
+    pub sync_unmet_since: Option<u64>,
 }
 
 /// How long a Normal standby may answer without streaming from the primary
@@ -95,7 +101,27 @@ pub struct Params {
     /// Seconds a stalled primary whose host answers is waited for before
     /// it is fenced (killed) and failed over.
     pub hung_timeout: u64,
+    /// What to do when no synchronous standby acknowledges for
+    /// [`SYNC_GRACE_SECS`]: drop to what acknowledges (asynchronous if
+    /// none) until they stream again, or keep commits waiting.
+    pub sync_fallback: SyncFallback,
 }
+
+/// clup.conf's `sync_fallback`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncFallback {
+    /// Name only the standbys that acknowledge (none: asynchronous), log it
+    /// loudly, and restore the operator's setting once they stream again.
+    Async,
+    /// Leave synchronous_standby_names alone: commits wait, on purpose.
+    Block,
+}
+
+/// How long the synchronous standbys may fail to acknowledge before
+/// [`SyncFallback`] applies: longer than a standby's restart or a
+/// reconnection after a network blip, short enough that a hung standby
+/// does not become an outage.
+pub const SYNC_GRACE_SECS: u64 = 5;
 
 /// One step of a plan. Gather steps only add facts; the rest act.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +212,11 @@ pub enum Action {
     MetaClusterState {
         state: u8,
     },
+    /// Meta: the synchronous_standby_names the operator set, saved while
+    /// clup names fewer standbys (empty: clears it, nothing is degraded).
+    MetaSyncWanted {
+        names: String,
+    },
 }
 
 impl Action {
@@ -229,6 +260,9 @@ impl fmt::Display for Action {
             Action::MetaPrimary { id, old } => write!(f, "meta: db {id} primary, db {old} Fault"),
             Action::MetaDbState { id, state } => write!(f, "meta: db {id} state {state}"),
             Action::MetaClusterState { state } => write!(f, "meta: cluster state {state}"),
+            Action::MetaSyncWanted { names } => {
+                write!(f, "meta: synchronous_standby_names wanted '{names}'")
+            }
         }
     }
 }
@@ -248,6 +282,8 @@ pub enum Kind {
     Repoint,
     /// The primary is gone and no standby is safe to promote.
     NoCandidate,
+    /// synchronous_standby_names changed to what acknowledges, or restored.
+    SyncStandbys,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +346,9 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         return d;
     }
     if let Some(d) = fault_stuck_standby(cluster, primary, facts, now) {
+        return d;
+    }
+    if let Some(d) = sync_upkeep(cluster, primary, facts, p, now) {
         return d;
     }
 
@@ -682,6 +721,188 @@ pub fn choose_candidate<'a>(
     })
 }
 
+/// The standbys that acknowledge the primary's WAL now, of its
+/// pg_stat_replication rows `(application_name, state, flush LSN)`: those
+/// streaming whose flush position moved since the last round
+/// (`last_flush`), or that have flushed all the primary had then
+/// (`last_primary_lsn`). A hung standby keeps its walsender "streaming"
+/// for wal_sender_timeout but flushes nothing; a busy one still moves.
+pub fn acknowledgers(
+    replicas: &[(String, String, Option<u64>)],
+    last_flush: &BTreeMap<String, u64>,
+    last_primary_lsn: Option<u64>,
+) -> BTreeSet<String> {
+    replicas
+        .iter()
+        .filter(|(_, state, _)| state == "streaming")
+        .filter(|(name, _, flush)| {
+            let Some(flush) = *flush else { return false };
+            let moved = last_flush.get(name).is_none_or(|f| flush > *f);
+            let caught_up = last_primary_lsn.is_some_and(|l| flush >= l);
+            moved || caught_up
+        })
+        .map(|(name, _, _)| name.clone())
+        .collect()
+}
+
+/// Can the primary's synchronous_standby_names `names` be met: do enough
+/// of the standbys it names acknowledge? `ANY n`: n of them. `FIRST n`
+/// (and the plain `n (list)` and `list` forms): the standbys the server
+/// chose as synchronous (`chosen`) are n, and all acknowledge; with
+/// `chosen` None (not chosen yet, as when restoring), n of the named
+/// standbys acknowledge. An empty setting (asynchronous) is always met.
+pub fn sync_met(names: &str, acks: &BTreeSet<String>, chosen: Option<&BTreeSet<String>>) -> bool {
+    let names = names.trim();
+    if names.is_empty() {
+        return true;
+    }
+    let (method, num) = parse_sync_method(names);
+    let listed = sync_list(names);
+    let named_acks = acks
+        .iter()
+        .filter(|a| listed.iter().any(|l| l == "*" || l.eq_ignore_ascii_case(a)))
+        .count();
+    match (method, chosen) {
+        ("FIRST", Some(chosen)) => chosen.len() >= num && chosen.iter().all(|c| acks.contains(c)),
+        _ => named_acks >= num,
+    }
+}
+
+/// The standby names of a synchronous_standby_names value.
+fn sync_list(names: &str) -> Vec<String> {
+    let inner = match (names.find('('), names.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &names[a + 1..b],
+        _ => names,
+    };
+    inner
+        .split(',')
+        .map(|n| n.trim().trim_matches('"').to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// The setting that names only the standbys in `acks` (in the order the
+/// operator listed them), in the operator's own syntax, asking for no more
+/// of them than acknowledge; empty (asynchronous) when none does.
+fn sync_degraded(wanted: &str, acks: &BTreeSet<String>) -> String {
+    let (method, num) = parse_sync_method(wanted);
+    let listed = sync_list(wanted);
+    let mut keep: Vec<&String> = Vec::new();
+    for l in &listed {
+        for a in acks
+            .iter()
+            .filter(|a| l == "*" || l.eq_ignore_ascii_case(a))
+        {
+            if !keep.contains(&a) {
+                keep.push(a);
+            }
+        }
+    }
+    if keep.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = keep.iter().map(|s| s.as_str()).collect();
+    sync_setting(wanted, method, num.min(names.len()), &names)
+}
+
+/// A synchronous_standby_names value in the style of `like`: with the
+/// method keyword only when `like` has one (9.6 knows only `n (list)`).
+fn sync_setting(like: &str, method: &str, n: usize, names: &[&str]) -> String {
+    let upper = like.trim().to_ascii_uppercase();
+    if upper.starts_with("ANY ") || upper.starts_with("FIRST ") {
+        format!("{method} {n} ({})", names.join(","))
+    } else {
+        format!("{n} ({})", names.join(","))
+    }
+}
+
+/// Synchronous replication that nobody acknowledges is an outage nobody
+/// chose: every commit waits. After [`SYNC_GRACE_SECS`] of that, with
+/// `sync_fallback = async`, the primary names only the standbys that
+/// acknowledge (none: asynchronous) and the operator's setting is kept in
+/// the meta; it is put back once enough standbys acknowledge again. With
+/// `block`, commits keep waiting, and the reason says so every time it
+/// changes. `None`: nothing to do.
+fn sync_upkeep(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    now: u64,
+) -> Option<Decision> {
+    let current = facts.sync_names.as_deref()?.trim().to_string();
+    let wanted = if cluster.sync_wanted.is_empty() {
+        current.clone()
+    } else {
+        cluster.sync_wanted.clone()
+    };
+    if wanted.is_empty() {
+        return None;
+    }
+    let decision = |plan: Vec<Action>, reason: String| Decision {
+        kind: Kind::SyncStandbys,
+        plan,
+        reason,
+        subject: Some(primary.id),
+    };
+    if current != wanted && sync_met(&wanted, &facts.acks, None) {
+        return Some(decision(
+            vec![
+                Action::SetSyncNames {
+                    id: primary.id,
+                    names: wanted.clone(),
+                },
+                Action::MetaSyncWanted {
+                    names: String::new(),
+                },
+            ],
+            format!(
+                "synchronous standbys acknowledge again: synchronous_standby_names of database({}) restored to '{wanted}'",
+                primary.addr()
+            ),
+        ));
+    }
+    let since = facts.sync_unmet_since?;
+    let waited = now.saturating_sub(since);
+    if current.is_empty() || waited < SYNC_GRACE_SECS {
+        return None;
+    }
+    let acks: Vec<&str> = facts.acks.iter().map(String::as_str).collect();
+    let head = format!(
+        "SYNCHRONOUS STANDBYS DO NOT ACKNOWLEDGE: database({}) has synchronous_standby_names '{current}' but for {waited} s only [{}] acknowledged, so commits wait",
+        primary.addr(),
+        acks.join(",")
+    );
+    if p.sync_fallback == SyncFallback::Block {
+        return Some(Decision::nothing(format!(
+            "{head}; left so on purpose (sync_fallback = block)"
+        )));
+    }
+    let names = sync_degraded(&wanted, &facts.acks);
+    if names == current {
+        return None;
+    }
+    let mut plan = Vec::new();
+    if cluster.sync_wanted.is_empty() {
+        plan.push(Action::MetaSyncWanted {
+            names: wanted.clone(),
+        });
+    }
+    plan.push(Action::SetSyncNames {
+        id: primary.id,
+        names: names.clone(),
+    });
+    let now_what = if names.is_empty() {
+        "ASYNCHRONOUS until a standby acknowledges again".to_string()
+    } else {
+        format!("'{names}'")
+    };
+    Some(decision(
+        plan,
+        format!("{head}; synchronous_standby_names set to {now_what} (sync_fallback = async; '{wanted}' is restored then)"),
+    ))
+}
+
 /// synchronous_standby_names after `new` becomes the primary: the same
 /// method and count, naming the surviving standbys and then the old primary
 /// (which may come back as a standby), so commits neither block forever
@@ -973,8 +1194,20 @@ fn failover_plan(
         id: cand.id,
         old: primary.id,
     });
-    if let Some(names) = sync_names_after(cluster, primary, cand, facts.sync_names.as_deref()) {
+    // The operator's setting, when clup had named fewer standbys.
+    let wanted = Some(cluster.sync_wanted.as_str()).filter(|w| !w.is_empty());
+    if let Some(names) = sync_names_after(
+        cluster,
+        primary,
+        cand,
+        wanted.or(facts.sync_names.as_deref()),
+    ) {
         plan.push(Action::SetSyncNames { id: cand.id, names });
+    }
+    if wanted.is_some() {
+        plan.push(Action::MetaSyncWanted {
+            names: String::new(),
+        });
     }
     for d in cluster.normal_standbys().filter(|d| d.id != cand.id) {
         plan.push(Action::Repoint {
@@ -1040,6 +1273,7 @@ mod tests {
         failover_max_lag: 16 << 20,
         restart_tries: 2,
         hung_timeout: 20,
+        sync_fallback: SyncFallback::Async,
     };
 
     fn cluster() -> Cluster {
@@ -1531,6 +1765,138 @@ mod tests {
             Action::DeleteWriteVip {
                 host: "192.168.56.41".into()
             }
+        );
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn acknowledgers_are_streaming_standbys_whose_flush_moves_or_caught_up() {
+        let rows = |f2: u64, f3: u64, s4: &str| {
+            vec![
+                ("stb02".to_string(), "streaming".to_string(), Some(f2)),
+                ("stb03".to_string(), "streaming".to_string(), Some(f3)),
+                ("stb04".to_string(), s4.to_string(), Some(500)),
+            ]
+        };
+        let last: BTreeMap<String, u64> = [
+            ("stb02".into(), 100),
+            ("stb03".into(), 300),
+            ("stb04".into(), 400),
+        ]
+        .into();
+        // stb02 moved; stb03 stood still but has all the primary had last
+        // round; stb04 is not streaming.
+        let a = acknowledgers(&rows(200, 300, "catchup"), &last, Some(300));
+        assert_eq!(a, set(&["stb02", "stb03"]));
+        // stb03 stood still behind the primary: hung.
+        let a = acknowledgers(&rows(200, 300, "streaming"), &last, Some(900));
+        assert_eq!(a, set(&["stb02", "stb04"]));
+    }
+
+    #[test]
+    fn sync_setting_is_met_by_enough_acknowledging_standbys() {
+        let acks = set(&["stb03"]);
+        assert!(sync_met("", &acks, None));
+        assert!(sync_met("ANY 1 (stb02,stb03)", &acks, None));
+        assert!(!sync_met("ANY 2 (stb02,stb03)", &acks, None));
+        // FIRST: the chosen one must acknowledge, whoever else does.
+        assert!(!sync_met(
+            "FIRST 1 (stb02,stb03)",
+            &acks,
+            Some(&set(&["stb02"]))
+        ));
+        assert!(sync_met(
+            "FIRST 1 (stb02,stb03)",
+            &acks,
+            Some(&set(&["stb03"]))
+        ));
+        assert!(!sync_met("1 (stb02,stb03)", &acks, Some(&set(&[]))));
+        assert!(sync_met("*", &acks, Some(&set(&["stb03"]))));
+        assert!(!sync_met("ANY 1 (stb02,stb04)", &acks, None));
+    }
+
+    /// A synchronous primary nobody acknowledges: after the grace period,
+    /// only the acknowledging standbys are named (none: asynchronous), the
+    /// operator's setting is kept in the meta and put back once they
+    /// acknowledge again; with block, commits wait and the reason says so.
+    #[test]
+    fn sync_standbys_that_do_not_acknowledge_are_dropped_then_restored() {
+        let unmet = |acks: &[&str], since: u64| {
+            facts(|f| {
+                f.sync_names = Some("FIRST 1 (stb02,stb03,stb04)".into());
+                f.acks = set(acks);
+                f.sync_unmet_since = Some(since);
+            })
+        };
+        // Within the grace period: nothing.
+        let d = decide(&cluster(), &unmet(&["stb03"], 100), &P, 102);
+        assert!(d.reason.starts_with("no action: primary"), "{}", d.reason);
+        // Then the acknowledging one alone.
+        let d = decide(&cluster(), &unmet(&["stb03"], 100), &P, 106);
+        assert_eq!(d.kind, Kind::SyncStandbys, "{d:?}");
+        assert_eq!(
+            d.plan,
+            [
+                Action::MetaSyncWanted {
+                    names: "FIRST 1 (stb02,stb03,stb04)".into()
+                },
+                Action::SetSyncNames {
+                    id: 1,
+                    names: "FIRST 1 (stb03)".into()
+                }
+            ]
+        );
+        // Nobody: asynchronous, loudly.
+        let d = decide(&cluster(), &unmet(&[], 100), &P, 106);
+        assert_eq!(
+            d.plan[1],
+            Action::SetSyncNames {
+                id: 1,
+                names: String::new()
+            }
+        );
+        assert!(d.reason.contains("ASYNCHRONOUS"), "{}", d.reason);
+        // block: nothing changes, and the reason says why.
+        let block = Params {
+            sync_fallback: SyncFallback::Block,
+            ..P
+        };
+        let d = decide(&cluster(), &unmet(&[], 100), &block, 106);
+        assert_eq!(d.kind, Kind::Nothing);
+        assert!(d.reason.contains("sync_fallback = block"), "{}", d.reason);
+        // Degraded, and enough acknowledge again: restored.
+        let mut c = cluster();
+        c.sync_wanted = "FIRST 1 (stb02,stb03,stb04)".into();
+        let back = facts(|f| {
+            f.sync_names = Some(String::new());
+            f.acks = set(&["stb02"]);
+        });
+        let d = decide(&c, &back, &P, 200);
+        assert_eq!(d.kind, Kind::SyncStandbys);
+        assert_eq!(
+            d.plan,
+            [
+                Action::SetSyncNames {
+                    id: 1,
+                    names: "FIRST 1 (stb02,stb03,stb04)".into()
+                },
+                Action::MetaSyncWanted {
+                    names: String::new()
+                }
+            ]
+        );
+        // An asynchronous cluster is left alone.
+        let plain = facts(|f| f.sync_names = Some(String::new()));
+        assert!(decide(&cluster(), &plain, &P, 200)
+            .reason
+            .starts_with("no action: primary"));
+        // The 9.6 form keeps its form.
+        assert_eq!(
+            sync_degraded("2 (stb02,stb03)", &set(&["stb03"])),
+            "1 (stb03)"
         );
     }
 

@@ -827,7 +827,10 @@ fn sigstop_postgres(lab: &Lab, host: &str, sig: &str) {
     let out = lab.exec(host, &["sh", "-c", &script]);
     // A hung server may have been fenced (killed) meanwhile: nothing to wake.
     let fenced = sig == "CONT" && out.stderr.contains("No such process");
-    assert!(out.code == 0 || fenced, "kill -{sig} postgres on {host}: {out:?}");
+    assert!(
+        out.code == 0 || fenced,
+        "kill -{sig} postgres on {host}: {out:?}"
+    );
 }
 
 fn repair(sc: &Scenario, host: &str, how: &[&str]) {

@@ -65,6 +65,8 @@ pub enum Kind {
     Count,
     LogLevel,
     MetaStore,
+    /// async or block.
+    SyncFallback,
     /// Comma-separated `http://host:port` URLs.
     Endpoints,
 }
@@ -128,6 +130,8 @@ pub const KEYS: &[Key] = &[
           doc: "How often a database whose host is up is restarted in place before giving up." },
     Key { name: "hung_timeout", kind: Kind::Seconds, default: Some("20"),
           doc: "Seconds a primary may stall (it accepts TCP connections, its host answers ssh, but no new session gets an answer) before it is fenced (kill -9 of the postmaster and its children, over ssh) and failed over. A stalled server is never restarted: it is running. Far longer than a checkpoint or a burst of load delays a login, which takes milliseconds even then." },
+    Key { name: "sync_fallback", kind: Kind::SyncFallback, default: Some("async"),
+          doc: "When the standbys named in the primary's synchronous_standby_names do not acknowledge for 5 s (down, hung, cut off), every commit waits. async: the primary then names only the standbys that acknowledge (none: asynchronous), loudly logged and shown in /metrics (clup_sync_degraded), and the operator's setting is restored once enough of them acknowledge again. block: commits keep waiting, on purpose, and the log says so." },
     Key { name: "cstlb_timeout", kind: Kind::Seconds, default: Some("2"),
           doc: "Seconds a request to a cstlb management port may take." },
     Key { name: "log_level", kind: Kind::LogLevel, default: Some("info"),
@@ -179,6 +183,8 @@ pub struct Config {
     pub failover_max_lag: u64,
     pub restart_tries: u32,
     pub hung_timeout: Duration,
+    /// `sync_fallback = block` (else async).
+    pub sync_block: bool,
     pub cstlb_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub meta_store: StoreKind,
@@ -272,6 +278,7 @@ impl Config {
             failover_max_lag: parse_bytes(&get("failover_max_lag")).expect("checked"),
             restart_tries: count("restart_tries"),
             hung_timeout: secs("hung_timeout"),
+            sync_block: get("sync_fallback") == "block",
             cstlb_timeout: secs("cstlb_timeout"),
             log_level: get("log_level").parse().expect("checked"),
             meta_store: if get("meta_store") == "etcd" {
@@ -480,6 +487,10 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
         Kind::MetaStore => match v {
             "file" | "etcd" => Ok(()),
             _ => Err(format!("invalid value {}: expected file or etcd", shown(def, v))),
+        },
+        Kind::SyncFallback => match v {
+            "async" | "block" => Ok(()),
+            _ => Err(format!("invalid value {}: expected async or block", shown(def, v))),
         },
         Kind::Endpoints if v.is_empty() => Ok(()),
         Kind::Endpoints => parse_endpoints(v)

@@ -68,6 +68,11 @@ pub struct Cluster {
     pub lock_holder: String,
     pub read_vip_host: String,
     pub db_list: Vec<Db>,
+    /// The primary's synchronous_standby_names as the operator set it,
+    /// kept while clup names fewer standbys because the others do not
+    /// acknowledge (`sync_fallback = async`); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sync_wanted: String,
 }
 
 impl Cluster {
@@ -194,6 +199,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "state",
     "lock_time",
     "lock_holder",
+    "sync_wanted",
     "read_vip_host",
     "db_list",
 ];
@@ -303,6 +309,11 @@ fn parse_cluster(ctx: &Ctx, obj: &Map<String, Value>) -> Result<Cluster, MetaErr
         },
         read_vip_host: ctx.field(obj, "read_vip_host", "an IPv4 address string")?,
         db_list,
+        sync_wanted: if obj.contains_key("sync_wanted") {
+            ctx.field(obj, "sync_wanted", "a synchronous_standby_names string")?
+        } else {
+            String::new()
+        },
     })
 }
 

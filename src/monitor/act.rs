@@ -117,6 +117,7 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
         Kind::Fence => "fence",
         Kind::Repoint => "repoint",
         Kind::NoCandidate => "no candidate",
+        Kind::SyncStandbys => "synchronous standbys",
         _ => "action",
     };
     let holder = format!("{what} of cluster {name}");
@@ -349,6 +350,13 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
             let (id, state) = (*id, *state);
             save_node_state(shared, name, pre, t, |c| {
                 c.db_mut(id).ok_or("db vanished")?.state = state;
+                Ok(())
+            })
+        }
+        Action::MetaSyncWanted { names } => {
+            let names = names.clone();
+            meta_update_cluster(shared, name, move |c| {
+                c.sync_wanted = names.clone();
                 Ok(())
             })
         }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::exec::pg::{self, DbProbe};
 use crate::exec::ssh::{self as exssh, Ssh};
 use crate::exec::vip;
-use crate::ha::{Kind, Params, VipSeen};
+use crate::ha::{Kind, Params, SyncFallback, VipSeen};
 use crate::model::config::Config;
 use crate::model::home::Home;
 use crate::model::meta::Cluster;
@@ -278,6 +278,11 @@ impl Shared {
             failover_max_lag: self.cfg.failover_max_lag,
             restart_tries: self.cfg.restart_tries,
             hung_timeout: self.cfg.hung_timeout.as_secs(),
+            sync_fallback: if self.cfg.sync_block {
+                SyncFallback::Block
+            } else {
+                SyncFallback::Async
+            },
         }
     }
 
@@ -394,6 +399,12 @@ struct Memory {
     probe_errors: BTreeMap<u32, String>,
     /// Databases whose probes stall (see [`crate::ha::Facts::stalled_since`]).
     stalled_since: BTreeMap<u32, u64>,
+    /// The standbys acknowledging the primary's WAL, and their flush
+    /// positions last round (see [`crate::ha::acknowledgers`]).
+    acks: std::collections::BTreeSet<String>,
+    last_flush: BTreeMap<String, u64>,
+    /// Since when synchronous_standby_names could not be met.
+    sync_unmet_since: Option<u64>,
 }
 
 impl Memory {
@@ -415,6 +426,9 @@ impl Memory {
                     self.restarts.clear();
                     self.not_streaming_since.clear();
                     self.stalled_since.clear();
+                    self.acks.clear();
+                    self.last_flush.clear();
+                    self.sync_unmet_since = None;
                 }
             }
         }

@@ -180,6 +180,7 @@ pub(super) fn remember(
             .get(&primary.id)
             .filter(|p| p.ok && p.in_recovery == Some(false))
         {
+            note_acks(p, mem, now);
             if let Some(lsn) = p.wal_lsn {
                 mem.primary_last_lsn = Some(mem.primary_last_lsn.map_or(lsn, |l| l.max(lsn)));
             }
@@ -193,6 +194,34 @@ pub(super) fn remember(
         }
     }
     watch_streaming(cluster, probes, &mut mem.not_streaming_since);
+}
+
+/// From a healthy primary's probe: which standbys acknowledge its WAL
+/// ([`ha::acknowledgers`], against the last round's positions), and since
+/// when its synchronous_standby_names cannot be met by them.
+fn note_acks(p: &DbProbe, mem: &mut Memory, now: u64) {
+    let rows: Vec<(String, String, Option<u64>)> = p
+        .replicas
+        .iter()
+        .map(|r| (r.application_name.clone(), r.state.clone(), r.flush_lsn))
+        .collect();
+    mem.acks = ha::acknowledgers(&rows, &mem.last_flush, mem.primary_last_lsn);
+    mem.last_flush = rows
+        .iter()
+        .filter_map(|(n, _, f)| Some((n.clone(), (*f)?)))
+        .collect();
+    let chosen: std::collections::BTreeSet<String> = p
+        .replicas
+        .iter()
+        .filter(|r| r.sync_state == "sync")
+        .map(|r| r.application_name.clone())
+        .collect();
+    let names = p.sync_names.as_deref().unwrap_or("");
+    mem.sync_unmet_since = if ha::sync_met(names, &mem.acks, Some(&chosen)) {
+        None
+    } else {
+        Some(mem.sync_unmet_since.unwrap_or(now))
+    };
 }
 
 /// The facts the decision starts from: this round's probes, what the loop
@@ -261,6 +290,8 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
         sync_standbys: mem.sync_standbys.clone(),
         not_streaming_since: mem.not_streaming_since.clone(),
         stalled_since: mem.stalled_since.clone(),
+        acks: mem.acks.clone(),
+        sync_unmet_since: mem.sync_unmet_since,
         ..Default::default()
     }
 }

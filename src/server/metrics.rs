@@ -114,7 +114,7 @@ fn cluster_families(
     clusters: &Clusters,
     observed: &BTreeMap<String, Observed>,
     now: u64,
-) -> [Family; 5] {
+) -> [Family; 6] {
     let mut c_state = Family::new(
         "clup_cluster_state",
         "gauge",
@@ -140,9 +140,15 @@ fn cluster_families(
         "gauge",
         "How long the last probe round of the cluster took, actions included.",
     );
+    let mut c_sync = Family::new(
+        "clup_sync_degraded",
+        "gauge",
+        "1 while clup names fewer synchronous standbys than the operator set, because the others do not acknowledge (sync_fallback = async).",
+    );
     for (name, c) in clusters {
         let cl = labels(&[("cluster", name)]);
         c_state.add(cl.clone(), c.state);
+        c_sync.add(cl.clone(), u8::from(!c.sync_wanted.is_empty()));
         c_frozen.add(cl.clone(), u8::from(c.state == meta::CLUSTER_FROZEN));
         c_lock.add(cl.clone(), u8::from(c.lock_time > now));
         if let Some(o) = observed.get(name) {
@@ -150,7 +156,7 @@ fn cluster_families(
             c_round.add(cl, secs(o.round_ms));
         }
     }
-    [c_state, c_frozen, c_lock, c_at, c_round]
+    [c_state, c_frozen, c_lock, c_sync, c_at, c_round]
 }
 
 /// The per-database families, in scrape order: role and state from the
@@ -419,6 +425,10 @@ clup_cluster_frozen{{cluster="c1"}} 0
 # TYPE clup_cluster_lock_held gauge
 clup_cluster_lock_held{{cluster="c\"2\\\n"}} 0
 clup_cluster_lock_held{{cluster="c1"}} 1
+# HELP clup_sync_degraded 1 while clup names fewer synchronous standbys than the operator set, because the others do not acknowledge (sync_fallback = async).
+# TYPE clup_sync_degraded gauge
+clup_sync_degraded{{cluster="c\"2\\\n"}} 0
+clup_sync_degraded{{cluster="c1"}} 0
 # HELP clup_cluster_last_probe_timestamp_seconds When the monitor last finished a probe round of the cluster (epoch seconds).
 # TYPE clup_cluster_last_probe_timestamp_seconds gauge
 clup_cluster_last_probe_timestamp_seconds{{cluster="c1"}} 150
