@@ -683,6 +683,9 @@ fn rewind(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<
             Duration::from_secs(3600),
         )
         .map_err(|e| format!("{hp}: pg_rewind failed: {e}"))?;
+    for l in out.stdout.lines().filter(|l| l.starts_with("target state")) {
+        t.info(&format!("{hp}: {l}"));
+    }
     t.info(&format!(
         "{hp}: pg_rewind completed in {} ms: {}",
         t0.elapsed().as_millis(),
