@@ -291,7 +291,10 @@ fn hostile_values_arrive_as_one_literal_argument() {
         if bin_ok {
             assert!(has_arg(&calls, &pg_ctl), "bin not one argument: {calls:?}");
         }
-        for f in [pgctl::stop_fast, pgctl::promote] {
+        let promote_wait = |r: &dyn clup::exec::Remote, d: &_, c: &_| pgctl::promote(r, d, c, true);
+        let promote_no_wait =
+            |r: &dyn clup::exec::Remote, d: &_, c: &_| pgctl::promote(r, d, c, false);
+        for f in [pgctl::stop_fast, promote_wait, promote_no_wait] {
             lab.clear();
             let _ = f(&remote, &db, &cfg);
             check_calls(&lab, "pg_ctl stop/promote", &payload, &whole);

@@ -75,7 +75,7 @@ pub struct Lab {
     /// The lab's PostgreSQL bin dir (PG_BIN of `$LAB_DIR/env`).
     pub pg_bin: String,
     /// Built with `--pg MAJOR`: the default lab is rebuilt on drop.
-    pub major: Option<u32>,
+    pub major: Option<&'static str>,
     /// With etcd: the monitor hosts whose clupserver (own home) was started.
     monitors: Vec<String>,
     /// With etcd: the hosts running an etcd member.
@@ -94,13 +94,13 @@ impl Lab {
         Lab::take_with(probe_interval, sync, None)
     }
 
-    /// As [`Lab::take_opts`], with PostgreSQL `major` (10..18) from
-    /// scripts/pg-dist (`scripts/lab up --pg MAJOR`).
-    pub fn take_version(probe_interval: u32, sync: bool, major: u32) -> Lab {
+    /// As [`Lab::take_opts`], with PostgreSQL `major` (`9.6`, `10`..`18`)
+    /// from scripts/pg-dist (`scripts/lab up --pg MAJOR`).
+    pub fn take_version(probe_interval: u32, sync: bool, major: &'static str) -> Lab {
         Lab::take_with(probe_interval, sync, Some(major))
     }
 
-    fn take_with(probe_interval: u32, sync: bool, major: Option<u32>) -> Lab {
+    fn take_with(probe_interval: u32, sync: bool, major: Option<&'static str>) -> Lab {
         let guard = LAB.lock().unwrap_or_else(|p| p.into_inner());
         let waited = Instant::now();
         let lock = lab_lock();

@@ -3,9 +3,11 @@
 //! Debian's 15 client tools where they work with that major; see
 //! docs/pg-versions.md). One test per major runs the scenarios in sequence
 //! on one lab: restart in place, standby loss and repair, switch and back,
-//! primary failover and repair of the old primary. 11 is the last major
-//! with recovery.conf, 12 the first with standby.signal, 15 is Debian's
-//! (whose pg_rewind and pg_controldata fit), 18 the newest.
+//! primary failover and repair of the old primary. 9.6 is the manual's
+//! major (xlog names, pg_ctl promote without -w, md5, its own client tools
+//! from ../shared/pg), 11 the last major with recovery.conf, 12 the first
+//! with standby.signal, 15 is Debian's (whose pg_rewind and pg_controldata
+//! fit), 18 the newest.
 
 use std::time::Instant;
 
@@ -29,7 +31,7 @@ fn streaming(lab: &Lab) -> Option<String> {
 /// lab has for that major (scripts/lab's compose_pg_bin).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Repair {
-    /// pg_rewind of the server's own major (Debian's 15).
+    /// pg_rewind of the server's own major (Debian's 15, 9.6's own).
     Rewind,
     /// pg_basebackup no older than the server (Debian's 15 for 10..15).
     Rebuild,
@@ -38,8 +40,18 @@ enum Repair {
     NoTool,
 }
 
-fn scenarios(major: u32, repair: Repair) {
+/// `major` as scripts/lab takes it (`9.6`, `15`) -> server_version_num / 100
+/// (906, 1500).
+fn major_num(major: &str) -> u32 {
+    match major.split_once('.') {
+        Some((a, b)) => a.parse::<u32>().unwrap() * 100 + b.parse::<u32>().unwrap(),
+        None => major.parse::<u32>().unwrap() * 100,
+    }
+}
+
+fn scenarios(major: &'static str, repair: Repair) {
     let t0 = Instant::now();
+    let num = major_num(major);
     let mut lab = Lab::take_version(1, true, major);
     eprintln!(
         "pg{major}: lab taken and up in {:.1} s",
@@ -53,8 +65,17 @@ fn scenarios(major: u32, repair: Repair) {
             "select current_setting('server_version_num')",
         )
         .unwrap();
-    assert_eq!(v.parse::<u32>().unwrap() / 10000, major, "{v}");
-    assert_recovery_files(&lab, major, "pg02");
+    let v: u32 = v.parse().unwrap();
+    assert_eq!(
+        if v >= 100000 {
+            v / 10000 * 100
+        } else {
+            v / 100
+        },
+        num,
+        "{v}"
+    );
+    assert_recovery_files(&lab, num, "pg02");
     lab.start_server();
     assert!(
         lab.wait(10, |l| in_log(
@@ -108,7 +129,7 @@ fn scenarios(major: u32, repair: Repair) {
     assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
     assert_eq!(lab.db_state(2), ("Normal".to_string(), 0));
     assert!(lab.wait(20, |l| streaming(l).as_deref() == Some("3")));
-    assert_recovery_files(&lab, major, "pg02");
+    assert_recovery_files(&lab, num, "pg02");
     eprintln!(
         "pg{major}: standby loss + repair {:.1} s",
         t.elapsed().as_secs_f64()
@@ -148,7 +169,7 @@ fn scenarios(major: u32, repair: Repair) {
             lab.log()
         );
     }
-    assert_recovery_files(&lab, major, "pg03");
+    assert_recovery_files(&lab, num, "pg03");
     eprintln!(
         "pg{major}: switch and back {:.1} s",
         t.elapsed().as_secs_f64()
@@ -212,7 +233,7 @@ fn scenarios(major: u32, repair: Repair) {
         .into_iter()
         .find(|h| *h != new)
         .unwrap();
-    assert_recovery_files(&lab, major, other);
+    assert_recovery_files(&lab, num, other);
     eprintln!(
         "pg{major}: failover, writes through the write VIP again {:.1} s after the power-off",
         outage.as_secs_f64()
@@ -251,6 +272,15 @@ fn scenarios(major: u32, repair: Repair) {
         eprintln!("pg{major}: repair {flag} refused (no pg_basebackup for {major} here)");
     } else {
         assert_eq!(out.code, 0, "repair {flag}: {out:?}\n{}", lab.log());
+        if repair == Repair::Rewind && num < 1300 {
+            // Before 13 pg_rewind refuses a target that was not shut down
+            // cleanly: clup recovers the powered-off primary first.
+            assert!(
+                out.stdout.contains("single-user crash recovery"),
+                "{}",
+                out.stdout
+            );
+        }
         assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
         assert!(lab.wait(20, |l| l.role("pg01") == Some(true)));
         assert!(
@@ -258,7 +288,7 @@ fn scenarios(major: u32, repair: Repair) {
             "pg01 not streaming after repair {flag}:\n{}",
             lab.log()
         );
-        assert_recovery_files(&lab, major, "pg01");
+        assert_recovery_files(&lab, num, "pg01");
         eprintln!(
             "pg{major}: repair {flag} {:.1} s",
             t.elapsed().as_secs_f64()
@@ -268,6 +298,9 @@ fn scenarios(major: u32, repair: Repair) {
             &["sh", "-c", "rm -rf /var/lib/postgresql/pgdata/clup-old-*"],
         );
     }
+    for l in lab.log().lines().filter(|l| l.contains("romote")) {
+        eprintln!("pg{major}: log: {l}");
+    }
     eprintln!(
         "pg{major}: all scenarios in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -276,33 +309,38 @@ fn scenarios(major: u32, repair: Repair) {
 
 /// A standby of PG <= 11 has recovery.conf (and no standby.signal); from
 /// 12 on, standby.signal and no recovery.conf (12 refuses to start with one).
-fn assert_recovery_files(lab: &Lab, major: u32, host: &str) {
-    let (want, not) = if major <= 11 {
+fn assert_recovery_files(lab: &Lab, num: u32, host: &str) {
+    let (want, not) = if num < 1200 {
         ("recovery.conf", "standby.signal")
     } else {
         ("standby.signal", "recovery.conf")
     };
     let script = format!("cd /var/lib/postgresql/pgdata && test -f {want} && ! test -e {not}");
     let out = lab.exec(host, &["sh", "-c", &script]);
-    assert_eq!(out.code, 0, "{host} (PG {major}): want {want}, no {not}");
+    assert_eq!(out.code, 0, "{host} (PG {num}): want {want}, no {not}");
+}
+
+#[test]
+fn lab_versions_pg96_xlog_names_and_own_pg_rewind() {
+    scenarios("9.6", Repair::Rewind);
 }
 
 #[test]
 fn lab_versions_pg11_recovery_conf() {
-    scenarios(11, Repair::Rebuild);
+    scenarios("11", Repair::Rebuild);
 }
 
 #[test]
 fn lab_versions_pg12_standby_signal() {
-    scenarios(12, Repair::Rebuild);
+    scenarios("12", Repair::Rebuild);
 }
 
 #[test]
 fn lab_versions_pg15_with_pg_rewind() {
-    scenarios(15, Repair::Rewind);
+    scenarios("15", Repair::Rewind);
 }
 
 #[test]
 fn lab_versions_pg18_newest() {
-    scenarios(18, Repair::NoTool);
+    scenarios("18", Repair::NoTool);
 }

@@ -1,34 +1,38 @@
-//! Talking to PostgreSQL servers: bounded-time probes and the few admin
-//! statements clup needs (promote, synchronous_standby_names, checkpoint).
+//! Talking to PostgreSQL servers: bounded-time probes, and the shared
+//! pieces of the admin calls ([`pgadmin`](crate::exec::pgadmin), re-exported
+//! here).
 //!
 //! Owns: connection settings (timeouts, application_name=clup, no TLS), the
-//! probe's queries and their parsing into [`DbProbe`], the probe sessions a
-//! cluster keeps between rounds ([`ProbeConns`]), LSN text <-> u64, SQL
-//! literal quoting. Must not: decide what a probe result means, retry, or
-//! show a password anywhere.
+//! probe sessions a cluster keeps between rounds ([`ProbeConns`]) and the
+//! probe's flow (heartbeat write, status read); LSN text <-> u64, SQL
+//! literal quoting. The status SQL and its parsing live in
+//! [`pgstatus`](crate::exec::pgstatus), by the server's major
+//! ([`pgver`](crate::exec::pgver)). Must not: decide what a probe result
+//! means, retry, or show a password anywhere.
 //!
 //! Probes go through [`wire`]: all of a cluster's databases at once (one
 //! scoped thread per database but the first, joined before returning),
-//! under one deadline, on sessions kept between rounds.
-//! The one-off admin calls use the `postgres` client on a worker thread that
-//! is abandoned at its deadline, so a stopped or hanging server can never
-//! stall the caller; while an abandoned call to a server is still stuck,
-//! further admin calls to that server fail at once instead of piling up
-//! threads.
+//! under one deadline, on sessions kept between rounds. A session's status
+//! SQL is that of the version its server reported at login.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Mutex;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use postgres::config::SslMode;
-use postgres::{Client, NoTls, SimpleQueryMessage};
+use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
 
 use crate::exec::heartbeat::{self, Turn};
-use crate::exec::ssh::Remote;
-use crate::exec::{accepts, pgctl, pool, wire, Error};
+use crate::exec::pgstatus::{fill_status, status_sql, Results, STATUS_STATEMENTS};
+use crate::exec::pgver::PgVer;
+use crate::exec::{accepts, pool, wire};
+
+pub(crate) use crate::exec::pgadmin::alter_system;
+pub use crate::exec::pgadmin::{
+    checkpoint, current_lsn, hanging_calls, promote, query_row, set_sync_names, version_and_role,
+};
+pub use crate::exec::pgstatus::parse_conninfo;
 use crate::model::config::{Config, Secret};
 use crate::model::meta::Db;
 
@@ -113,7 +117,7 @@ impl PgError {
         }
     }
 
-    fn from_pg(what: &str, e: &postgres::Error) -> PgError {
+    pub(crate) fn from_pg(what: &str, e: &postgres::Error) -> PgError {
         match e.as_db_error() {
             Some(db) => PgError {
                 what: what.to_string(),
@@ -172,20 +176,20 @@ pub const PROMOTE_WAIT: Duration = Duration::from_secs(60);
 /// Who to connect as, where, and for how long. Owned, so a worker thread can
 /// take it.
 #[derive(Clone)]
-struct Target {
-    host: String,
-    port: u16,
-    dbname: String,
-    user: String,
-    password: Secret,
-    connect_timeout: Duration,
-    statement_timeout: Duration,
+pub(crate) struct Target {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) dbname: String,
+    pub(crate) user: String,
+    pub(crate) password: Secret,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
     /// Extra `-c name=value` settings for the session.
-    settings: Vec<(&'static str, &'static str)>,
+    pub(crate) settings: Vec<(&'static str, &'static str)>,
 }
 
 impl Target {
-    fn status(db: &Db, cfg: &Config, dbname: &str) -> Target {
+    pub(crate) fn status(db: &Db, cfg: &Config, dbname: &str) -> Target {
         Target {
             host: db.host.clone(),
             port: db.port,
@@ -198,7 +202,7 @@ impl Target {
         }
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
 
@@ -227,7 +231,7 @@ impl Target {
         }
     }
 
-    fn connect(&self, what: &str) -> Result<Client, PgError> {
+    pub(crate) fn connect(&self, what: &str) -> Result<Client, PgError> {
         let options = self.options();
         let mut c = postgres::Config::new();
         c.host(&self.host)
@@ -248,138 +252,9 @@ impl Target {
     }
 }
 
-/// Calls running on worker threads, by id: the server they talk to and
-/// whether the caller gave up on them.
-static CALLS: Mutex<Calls> = Mutex::new(Calls {
-    next: 0,
-    running: BTreeMap::new(),
-});
-
-struct Calls {
-    next: u64,
-    running: BTreeMap<u64, (String, bool)>,
-}
-
-fn calls() -> std::sync::MutexGuard<'static, Calls> {
-    CALLS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// How many abandoned calls are still stuck (all servers).
-pub fn hanging_calls() -> usize {
-    calls()
-        .running
-        .values()
-        .filter(|(_, gave_up)| *gave_up)
-        .count()
-}
-
-/// Run `f` on a worker thread and wait at most `limit` for it. A call that
-/// does not finish is abandoned (its thread ends when the server answers or
-/// the connection dies); until then, calls to the same server fail at once.
-fn bounded<T: Send + 'static>(
-    addr: &str,
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> Result<T, PgError> + Send + 'static,
-) -> Result<T, PgError> {
-    let id = {
-        let mut c = calls();
-        if c.running.values().any(|(a, gave_up)| a == addr && *gave_up) {
-            return Err(PgError::new(
-                what,
-                "an earlier call to this server is still hanging",
-            ));
-        }
-        c.next += 1;
-        let id = c.next;
-        c.running.insert(id, (addr.to_string(), false));
-        id
-    };
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let spawned = thread::Builder::new()
-        .name("clup-pg".to_string())
-        .spawn(move || {
-            let r = f();
-            calls().running.remove(&id);
-            let _ = tx.send(r);
-        });
-    if let Err(e) = spawned {
-        calls().running.remove(&id);
-        return Err(PgError::new(what, format!("cannot start a thread: {e}")));
-    }
-    match rx.recv_timeout(limit) {
-        Ok(r) => r,
-        Err(_) => {
-            if let Some(entry) = calls().running.get_mut(&id) {
-                entry.1 = true;
-            }
-            Err(PgError::new(
-                what,
-                format!("no answer within {:.1}s", limit.as_secs_f64()),
-            ))
-        }
-    }
-}
-
-/// Rows of each statement of a simple query, as text.
-type Results = Vec<Vec<Vec<Option<String>>>>;
-
-fn simple(c: &mut Client, what: &str, sql: &str) -> Result<Results, PgError> {
-    let msgs = c
-        .simple_query(sql)
-        .map_err(|e| PgError::from_pg(what, &e))?;
-    let mut out: Results = vec![Vec::new()];
-    for m in msgs {
-        match m {
-            SimpleQueryMessage::Row(r) => {
-                let row = (0..r.len()).map(|i| r.get(i).map(str::to_string)).collect();
-                if let Some(last) = out.last_mut() {
-                    last.push(row);
-                }
-            }
-            SimpleQueryMessage::CommandComplete(_) => out.push(Vec::new()),
-            _ => {}
-        }
-    }
-    out.pop();
-    Ok(out)
-}
-
-fn affected(c: &mut Client, what: &str, sql: &str) -> Result<u64, PgError> {
-    let msgs = c
-        .simple_query(sql)
-        .map_err(|e| PgError::from_pg(what, &e))?;
-    Ok(msgs
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::CommandComplete(n) => Some(*n),
-            _ => None,
-        })
-        .sum())
-}
-
-/// Everything the probe reads, for any role and any version from 10, in one
-/// round trip: the views come back as JSON so their columns may differ by
-/// version. The WAL senders are read as pg_stat_replication would show
-/// them, without it: the view asks pg_stat_get_activity() for every
-/// backend (and each of those looks its process up among all of them);
-/// here it is asked for the senders' pids only, and not at all where no
-/// sender runs. The same columns are hidden from a login without
-/// pg_read_all_stats. Prepared once per session: planning these costs the
-/// server several times what running them does.
-const STATUS_SQL: [&str; 3] = [
-    "SELECT current_setting('server_version_num'), pg_is_in_recovery(), \
- (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text, \
- (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() END)::text, \
- CASE WHEN pg_is_in_recovery() THEN (SELECT timeline_id FROM pg_control_checkpoint()) \
-  ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int4 END, \
- current_setting('synchronous_standby_names')",
-    "SELECT to_jsonb(s) || jsonb_build_object('application_name', a.application_name, \
- 'client_addr', a.client_addr) \
- FROM pg_stat_get_wal_senders() s, LATERAL pg_stat_get_activity(s.pid) a \
- ORDER BY a.application_name, s.pid",
-    "SELECT to_jsonb(w) FROM pg_stat_wal_receiver w",
-];
+/// The version assumed for a server that did not report one at login
+/// (every server from 7.4 does): the newest names.
+const UNKNOWN_VERSION: u32 = 180000;
 
 /// SQLSTATE too_many_connections.
 const TOO_MANY_CONNECTIONS: &str = "53300";
@@ -450,6 +325,17 @@ pub fn probe_many(
     conns: &mut ProbeConns,
 ) -> BTreeMap<u32, DbProbe> {
     probe_watching(dbs, cfg, conns, None)
+}
+
+/// Does the server take a new session? [`wire::handshake`] as ha_db_user
+/// (no password is sent), bounded by `timeout`.
+pub fn accepts(db: &Db, cfg: &Config, timeout: Duration) -> wire::Handshake {
+    let t = Target::status(db, cfg, &cfg.probe_db_name);
+    wire::handshake(
+        &t.params(),
+        &format!("database({})", db.addr()),
+        wire::Deadline::after(timeout),
+    )
 }
 
 /// A database whose probe is watched: if it alone has not answered within
@@ -887,10 +773,6 @@ fn heartbeat_done(
     Ok(())
 }
 
-fn cell(res: &Results, stmt: usize, row: usize, col: usize) -> Option<&str> {
-    res.get(stmt)?.get(row)?.get(col)?.as_deref()
-}
-
 /// What a statement run after the status query gave.
 type Extra = Option<Result<wire::QueryResult, PgError>>;
 
@@ -904,306 +786,21 @@ fn read_status(
     extra: Option<&str>,
     deadline: wire::Deadline,
 ) -> Result<Extra, PgError> {
-    let mut stmts = STATUS_SQL.to_vec();
+    // The session's server said its version at login: the SQL for it.
+    let v = PgVer::of(s.conn.server_version().unwrap_or(UNKNOWN_VERSION));
+    let mut stmts: Vec<&str> = status_sql(&v).iter().map(String::as_str).collect();
     stmts.extend(extra);
     let (mut res, error) = s.batch(what, &stmts, deadline)?;
-    if res.len() < STATUS_SQL.len() {
+    if res.len() < STATUS_STATEMENTS {
         return Err(error.unwrap_or_else(|| PgError::new(what, "no answer to the status query")));
     }
-    let more = res.split_off(STATUS_SQL.len());
-    fill_status(&rows_of(res), p).map_err(|m| PgError::new(what, m))?;
+    let more = res.split_off(STATUS_STATEMENTS);
+    fill_status(&rows_of(res), &v, p).map_err(|m| PgError::new(what, m))?;
     Ok(extra.map(|_| match (more.into_iter().next(), error) {
         (_, Some(e)) => Err(e),
         (Some(r), None) => Ok(r),
         (None, None) => Err(PgError::new(what, "no answer")),
     }))
-}
-
-/// Fill `p` from the three result sets of [`STATUS_SQL`].
-fn fill_status(res: &Results, p: &mut DbProbe) -> Result<(), String> {
-    if res.len() != 3 || res[0].len() != 1 {
-        return Err("unexpected answer to the status query".to_string());
-    }
-    p.version = cell(res, 0, 0, 0).and_then(|v| v.parse().ok());
-    p.in_recovery = cell(res, 0, 0, 1).map(|v| v == "t");
-    p.wal_lsn = cell(res, 0, 0, 2).and_then(parse_lsn);
-    p.replay_lsn = cell(res, 0, 0, 3).and_then(parse_lsn);
-    p.timeline = cell(res, 0, 0, 4).and_then(|v| v.parse().ok());
-    p.sync_names = cell(res, 0, 0, 5).map(str::to_string);
-    p.replicas = res[1]
-        .iter()
-        .filter_map(|row| row.first()?.as_deref())
-        .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-        .map(|j| replica_from_json(&j))
-        .collect();
-    p.upstream = res[2]
-        .first()
-        .and_then(|row| row.first()?.as_deref())
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
-        .map(|j| upstream_from_json(&j));
-    if let Some(up) = &p.upstream {
-        // The receiver's timeline is current; the checkpoint's may lag.
-        if up.timeline.is_some() {
-            p.timeline = up.timeline;
-        }
-    }
-    Ok(())
-}
-
-fn jstr(j: &serde_json::Value, k: &str) -> Option<String> {
-    j.get(k)?.as_str().map(str::to_string)
-}
-
-fn jlsn(j: &serde_json::Value, k: &str) -> Option<u64> {
-    parse_lsn(j.get(k)?.as_str()?)
-}
-
-fn replica_from_json(j: &serde_json::Value) -> Replica {
-    Replica {
-        application_name: jstr(j, "application_name").unwrap_or_default(),
-        client_addr: jstr(j, "client_addr").map(|a| a.trim_end_matches("/32").to_string()),
-        state: jstr(j, "state").unwrap_or_default(),
-        sync_state: jstr(j, "sync_state").unwrap_or_default(),
-        sent_lsn: jlsn(j, "sent_lsn"),
-        write_lsn: jlsn(j, "write_lsn"),
-        flush_lsn: jlsn(j, "flush_lsn"),
-        replay_lsn: jlsn(j, "replay_lsn"),
-    }
-}
-
-fn upstream_from_json(j: &serde_json::Value) -> Upstream {
-    let conninfo = jstr(j, "conninfo").unwrap_or_default();
-    let from_conninfo = parse_conninfo(&conninfo);
-    let sender_host = jstr(j, "sender_host").or_else(|| from_conninfo.get("host").cloned());
-    let sender_port = j
-        .get("sender_port")
-        .and_then(|v| v.as_u64())
-        .and_then(|v| u16::try_from(v).ok())
-        .or_else(|| from_conninfo.get("port").and_then(|v| v.parse().ok()));
-    Upstream {
-        status: jstr(j, "status").unwrap_or_default(),
-        sender_host,
-        sender_port,
-        timeline: j
-            .get("received_tli")
-            .and_then(|v| v.as_u64())
-            .and_then(|v| u32::try_from(v).ok())
-            .filter(|t| *t > 0),
-    }
-}
-
-/// `key=value key='quoted \' value'` (libpq conninfo) into a map.
-pub fn parse_conninfo(s: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        if key.is_empty() {
-            break;
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
-            break;
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut val = String::new();
-        if chars.peek() == Some(&'\'') {
-            chars.next();
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => val.extend(chars.next()),
-                    '\'' => break,
-                    c => val.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                chars.next();
-                if c == '\\' {
-                    val.extend(chars.next());
-                } else {
-                    val.push(c);
-                }
-            }
-        }
-        out.insert(key, val);
-    }
-    out
-}
-
-/// Run admin statements as ha_db_user on db's `postgres` database within
-/// `limit`; `f` gets the connection.
-fn admin<T: Send + 'static>(
-    db: &Db,
-    cfg: &Config,
-    action: &str,
-    statement_timeout: Duration,
-    f: impl FnOnce(&mut Client, &str) -> Result<T, PgError> + Send + 'static,
-) -> Result<T, PgError> {
-    let target = Target {
-        statement_timeout,
-        ..Target::status(db, cfg, "postgres")
-    };
-    let what = format!("{action} {}", target.addr());
-    let limit = target.connect_timeout + statement_timeout + Duration::from_secs(1);
-    let w = what.clone();
-    bounded(&target.addr(), &what, limit, move || {
-        let mut c = target.connect(&w)?;
-        f(&mut c, &w)
-    })
-}
-
-/// The first row of `sql` (run as ha_db_user on the postgres database), as
-/// text; NULLs become empty strings. For small admin checks.
-pub fn query_row(db: &Db, cfg: &Config, sql: &'static str) -> Result<Vec<String>, PgError> {
-    admin(db, cfg, "query", cfg.probe_timeout, move |c, what| {
-        let res = simple(c, what, sql)?;
-        res.first()
-            .and_then(|rows| rows.first())
-            .map(|row| row.iter().map(|v| v.clone().unwrap_or_default()).collect())
-            .ok_or_else(|| PgError::new(what, "no row"))
-    })
-}
-
-/// server_version_num and pg_is_in_recovery().
-pub fn version_and_role(db: &Db, cfg: &Config) -> Result<(u32, bool), PgError> {
-    admin(db, cfg, "read version of", cfg.probe_timeout, |c, what| {
-        let res = simple(
-            c,
-            what,
-            "SELECT current_setting('server_version_num'), pg_is_in_recovery()",
-        )?;
-        let v = cell(&res, 0, 0, 0).and_then(|v| v.parse().ok());
-        let r = cell(&res, 0, 0, 1).map(|v| v == "t");
-        match (v, r) {
-            (Some(v), Some(r)) => Ok((v, r)),
-            _ => Err(PgError::new(what, "unexpected answer")),
-        }
-    })
-}
-
-/// Promote a standby: `pg_promote(wait => true)` on PG >= 12, else
-/// `pg_ctl promote` over `remote`. A server that is not in recovery is
-/// left alone (already promoted).
-pub fn promote(remote: &dyn Remote, db: &Db, cfg: &Config) -> Result<(), Error> {
-    let (version, in_recovery) = version_and_role(db, cfg)?;
-    if !in_recovery {
-        log::info!(
-            "database({}) is not in recovery: nothing to promote",
-            db.addr()
-        );
-        return Ok(());
-    }
-    if version < 120000 {
-        pgctl::promote(remote, db, cfg)?;
-        return Ok(());
-    }
-    let wait = PROMOTE_WAIT.as_secs();
-    admin(
-        db,
-        cfg,
-        "promote",
-        PROMOTE_WAIT + Duration::from_secs(5),
-        move |c, what| {
-            let sql = format!("SELECT pg_promote(wait => true, wait_seconds => {wait})");
-            let res = simple(c, what, &sql)?;
-            match cell(&res, 0, 0, 0) {
-                Some("t") => Ok(()),
-                _ => Err(PgError::new(what, format!("not promoted within {wait}s"))),
-            }
-        },
-    )?;
-    Ok(())
-}
-
-/// `ALTER SYSTEM SET synchronous_standby_names = names` and reload.
-pub fn set_sync_names(db: &Db, cfg: &Config, names: &str) -> Result<(), PgError> {
-    let sql = format!(
-        "ALTER SYSTEM SET synchronous_standby_names = {}",
-        sql_literal(names)
-    );
-    alter_system(db, cfg, "set synchronous_standby_names on", vec![sql])
-}
-
-/// Run ALTER SYSTEM statements (each on its own: ALTER SYSTEM cannot run in
-/// a transaction block) and then `pg_reload_conf()`. Statement logging is
-/// switched off for the session first where allowed, because these
-/// statements may carry a password (primary_conninfo).
-pub(crate) fn alter_system(
-    db: &Db,
-    cfg: &Config,
-    action: &str,
-    statements: Vec<String>,
-) -> Result<(), PgError> {
-    admin(db, cfg, action, cfg.probe_timeout, move |c, what| {
-        for quiet in [
-            "SET log_statement = 'none'",
-            "SET log_min_duration_statement = -1",
-            "SET log_min_error_statement = 'panic'",
-        ] {
-            // Needs superuser; without it the statements are still correct.
-            let _ = c.simple_query(quiet);
-        }
-        for s in &statements {
-            // The message never includes the statement (it may hold a
-            // password); the server's error says which setting failed.
-            c.simple_query(s).map_err(|e| PgError::from_pg(what, &e))?;
-        }
-        c.simple_query("SELECT pg_reload_conf()")
-            .map_err(|e| PgError::from_pg(what, &e))?;
-        Ok(())
-    })
-}
-
-/// `CHECKPOINT` (before pg_rewind, or to speed up a clean shutdown).
-pub fn checkpoint(db: &Db, cfg: &Config, timeout: Duration) -> Result<(), PgError> {
-    admin(db, cfg, "checkpoint", timeout, |c, what| {
-        affected(c, what, "CHECKPOINT").map(|_| ())
-    })
-}
-
-/// Does the server take a new session? [`wire::handshake`] as ha_db_user
-/// (no password is sent), bounded by `timeout`.
-pub fn accepts(db: &Db, cfg: &Config, timeout: Duration) -> wire::Handshake {
-    let t = Target::status(db, cfg, &cfg.probe_db_name);
-    wire::handshake(
-        &t.params(),
-        &format!("database({})", db.addr()),
-        wire::Deadline::after(timeout),
-    )
-}
-
-/// The server's current WAL position: pg_current_wal_lsn() on a primary,
-/// the last replayed LSN on a standby.
-pub fn current_lsn(db: &Db, cfg: &Config) -> Result<u64, PgError> {
-    admin(db, cfg, "read lsn of", cfg.probe_timeout, |c, what| {
-        let res = simple(
-            c,
-            what,
-            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-             ELSE pg_current_wal_lsn() END)::text",
-        )?;
-        cell(&res, 0, 0, 0)
-            .and_then(parse_lsn)
-            .ok_or_else(|| PgError::new(what, "no WAL position"))
-    })
 }
 
 #[cfg(test)]
@@ -1248,98 +845,6 @@ mod tests {
             sql_literal("FIRST 1 (stb02, stb03)"),
             "'FIRST 1 (stb02, stb03)'"
         );
-    }
-
-    #[test]
-    fn conninfo_parsing() {
-        let m = parse_conninfo(
-            "user=repl passfile=/x channel_binding=prefer dbname=replication host=10.0.0.1 port=5432 application_name=stb02 password='a\\'b c' sslmode=disable",
-        );
-        assert_eq!(m["host"], "10.0.0.1");
-        assert_eq!(m["port"], "5432");
-        assert_eq!(m["password"], "a'b c");
-        assert_eq!(m["sslmode"], "disable");
-        assert!(parse_conninfo("").is_empty());
-        assert_eq!(parse_conninfo("host = h port=1")["host"], "h");
-    }
-
-    fn rows(v: &[&[Option<&str>]]) -> Vec<Vec<Option<String>>> {
-        v.iter()
-            .map(|r| r.iter().map(|c| c.map(str::to_string)).collect())
-            .collect()
-    }
-
-    #[test]
-    fn status_of_a_primary() {
-        let res = vec![
-            rows(&[&[
-                Some("150004"),
-                Some("f"),
-                Some("0/3000148"),
-                None,
-                Some("1"),
-                Some("stb02"),
-            ]]),
-            rows(&[&[Some(
-                r#"{"pid": 77, "application_name": "stb02", "client_addr": "127.0.0.1", "state": "streaming", "sync_state": "sync", "sent_lsn": "0/3000148", "write_lsn": "0/3000148", "flush_lsn": "0/3000148", "replay_lsn": "0/3000110"}"#,
-            )]]),
-            vec![],
-        ];
-        let mut p = DbProbe::default();
-        fill_status(&res, &mut p).unwrap();
-        assert_eq!(p.version, Some(150004));
-        assert_eq!(p.in_recovery, Some(false));
-        assert_eq!(p.wal_lsn, Some(0x3000148));
-        assert_eq!(p.timeline, Some(1));
-        assert_eq!(p.sync_names.as_deref(), Some("stb02"));
-        assert_eq!(p.upstream, None);
-        assert_eq!(
-            p.replicas,
-            [Replica {
-                application_name: "stb02".into(),
-                client_addr: Some("127.0.0.1".into()),
-                state: "streaming".into(),
-                sync_state: "sync".into(),
-                sent_lsn: Some(0x3000148),
-                write_lsn: Some(0x3000148),
-                flush_lsn: Some(0x3000148),
-                replay_lsn: Some(0x3000110),
-            }]
-        );
-    }
-
-    #[test]
-    fn status_of_a_pg10_standby_reads_conninfo() {
-        let res = vec![
-            rows(&[&[
-                Some("100023"),
-                Some("t"),
-                Some("0/5000000"),
-                Some("0/4FFFF00"),
-                Some("1"),
-                Some(""),
-            ]]),
-            vec![],
-            rows(&[&[Some(
-                r#"{"pid": 9, "status": "streaming", "received_tli": 2, "conninfo": "user=repl password=******** dbname=replication host=10.0.0.1 port=5433 application_name=stb02 sslmode=disable"}"#,
-            )]]),
-        ];
-        let mut p = DbProbe::default();
-        fill_status(&res, &mut p).unwrap();
-        assert_eq!(p.in_recovery, Some(true));
-        assert_eq!(p.replay_lsn, Some(0x4FFFF00));
-        // received_tli wins over the checkpoint's timeline.
-        assert_eq!(p.timeline, Some(2));
-        assert_eq!(
-            p.upstream,
-            Some(Upstream {
-                status: "streaming".into(),
-                sender_host: Some("10.0.0.1".into()),
-                sender_port: Some(5433),
-                timeline: Some(2),
-            })
-        );
-        assert!(fill_status(&vec![vec![]], &mut p).is_err());
     }
 
     #[test]

@@ -106,12 +106,13 @@ pub fn status_script(db: &Db, cfg: &Config) -> String {
     )
 }
 
-/// `pg_ctl promote -w`.
-pub fn promote_script(db: &Db, cfg: &Config, wait: Duration) -> String {
+/// `pg_ctl promote -w -t N` with `wait`, else `pg_ctl promote` (before
+/// PostgreSQL 10, pg_ctl cannot wait for a promotion).
+pub fn promote_script(db: &Db, cfg: &Config, wait: Option<Duration>) -> String {
+    let w = wait.map_or(String::new(), |w| format!(" -w -t {}", w.as_secs().max(1)));
     format!(
-        "{}as_user \"$bin/pg_ctl\" promote -D \"$pgdata\" -w -t {}\n",
+        "{}as_user \"$bin/pg_ctl\" promote -D \"$pgdata\"{w}\n",
         prelude(db, cfg),
-        wait.as_secs().max(1)
     )
 }
 
@@ -203,11 +204,18 @@ pub fn kill(remote: &dyn Remote, db: &Db) -> Result<Output, CommandError> {
     )
 }
 
-pub fn promote(remote: &dyn Remote, db: &Db, cfg: &Config) -> Result<Output, CommandError> {
+/// `pg_ctl promote`, waiting for the promotion (`wait`, PostgreSQL 10+) or
+/// not (the caller then watches for it).
+pub fn promote(
+    remote: &dyn Remote,
+    db: &Db,
+    cfg: &Config,
+    wait: bool,
+) -> Result<Output, CommandError> {
     remote.run_script(
         &db.host,
         &format!("pg_ctl promote {}", db.pgdata),
-        &promote_script(db, cfg, PG_CTL_WAIT),
+        &promote_script(db, cfg, wait.then_some(PG_CTL_WAIT)),
         None,
         budget(remote, PG_CTL_WAIT),
     )
@@ -278,9 +286,14 @@ mod tests {
         assert!(s.contains(r#"as_user "$bin/pg_ctl" start -D "$pgdata" -w -t 60 -l "$pgdata/clup_start.log" </dev/null"#), "{s}");
         let s = stop_fast_script(&db(), &cfg("/usr/pgsql-15/bin"), Duration::from_secs(30));
         assert!(s.contains(r#"stop -D "$pgdata" -m fast -w -t 30"#), "{s}");
-        let s = promote_script(&db(), &cfg("/x"), PG_CTL_WAIT);
+        let s = promote_script(&db(), &cfg("/x"), Some(PG_CTL_WAIT));
         assert!(
             s.ends_with("as_user \"$bin/pg_ctl\" promote -D \"$pgdata\" -w -t 60\n"),
+            "{s}"
+        );
+        let s = promote_script(&db(), &cfg("/x"), None);
+        assert!(
+            s.ends_with("as_user \"$bin/pg_ctl\" promote -D \"$pgdata\"\n"),
             "{s}"
         );
         // Defence in depth: even a value meta.rs would reject stays one word.
@@ -343,7 +356,7 @@ mod tests {
             ..cfg("/x")
         };
         let path = format!("{}:/usr/bin:/bin", bin.display());
-        let out = run(promote_script(&d, &empty, PG_CTL_WAIT), &path).unwrap();
+        let out = run(promote_script(&d, &empty, Some(PG_CTL_WAIT)), &path).unwrap();
         assert!(out.stdout.starts_with("fake pg_ctl promote -D "), "{out:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,6 +14,7 @@
 
 use std::time::Duration;
 
+use crate::exec::pgver::{PgVer, RecoveryFile};
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pg, Error};
@@ -223,7 +224,8 @@ pub fn repoint(
 ) -> Result<Applied, Error> {
     let conninfo = conninfo_for(db, cfg, host, port);
     let shown = masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, host, port);
-    if version >= 120000 && running {
+    let v = PgVer::of(version);
+    if v.recovery_file == RecoveryFile::StandbySignal && running {
         pg::alter_system(
             db,
             cfg,
@@ -231,7 +233,7 @@ pub fn repoint(
             alter_system_sql(&conninfo),
         )?;
         log::info!("database({}): primary_conninfo = '{shown}'", db.addr());
-        return Ok(if version >= 130000 {
+        return Ok(if v.conninfo_reloads {
             Applied::Reloaded
         } else {
             Applied::NeedsRestart
@@ -257,7 +259,7 @@ pub fn write_files(
     conninfo: &str,
 ) -> Result<(), Error> {
     let t = file_timeout(remote);
-    if version < 120000 {
+    if PgVer::of(version).recovery_file == RecoveryFile::RecoveryConf {
         let path = format!("{}/recovery.conf", db.pgdata);
         remote.run_script(
             &db.host,

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use postgres_protocol::authentication::{md5_hash, sasl};
 
 use crate::exec::pg::PgError;
+use crate::exec::pgver::parse_server_version;
 use crate::model::config::Secret;
 
 // ---------------------------------------------------------------- codec
@@ -434,6 +435,9 @@ pub struct Conn {
     broken: bool,
     /// The backend's process id (BackendKeyData).
     pid: i32,
+    /// server_version_num, from the `server_version` the server reports
+    /// at startup (ParameterStatus): no query needed to learn it.
+    server_version: Option<u32>,
     /// The statements prepared on this session: `clup<i>` is the i-th.
     prepared: Vec<String>,
     /// A batch whose answer did not come by its deadline, still owed.
@@ -508,6 +512,7 @@ impl Conn {
             params: p.clone(),
             broken: true,
             pid: 0,
+            server_version: None,
             prepared: Vec::new(),
             owed: None,
             read_timed_out: false,
@@ -596,6 +601,9 @@ impl Conn {
             match self.recv(what, deadline)? {
                 Backend::ReadyForQuery(_) => return Ok(()),
                 Backend::BackendKeyData { pid, .. } => self.pid = pid,
+                Backend::ParameterStatus(k, v) if k == "server_version" => {
+                    self.server_version = parse_server_version(&v);
+                }
                 Backend::ParameterStatus(..) | Backend::Notice(_) | Backend::Other(_) => {}
                 Backend::Error(f) => return Err(server_err(what, f)),
                 _ => return Err(err(what, "unexpected message at login")),
@@ -790,6 +798,11 @@ impl Conn {
     /// The server process serving this session.
     pub fn backend_pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The server's server_version_num, as it reported at login.
+    pub fn server_version(&self) -> Option<u32> {
+        self.server_version
     }
 
     fn send(&mut self, what: &str, buf: &[u8], deadline: Deadline) -> Result<(), PgError> {

@@ -670,7 +670,7 @@ pub fn vip_of(s: &str) -> Result<Ipv4Addr, String> {
 }
 
 /// The server_version_num of a stopped server, from its PG_VERSION file.
-fn version_from_files(shared: &Shared, db: &Db) -> Result<u32, String> {
+pub fn version_from_files(shared: &Shared, db: &Db) -> Result<u32, String> {
     let script = format!("cat {}/PG_VERSION", crate::exec::shell::quote(&db.pgdata));
     let out = exssh::Remote::run_script(
         &shared.ssh,
@@ -681,20 +681,8 @@ fn version_from_files(shared: &Shared, db: &Db) -> Result<u32, String> {
         Duration::from_secs(10),
     )
     .map_err(|e| e.to_string())?;
-    parse_pg_version(out.stdout.trim())
+    crate::exec::pgver::parse_pg_version_file(&out.stdout)
         .ok_or_else(|| format!("unexpected PG_VERSION '{}'", out.stdout.trim()))
-}
-
-/// `15` -> 150000, `9.6` -> 90600.
-fn parse_pg_version(s: &str) -> Option<u32> {
-    let mut it = s.split('.');
-    let major: u32 = it.next()?.parse().ok()?;
-    let minor: u32 = it.next().map_or(Some(0), |m| m.parse().ok())?;
-    Some(if major >= 10 {
-        major * 10000
-    } else {
-        major * 10000 + minor * 100
-    })
 }
 
 /// Point standby `id` at `to`: recovery settings by version, then reload,

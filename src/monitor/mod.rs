@@ -31,7 +31,7 @@ use crate::model::home::Home;
 use crate::model::meta::Cluster;
 use crate::store::MetaStore;
 use act::Acted;
-pub use act::{cstlb_all, meta_update_cluster, repoint_db, vip_of};
+pub use act::{cstlb_all, meta_update_cluster, repoint_db, version_from_files, vip_of};
 use checks::write_vip_seen;
 
 /// What the monitor last saw of a cluster, for clupadm and the HTTP API.

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::exec::pg::{self, format_lsn, parse_lsn, DbProbe};
+use crate::exec::pgver::PgVer;
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, recovery, vip};
@@ -662,9 +663,16 @@ fn rewind(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<
         .map_err(|e| format!("{hp}: checkpoint on the primary failed: {e}"))?;
     t.info(&format!("{hp}: stop database before pg_rewind..."));
     pgctl::stop_fast(ssh, db, cfg).map_err(|e| e.to_string())?;
+    let v = PgVer::of(monitor::version_from_files(shared, db)?);
+    if !v.rewind_recovers_target {
+        t.info(&format!(
+            "{hp}: PostgreSQL {} pg_rewind needs a cleanly stopped target: single-user crash recovery first if it was not...",
+            v.major()
+        ));
+    }
     t.info(&format!("{hp}: pg_rewind from host({})...", primary.host));
     let t0 = Instant::now();
-    let script = rewind_script(cfg, db, primary);
+    let script = rewind_script(cfg, db, primary, &v);
     let pass = format!("{}\n", cfg.ha_db_pass.expose());
     let out = ssh
         .run_script(
@@ -675,6 +683,9 @@ fn rewind(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<
             Duration::from_secs(3600),
         )
         .map_err(|e| format!("{hp}: pg_rewind failed: {e}"))?;
+    for l in out.stdout.lines().filter(|l| l.starts_with("target state")) {
+        t.info(&format!("{hp}: {l}"));
+    }
     t.info(&format!(
         "{hp}: pg_rewind completed in {} ms: {}",
         t0.elapsed().as_millis(),
@@ -683,17 +694,39 @@ fn rewind(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result<
     Ok(())
 }
 
-/// The script that pg_rewinds `db` from `primary` as the ha_db_user, whose
-/// password it reads from stdin (never on a command line).
-fn rewind_script(cfg: &crate::model::config::Config, db: &Db, primary: &Db) -> String {
+/// The script that pg_rewinds `db` (major `v`) from `primary` as the
+/// ha_db_user, whose password it reads from stdin (never on a command
+/// line). Before 13, pg_rewind refuses a target that was not shut down
+/// cleanly (a powered-off primary): the script first runs the crash
+/// recovery pg_rewind 13 runs itself (`postgres --single`), with a
+/// recovery.conf moved aside (single-user mode cannot be a standby; clup
+/// writes a new one after the rewind).
+fn rewind_script(cfg: &crate::model::config::Config, db: &Db, primary: &Db, v: &PgVer) -> String {
+    let clean = if v.rewind_recovers_target {
+        String::new()
+    } else {
+        format!(
+            r#"{}state=$(as_user "$bin/pg_controldata" -D "$pgdata" | sed -n 's/^Database cluster state: *//p')
+case "$state" in
+  "shut down"|"shut down in recovery") ;;
+  *) echo "target state '$state': single-user crash recovery"
+     [ ! -f "$pgdata/recovery.conf" ] || mv "$pgdata/recovery.conf" "$pgdata/recovery.conf.clup-rewind" || exit 1
+     as_user "$bin/postgres" --single -F -D "$pgdata" template1 </dev/null >/dev/null 2>"$pgdata/clup_single.log" ||
+       {{ echo "clup: single-user crash recovery failed:" >&2; tail -n 20 "$pgdata/clup_single.log" >&2; exit 1; }} ;;
+esac
+"#,
+            need_tool("pg_controldata", "of the server's major version")
+        )
+    };
     format!(
-        "{}{}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={} 2>&1\n",
+        "{}{}{clean}IFS= read -r PGPASSWORD; export PGPASSWORD\nas_user \"$bin/pg_rewind\" --target-pgdata=\"$pgdata\" --source-server={}{} 2>&1\n",
         pgctl::prelude(db, cfg),
         need_tool("pg_rewind", "of the server's major version"),
         quote(&format!(
             "host={} port={} user={} dbname=postgres connect_timeout=5",
             primary.host, primary.port, cfg.ha_db_user
-        ))
+        )),
+        if v.rewind_flags.is_empty() { String::new() } else { format!(" {}", v.rewind_flags) }
     )
 }
 
@@ -714,7 +747,8 @@ fn rebuild(shared: &Shared, f: &RepairFacts, t: &TaskHandle, hp: &str) -> Result
         db.pgdata, cfg.db_repl_user, primary.host, primary.port
     ));
     let t0 = Instant::now();
-    let script = rebuild_script(cfg, db, primary, ts, &aside);
+    let (pv, _) = pg::version_and_role(primary, cfg).map_err(|e| format!("{hp}: {e}"))?;
+    let script = rebuild_script(cfg, db, primary, (ts, &aside), &PgVer::of(pv));
     let pass = format!("{}\n", cfg.db_repl_pass.expose());
     let out = ssh
         .run_script(
@@ -745,14 +779,15 @@ fn rebuild_script(
     cfg: &crate::model::config::Config,
     db: &Db,
     primary: &Db,
-    ts: u64,
-    aside: &str,
+    (ts, aside): (u64, &str),
+    v: &PgVer,
 ) -> String {
     let backup = format!(
-        "\"$bin/pg_basebackup\" -h {} -p {} -U {} -X stream --checkpoint=fast",
+        "\"$bin/pg_basebackup\" -h {} -p {} -U {} {}",
         quote(&primary.host),
         primary.port,
-        quote(&cfg.db_repl_user)
+        quote(&cfg.db_repl_user),
+        v.basebackup_flags
     );
     // A data directory that is a mount point cannot be renamed: its
     // old files go into a directory inside it, the copy is made

@@ -281,7 +281,7 @@ fn replication_cluster_end_to_end() {
     }
 
     eprintln!("== promote stb03 with pg_ctl promote (the PG < 12 path)");
-    pgctl::promote(&LocalSh, &db3, &cfg).unwrap();
+    pgctl::promote(&LocalSh, &db3, &cfg, true).unwrap();
     let p3 = pg::probe(&db3, &cfg, true);
     assert!(p3.ok, "{p3:#?}");
     assert_eq!(p3.in_recovery, Some(false));
