@@ -1,7 +1,8 @@
 //! Talking to PostgreSQL servers: bounded-time probes and the few admin
 //! statements clup needs (promote, synchronous_standby_names, checkpoint).
 //!
-//! Owns: connection settings (timeouts, application_name=clup, no TLS), the
+//! Owns: connection settings (timeouts, application_name=clup, TLS as
+//! pg_sslmode says, through [`tls`]), the
 //! probe's queries and their parsing into [`DbProbe`], the probe sessions a
 //! cluster keeps between rounds ([`ProbeConns`]), LSN text <-> u64, SQL
 //! literal quoting. Must not: decide what a probe result means, retry, or
@@ -22,14 +23,13 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use postgres::config::SslMode;
-use postgres::{Client, NoTls, SimpleQueryMessage};
+use postgres::{Client, SimpleQueryMessage};
 use serde::{Deserialize, Serialize};
 
 use crate::exec::heartbeat::{self, Turn};
 use crate::exec::ssh::Remote;
-use crate::exec::{pgctl, pool, wire, Error};
-use crate::model::config::{Config, Secret};
+use crate::exec::{pgctl, pool, tls, wire, Error};
+use crate::model::config::{Config, PgSsl, Secret, SslMode};
 use crate::model::meta::Db;
 
 /// A standby's WAL receiver, from `pg_stat_wal_receiver`.
@@ -177,6 +177,7 @@ struct Target {
     statement_timeout: Duration,
     /// Extra `-c name=value` settings for the session.
     settings: Vec<(&'static str, &'static str)>,
+    ssl: PgSsl,
 }
 
 impl Target {
@@ -190,6 +191,7 @@ impl Target {
             connect_timeout: cfg.probe_timeout,
             statement_timeout: cfg.probe_timeout,
             settings: Vec::new(),
+            ssl: cfg.pg_ssl.clone(),
         }
     }
 
@@ -219,10 +221,50 @@ impl Target {
             dbname: self.dbname.clone(),
             password: self.password.clone(),
             options: self.options(),
+            ssl: self.ssl.clone(),
         }
     }
 
+    /// Connect with the `postgres` crate. Its sslmode knows disable,
+    /// prefer and require (what to do with the answer to SSLRequest); the
+    /// certificate checks are [`tls::Connector`]'s, and libpq's second
+    /// attempts ([`tls::retry`]) are made here.
     fn connect(&self, what: &str) -> Result<Client, PgError> {
+        use postgres::config::SslMode as Pq;
+        let first = match self.ssl.mode {
+            SslMode::Disable | SslMode::Allow => Pq::Disable,
+            SslMode::Prefer => Pq::Prefer,
+            _ => Pq::Require,
+        };
+        let e = match self.connect_with(first) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let handshake = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<tls::HandshakeError>())
+            .map(|h| h.0.clone());
+        // After a server error under prefer, whether TLS was in use is not
+        // known here: no second attempt then.
+        let (used_tls, failure) = match (&handshake, e.as_db_error()) {
+            (Some(_), _) => (true, tls::Failure::Handshake),
+            (None, Some(_)) => (first == Pq::Require, tls::Failure::Refused),
+            (None, None) => (false, tls::Failure::Other),
+        };
+        let next = match tls::retry(self.ssl.mode, used_tls, failure) {
+            Some(tls::Start::Plain) => Pq::Disable,
+            Some(tls::Start::SslRequest) => Pq::Require,
+            None => {
+                return Err(match handshake {
+                    Some(m) => PgError::new(what, m),
+                    None => PgError::from_pg(what, &e),
+                })
+            }
+        };
+        self.connect_with(next)
+            .map_err(|e| PgError::from_pg(what, &e))
+    }
+
+    fn connect_with(&self, ssl_mode: postgres::config::SslMode) -> Result<Client, postgres::Error> {
         let options = self.options();
         let mut c = postgres::Config::new();
         c.host(&self.host)
@@ -232,14 +274,14 @@ impl Target {
             .password(self.password.expose())
             .application_name("clup")
             .options(&options)
-            .ssl_mode(SslMode::Disable)
+            .ssl_mode(ssl_mode)
             .connect_timeout(self.connect_timeout)
             .tcp_user_timeout(self.connect_timeout + self.statement_timeout)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3);
-        c.connect(NoTls).map_err(|e| PgError::from_pg(what, &e))
+        c.connect(tls::Connector::new(&self.ssl))
     }
 }
 

@@ -2,8 +2,8 @@
 //! authentication (trust, cleartext, md5, SCRAM-SHA-256 without channel
 //! binding), simple queries with text results, statements prepared once
 //! per session and run again without parameters (extended protocol, text
-//! results), Terminate on drop. No TLS (clup connects with
-//! sslmode=disable), no parameters, no COPY.
+//! results), Terminate on drop; TLS as libpq's sslmode says (the
+//! negotiation and the stream are [`tls`]'s). No parameters, no COPY.
 //!
 //! Owns: the message codec (pure functions, tested without sockets) and a
 //! connection over a blocking TCP socket whose every call takes one
@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use postgres_protocol::authentication::{md5_hash, sasl};
 
 use crate::exec::pg::PgError;
-use crate::model::config::Secret;
+use crate::exec::tls::{self, Failure, NegotiateError, Start, Stream};
+use crate::model::config::{PgSsl, Secret};
 
 // ---------------------------------------------------------------- codec
 
@@ -409,6 +410,8 @@ pub struct Params {
     pub dbname: String,
     pub password: Secret,
     pub options: String,
+    /// pg_sslmode and pg_sslrootcert.
+    pub ssl: PgSsl,
 }
 
 impl Params {
@@ -420,6 +423,7 @@ impl Params {
             && self.user == other.user
             && self.dbname == other.dbname
             && self.options == other.options
+            && self.ssl == other.ssl
             && self.password.expose() == other.password.expose()
     }
 }
@@ -427,7 +431,7 @@ impl Params {
 /// An open session. Broken (and then only good for dropping) after a
 /// timeout, an I/O error, a protocol error or a FATAL error.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     inbuf: Vec<u8>,
     start: usize,
     params: Params,
@@ -478,21 +482,54 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 }
 
 impl Conn {
-    /// Connect and log in, all by `deadline`.
+    /// Connect and log in, all by `deadline`, with TLS as `p.ssl` says:
+    /// a second attempt on a new connection where libpq makes one
+    /// ([`tls::retry`]).
     pub fn connect(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
+        let mut how = tls::start(p.ssl.mode);
+        loop {
+            match Conn::attempt(p, what, how, deadline) {
+                Ok(c) => return Ok(c),
+                Err((e, Some(next))) if deadline.remaining().is_ok() => {
+                    log::debug!("{what}: {}; trying again with {next:?}", e.msg);
+                    how = next;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// One connection and login; on failure, the error and the start of a
+    /// second attempt if libpq would make one.
+    fn attempt(
+        p: &Params,
+        what: &str,
+        how: Start,
+        deadline: Deadline,
+    ) -> Result<Conn, (PgError, Option<Start>)> {
         let connecting = |e: io::Error| err(what, format!("error connecting to server: {e}"));
-        let addr = resolve(&p.host, p.port).map_err(connecting)?;
-        let left = deadline
-            .remaining()
-            .map_err(|_| timed_out(what, deadline.limit))?;
-        let stream = TcpStream::connect_timeout(&addr, left).map_err(|e| {
+        let io_err = |e: io::Error| {
             if is_timeout(&e) {
                 timed_out(what, deadline.limit)
             } else {
                 connecting(e)
             }
+        };
+        let addr = resolve(&p.host, p.port).map_err(|e| (connecting(e), None))?;
+        let left = deadline
+            .remaining()
+            .map_err(|_| (timed_out(what, deadline.limit), None))?;
+        let tcp = TcpStream::connect_timeout(&addr, left).map_err(|e| (io_err(e), None))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tls::negotiate(tcp, &p.ssl, &p.host, how, deadline).map_err(|e| match e {
+            NegotiateError::Io(e) => (io_err(e), None),
+            NegotiateError::Refused(m) => (err(what, m), None),
+            NegotiateError::Handshake(m) => (
+                err(what, m),
+                tls::retry(p.ssl.mode, true, Failure::Handshake),
+            ),
         })?;
-        let _ = stream.set_nodelay(true);
+        let used_tls = stream.is_tls();
         let mut c = Conn {
             stream,
             inbuf: Vec::with_capacity(8192),
@@ -504,9 +541,21 @@ impl Conn {
             owed: None,
             read_timed_out: false,
         };
-        c.login(what, deadline)?;
-        c.broken = false;
-        Ok(c)
+        match c.login(what, deadline) {
+            Ok(()) => {
+                c.broken = false;
+                Ok(c)
+            }
+            Err(e) => {
+                // An error the server sent (it has a SQLSTATE): refused.
+                let failure = if e.code.is_some() {
+                    Failure::Refused
+                } else {
+                    Failure::Other
+                };
+                Err((e, tls::retry(p.ssl.mode, used_tls, failure)))
+            }
+        }
     }
 
     fn login(&mut self, what: &str, deadline: Deadline) -> Result<(), PgError> {
@@ -786,8 +835,8 @@ impl Conn {
         while off < buf.len() {
             let r = deadline
                 .remaining()
-                .and_then(|left| self.stream.set_write_timeout(Some(left)))
-                .and_then(|()| (&self.stream).write(&buf[off..]));
+                .and_then(|left| self.stream.tcp().set_write_timeout(Some(left)))
+                .and_then(|()| self.stream.write(&buf[off..]));
             match r {
                 Ok(0) => return Err(self.lost(what, io::ErrorKind::WriteZero.into(), deadline)),
                 Ok(n) => off += n,
@@ -822,8 +871,8 @@ impl Conn {
             let mut chunk = [0u8; 8192];
             let r = deadline
                 .remaining()
-                .and_then(|left| self.stream.set_read_timeout(Some(left)))
-                .and_then(|()| (&self.stream).read(&mut chunk));
+                .and_then(|left| self.stream.tcp().set_read_timeout(Some(left)))
+                .and_then(|()| self.stream.read(&mut chunk));
             match r {
                 Ok(0) => {
                     self.broken = true;
@@ -864,9 +913,7 @@ impl Drop for Conn {
         if !self.broken {
             // Best effort, never waits: a dropped session must not hold up
             // the round that drops it.
-            if self.stream.set_nonblocking(true).is_ok() {
-                let _ = (&self.stream).write(&TERMINATE);
-            }
+            self.stream.close_with(&TERMINATE);
         }
     }
 }
@@ -1131,6 +1178,7 @@ mod tests {
             dbname: "d".into(),
             password: Secret::new("pw"),
             options: String::new(),
+            ssl: PgSsl::default(),
         };
         let started = Instant::now();
         let e = Conn::connect(&p, "test", Deadline::after(Duration::from_millis(300)))
@@ -1156,6 +1204,7 @@ mod tests {
             dbname: "d".into(),
             password: Secret::new("pw"),
             options: "-c statement_timeout=1000".into(),
+            ssl: PgSsl::default(),
         };
         assert!(p.same_session(&p.clone()));
         let other = Params {
@@ -1165,6 +1214,14 @@ mod tests {
         assert!(!p.same_session(&other));
         let other = Params {
             dbname: "postgres".into(),
+            ..p.clone()
+        };
+        assert!(!p.same_session(&other));
+        let other = Params {
+            ssl: PgSsl {
+                mode: crate::model::config::SslMode::VerifyFull,
+                rootcert: "/ca.pem".into(),
+            },
             ..p.clone()
         };
         assert!(!p.same_session(&other));

@@ -691,8 +691,11 @@ fn rewind_script(cfg: &crate::model::config::Config, db: &Db, primary: &Db) -> S
         pgctl::prelude(db, cfg),
         need_tool("pg_rewind", "of the server's major version"),
         quote(&format!(
-            "host={} port={} user={} dbname=postgres connect_timeout=5",
-            primary.host, primary.port, cfg.ha_db_user
+            "host={} port={} user={} dbname=postgres connect_timeout=5 {}",
+            primary.host,
+            primary.port,
+            cfg.ha_db_user,
+            cfg.pg_ssl.conninfo()
         ))
     )
 }
@@ -748,11 +751,16 @@ fn rebuild_script(
     ts: u64,
     aside: &str,
 ) -> String {
+    // A connection string rather than -h/-p/-U: it carries pg_sslmode.
     let backup = format!(
-        "\"$bin/pg_basebackup\" -h {} -p {} -U {} -X stream --checkpoint=fast",
-        quote(&primary.host),
-        primary.port,
-        quote(&cfg.db_repl_user)
+        "\"$bin/pg_basebackup\" -d {} -X stream --checkpoint=fast",
+        quote(&format!(
+            "host={} port={} user={} {}",
+            primary.host,
+            primary.port,
+            cfg.db_repl_user,
+            cfg.pg_ssl.conninfo()
+        ))
     );
     // A data directory that is a mount point cannot be renamed: its
     // old files go into a directory inside it, the copy is made
@@ -911,7 +919,7 @@ pub fn instructions(cfg: &crate::model::config::Config, db: &Db, primary: &Db) -
         user = cfg.db_repl_user,
         host = primary.host,
         port = primary.port,
-        conninfo = recovery::masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, &primary.host, primary.port),
+        conninfo = recovery::masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, &primary.host, primary.port, &cfg.pg_ssl),
     )
 }
 
@@ -1132,7 +1140,7 @@ mod tests {
             text.contains("standby_mode = 'on'\nrecovery_target_timeline = 'latest'\n"),
             "{text}"
         );
-        assert!(text.contains("primary_conninfo = 'application_name=stb42 user=postgres host=192.168.56.41 port=5432 password=****** sslmode=disable'"), "{text}");
+        assert!(text.contains("primary_conninfo = 'application_name=stb42 user=postgres host=192.168.56.41 port=5432 password=****** sslmode=prefer'"), "{text}");
         assert!(text.contains("pg_rewind"), "{text}");
         assert!(!text.contains("password=postgres"), "{text}");
     }
