@@ -16,6 +16,7 @@ mod lab_etcd;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
+mod lab_tls;
 mod lab_versions;
 mod lb_postgres;
 mod lb_proxy;

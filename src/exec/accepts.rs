@@ -114,6 +114,7 @@ mod tests {
             dbname: "d".to_string(),
             password: Secret::new(""),
             options: String::new(),
+            ssl: crate::model::config::PgSsl::default(),
         }
     }
 

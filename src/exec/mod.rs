@@ -22,6 +22,7 @@ pub mod pool;
 pub mod recovery;
 pub mod shell;
 pub mod ssh;
+pub mod tls;
 pub mod vip;
 pub mod wire;
 

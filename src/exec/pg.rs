@@ -2,13 +2,13 @@
 //! pieces of the admin calls ([`pgadmin`](crate::exec::pgadmin), re-exported
 //! here).
 //!
-//! Owns: connection settings (timeouts, application_name=clup, no TLS), the
-//! probe sessions a cluster keeps between rounds ([`ProbeConns`]) and the
-//! probe's flow (heartbeat write, status read); LSN text <-> u64, SQL
-//! literal quoting. The status SQL and its parsing live in
-//! [`pgstatus`](crate::exec::pgstatus), by the server's major
-//! ([`pgver`](crate::exec::pgver)). Must not: decide what a probe result
-//! means, retry, or show a password anywhere.
+//! Owns: connection settings (timeouts, application_name=clup, TLS as
+//! pg_sslmode says, through [`tls`]), the probe sessions a cluster keeps
+//! between rounds ([`ProbeConns`]) and the probe's flow (heartbeat write,
+//! status read); LSN text <-> u64, SQL literal quoting. The status SQL and
+//! its parsing live in [`pgstatus`](crate::exec::pgstatus), by the server's
+//! major ([`pgver`](crate::exec::pgver)). Must not: decide what a probe
+//! result means, retry, or show a password anywhere.
 //!
 //! Probes go through [`wire`]: all of a cluster's databases at once (one
 //! scoped thread per database but the first, joined before returning),
@@ -19,21 +19,20 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use postgres::config::SslMode;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use serde::{Deserialize, Serialize};
 
 use crate::exec::heartbeat::{self, Turn};
 use crate::exec::pgstatus::{fill_status, status_sql, Results, STATUS_STATEMENTS};
 use crate::exec::pgver::PgVer;
-use crate::exec::{accepts, pool, wire};
+use crate::exec::{accepts, pool, tls, wire};
 
 pub(crate) use crate::exec::pgadmin::alter_system;
 pub use crate::exec::pgadmin::{
     checkpoint, current_lsn, hanging_calls, promote, query_row, set_sync_names, version_and_role,
 };
 pub use crate::exec::pgstatus::parse_conninfo;
-use crate::model::config::{Config, Secret};
+use crate::model::config::{Config, PgSsl, Secret, SslMode};
 use crate::model::meta::Db;
 
 /// A standby's WAL receiver, from `pg_stat_wal_receiver`.
@@ -186,6 +185,7 @@ pub(crate) struct Target {
     pub(crate) statement_timeout: Duration,
     /// Extra `-c name=value` settings for the session.
     pub(crate) settings: Vec<(&'static str, &'static str)>,
+    pub(crate) ssl: PgSsl,
 }
 
 impl Target {
@@ -199,6 +199,7 @@ impl Target {
             connect_timeout: cfg.probe_timeout,
             statement_timeout: cfg.probe_timeout,
             settings: Vec::new(),
+            ssl: cfg.pg_ssl.clone(),
         }
     }
 
@@ -228,10 +229,50 @@ impl Target {
             dbname: self.dbname.clone(),
             password: self.password.clone(),
             options: self.options(),
+            ssl: self.ssl.clone(),
         }
     }
 
+    /// Connect with the `postgres` crate. Its sslmode knows disable,
+    /// prefer and require (what to do with the answer to SSLRequest); the
+    /// certificate checks are [`tls::Connector`]'s, and libpq's second
+    /// attempts ([`tls::retry`]) are made here.
     pub(crate) fn connect(&self, what: &str) -> Result<Client, PgError> {
+        use postgres::config::SslMode as Pq;
+        let first = match self.ssl.mode {
+            SslMode::Disable | SslMode::Allow => Pq::Disable,
+            SslMode::Prefer => Pq::Prefer,
+            _ => Pq::Require,
+        };
+        let e = match self.connect_with(first) {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        let handshake = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<tls::HandshakeError>())
+            .map(|h| h.0.clone());
+        // After a server error under prefer, whether TLS was in use is not
+        // known here: no second attempt then.
+        let (used_tls, failure) = match (&handshake, e.as_db_error()) {
+            (Some(_), _) => (true, tls::Failure::Handshake),
+            (None, Some(_)) => (first == Pq::Require, tls::Failure::Refused),
+            (None, None) => (false, tls::Failure::Other),
+        };
+        let next = match tls::retry(self.ssl.mode, used_tls, failure) {
+            Some(tls::Start::Plain) => Pq::Disable,
+            Some(tls::Start::SslRequest) => Pq::Require,
+            None => {
+                return Err(match handshake {
+                    Some(m) => PgError::new(what, m),
+                    None => PgError::from_pg(what, &e),
+                })
+            }
+        };
+        self.connect_with(next)
+            .map_err(|e| PgError::from_pg(what, &e))
+    }
+
+    fn connect_with(&self, ssl_mode: postgres::config::SslMode) -> Result<Client, postgres::Error> {
         let options = self.options();
         let mut c = postgres::Config::new();
         c.host(&self.host)
@@ -241,14 +282,14 @@ impl Target {
             .password(self.password.expose())
             .application_name("clup")
             .options(&options)
-            .ssl_mode(SslMode::Disable)
+            .ssl_mode(ssl_mode)
             .connect_timeout(self.connect_timeout)
             .tcp_user_timeout(self.connect_timeout + self.statement_timeout)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(5))
             .keepalives_interval(Duration::from_secs(2))
             .keepalives_retries(3);
-        c.connect(NoTls).map_err(|e| PgError::from_pg(what, &e))
+        c.connect(tls::Connector::new(&self.ssl))
     }
 }
 

@@ -2,8 +2,8 @@
 //! authentication (trust, cleartext, md5, SCRAM-SHA-256 without channel
 //! binding), simple queries with text results, statements prepared once
 //! per session and run again without parameters (extended protocol, text
-//! results), Terminate on drop. No TLS (clup connects with
-//! sslmode=disable), no parameters, no COPY.
+//! results), Terminate on drop; TLS as libpq's sslmode says (the
+//! negotiation and the stream are [`tls`]'s). No parameters, no COPY.
 //!
 //! Owns: the message codec (pure functions, tested without sockets) and a
 //! connection over a blocking TCP socket whose every call takes one
@@ -30,7 +30,8 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 
 use crate::exec::pg::PgError;
 use crate::exec::pgver::parse_server_version;
-use crate::model::config::Secret;
+use crate::exec::tls::{self, Failure, NegotiateError, Start, Stream};
+use crate::model::config::{PgSsl, Secret};
 
 // ---------------------------------------------------------------- codec
 
@@ -410,6 +411,8 @@ pub struct Params {
     pub dbname: String,
     pub password: Secret,
     pub options: String,
+    /// pg_sslmode and pg_sslrootcert.
+    pub ssl: PgSsl,
 }
 
 impl Params {
@@ -421,6 +424,7 @@ impl Params {
             && self.user == other.user
             && self.dbname == other.dbname
             && self.options == other.options
+            && self.ssl == other.ssl
             && self.password.expose() == other.password.expose()
     }
 }
@@ -428,7 +432,7 @@ impl Params {
 /// An open session. Broken (and then only good for dropping) after a
 /// timeout, an I/O error, a protocol error or a FATAL error.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     inbuf: Vec<u8>,
     start: usize,
     params: Params,
@@ -482,30 +486,86 @@ fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
 }
 
 impl Conn {
-    /// Connect and log in, all by `deadline`.
+    /// Connect and log in, all by `deadline`, with TLS as `p.ssl` says:
+    /// a second attempt on a new connection where libpq makes one
+    /// ([`tls::retry`]).
     pub fn connect(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
-        let mut c = Conn::open(p, what, deadline)?;
-        c.login(what, deadline)?;
-        c.broken = false;
-        Ok(c)
+        let mut how = tls::start(p.ssl.mode);
+        loop {
+            match Conn::attempt(p, what, how, deadline) {
+                Ok(c) => return Ok(c),
+                Err((e, Some(next))) if deadline.remaining().is_ok() => {
+                    log::debug!("{what}: {}; trying again with {next:?}", e.msg);
+                    how = next;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
     }
 
-    /// The connection, before anything is sent on it (broken until logged in).
-    fn open(p: &Params, what: &str, deadline: Deadline) -> Result<Conn, PgError> {
+    /// One connection and login; on failure, the error and the start of a
+    /// second attempt if libpq would make one.
+    fn attempt(
+        p: &Params,
+        what: &str,
+        how: Start,
+        deadline: Deadline,
+    ) -> Result<Conn, (PgError, Option<Start>)> {
+        let mut c = Conn::open(p, what, how, deadline)?;
+        let used_tls = c.stream.is_tls();
+        match c.login(what, deadline) {
+            Ok(()) => {
+                c.broken = false;
+                Ok(c)
+            }
+            Err(e) => {
+                // An error the server sent (it has a SQLSTATE): refused.
+                let failure = if e.code.is_some() {
+                    Failure::Refused
+                } else {
+                    Failure::Other
+                };
+                Err((e, tls::retry(p.ssl.mode, used_tls, failure)))
+            }
+        }
+    }
+
+    /// The connection, TLS negotiated as `how` says, before the startup
+    /// packet (broken until logged in).
+    fn open(
+        p: &Params,
+        what: &str,
+        how: Start,
+        deadline: Deadline,
+    ) -> Result<Conn, (PgError, Option<Start>)> {
         let connecting = |e: io::Error| err(what, format!("error connecting to server: {e}"));
-        let addr = resolve(&p.host, p.port).map_err(connecting)?;
-        let left = deadline
-            .remaining()
-            .map_err(|_| timed_out(what, deadline.limit))?;
-        let stream = TcpStream::connect_timeout(&addr, left).map_err(|e| {
+        let io_err = |e: io::Error| {
             if is_timeout(&e) {
                 timed_out(what, deadline.limit)
             } else {
                 connecting(e)
             }
+        };
+        let addr = resolve(&p.host, p.port).map_err(|e| (connecting(e), None))?;
+        let left = deadline
+            .remaining()
+            .map_err(|_| (timed_out(what, deadline.limit), None))?;
+        let tcp = TcpStream::connect_timeout(&addr, left).map_err(|e| (io_err(e), None))?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tls::negotiate(tcp, &p.ssl, &p.host, how, deadline).map_err(|e| match e {
+            NegotiateError::Io(e) => (io_err(e), None),
+            NegotiateError::Refused(m) => (err(what, m), None),
+            NegotiateError::Handshake(m) => (
+                err(what, m),
+                tls::retry(p.ssl.mode, true, Failure::Handshake),
+            ),
         })?;
-        let _ = stream.set_nodelay(true);
-        Ok(Conn {
+        Ok(Conn::on(stream, p))
+    }
+
+    /// A connection on `stream`, nothing sent yet (broken until logged in).
+    fn on(stream: Stream, p: &Params) -> Conn {
+        Conn {
             stream,
             inbuf: Vec::with_capacity(8192),
             start: 0,
@@ -516,7 +576,7 @@ impl Conn {
             prepared: Vec::new(),
             owed: None,
             read_timed_out: false,
-        })
+        }
     }
 
     fn startup_packet(&self) -> Vec<u8> {
@@ -810,8 +870,8 @@ impl Conn {
         while off < buf.len() {
             let r = deadline
                 .remaining()
-                .and_then(|left| self.stream.set_write_timeout(Some(left)))
-                .and_then(|()| (&self.stream).write(&buf[off..]));
+                .and_then(|left| self.stream.tcp().set_write_timeout(Some(left)))
+                .and_then(|()| self.stream.write(&buf[off..]));
             match r {
                 Ok(0) => return Err(self.lost(what, io::ErrorKind::WriteZero.into(), deadline)),
                 Ok(n) => off += n,
@@ -846,8 +906,8 @@ impl Conn {
             let mut chunk = [0u8; 8192];
             let r = deadline
                 .remaining()
-                .and_then(|left| self.stream.set_read_timeout(Some(left)))
-                .and_then(|()| (&self.stream).read(&mut chunk));
+                .and_then(|left| self.stream.tcp().set_read_timeout(Some(left)))
+                .and_then(|()| self.stream.read(&mut chunk));
             match r {
                 Ok(0) => {
                     self.broken = true;
@@ -888,9 +948,7 @@ impl Drop for Conn {
         if !self.broken {
             // Best effort, never waits: a dropped session must not hold up
             // the round that drops it.
-            if self.stream.set_nonblocking(true).is_ok() {
-                let _ = (&self.stream).write(&TERMINATE);
-            }
+            self.stream.close_with(&TERMINATE);
         }
     }
 }
@@ -931,21 +989,39 @@ pub enum Handshake {
 /// asks for a password). A kept session can go on answering while the
 /// postmaster takes no new connection; this proves that it does.
 pub fn handshake(p: &Params, what: &str, deadline: Deadline) -> Handshake {
-    let mut c = match Conn::open(p, what, deadline) {
-        Ok(c) => c,
-        Err(e) => return Handshake::Unreachable(e.to_string()),
+    let stalled = || {
+        Handshake::Stalled(format!(
+            "{what}: the server accepts TCP connections but answered no startup packet within {:.1}s",
+            deadline.limit.as_secs_f64()
+        ))
     };
+    let unreachable = |e: &dyn std::fmt::Display| Handshake::Unreachable(format!("{what}: {e}"));
+    let tcp = match resolve(&p.host, p.port)
+        .and_then(|addr| TcpStream::connect_timeout(&addr, deadline.remaining()?))
+    {
+        Ok(t) => t,
+        Err(e) => return unreachable(&e),
+    };
+    let _ = tcp.set_nodelay(true);
+    // TLS first where the mode asks for it: a server that answers the SSL
+    // request at all has a backend serving this connection.
+    let stream = match tls::negotiate(tcp, &p.ssl, &p.host, tls::start(p.ssl.mode), deadline) {
+        Ok(s) => s,
+        Err(NegotiateError::Io(e)) if is_timeout(&e) => return stalled(),
+        Err(NegotiateError::Io(e)) => return unreachable(&e),
+        Err(NegotiateError::Refused(_) | NegotiateError::Handshake(_)) => {
+            return Handshake::Answered
+        }
+    };
+    let mut c = Conn::on(stream, p);
     let packet = c.startup_packet();
     if let Err(e) = c.send(what, &packet, deadline) {
-        return Handshake::Unreachable(e.to_string());
+        return unreachable(&e);
     }
     match c.recv(what, deadline) {
         Ok(_) => Handshake::Answered,
-        Err(_) if c.read_timed_out => Handshake::Stalled(format!(
-            "{what}: the server accepts TCP connections but answered no startup packet within {:.1}s",
-            deadline.limit.as_secs_f64()
-        )),
-        Err(e) => Handshake::Unreachable(e.to_string()),
+        Err(_) if c.read_timed_out => stalled(),
+        Err(e) => unreachable(&e),
     }
 }
 
@@ -1003,6 +1079,8 @@ mod tests {
             dbname: "d".to_string(),
             password: Secret::new(""),
             options: String::new(),
+            // libpq's default: an SSLRequest first, plain text after 'N'.
+            ssl: PgSsl::default(),
         }
     }
 
@@ -1025,10 +1103,18 @@ mod tests {
         let port = server.local_addr().unwrap().port();
         let t = std::thread::spawn(move || {
             let (mut s, _) = server.accept().unwrap();
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).unwrap();
-            let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-            s.read_exact(&mut rest).unwrap();
+            let packet = |s: &mut std::net::TcpStream| {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).unwrap();
+                let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                s.read_exact(&mut rest).unwrap();
+                rest
+            };
+            // The SSLRequest (code 80877103): no TLS here.
+            assert_eq!(packet(&mut s), 80877103u32.to_be_bytes());
+            s.write_all(b"N").unwrap();
+            let startup = packet(&mut s);
+            assert_eq!(&startup[..4], &[0, 3, 0, 0]);
             s.write_all(&message(b'R', &3u32.to_be_bytes())).unwrap();
             // The client leaves before sending a password.
             let mut buf = [0u8; 16];
@@ -1245,6 +1331,7 @@ mod tests {
             dbname: "d".into(),
             password: Secret::new("pw"),
             options: String::new(),
+            ssl: PgSsl::default(),
         };
         let started = Instant::now();
         let e = Conn::connect(&p, "test", Deadline::after(Duration::from_millis(300)))
@@ -1270,6 +1357,7 @@ mod tests {
             dbname: "d".into(),
             password: Secret::new("pw"),
             options: "-c statement_timeout=1000".into(),
+            ssl: PgSsl::default(),
         };
         assert!(p.same_session(&p.clone()));
         let other = Params {
@@ -1279,6 +1367,14 @@ mod tests {
         assert!(!p.same_session(&other));
         let other = Params {
             dbname: "postgres".into(),
+            ..p.clone()
+        };
+        assert!(!p.same_session(&other));
+        let other = Params {
+            ssl: PgSsl {
+                mode: crate::model::config::SslMode::VerifyFull,
+                rootcert: "/ca.pem".into(),
+            },
             ..p.clone()
         };
         assert!(!p.same_session(&other));

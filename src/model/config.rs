@@ -12,6 +12,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::model::ssl::{PgSsl, SslMode};
+
 /// A password or token. Printing it shows `******`.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);
@@ -69,6 +71,8 @@ pub enum Kind {
     SyncFallback,
     /// Comma-separated `http://host:port` URLs.
     Endpoints,
+    /// A libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
+    SslMode,
 }
 
 /// One clup.conf key. `default: None` means the key is required.
@@ -124,6 +128,10 @@ pub const KEYS: &[Key] = &[
           doc: "Extra ssh options, split on white space (e.g. -i /opt/clup/conf/id_ed25519 -o UserKnownHostsFile=/opt/clup/conf/known_hosts). They come first and win over clup's own (a ConnectTimeout here overrides ssh_connect_timeout)." },
     Key { name: "pg_bin_dir", kind: Kind::Text, default: Some(""),
           doc: "Directory of the PostgreSQL programs on the database hosts, when pg_ctl is not on os_user's PATH. Besides pg_ctl: pg_rewind of the server's major (repair --rewind), pg_basebackup of that major or newer (repair --rebuild), pg_controldata (switch; without it clup reads global/pg_control itself)." },
+    Key { name: "pg_sslmode", kind: Kind::SslMode, default: Some("prefer"),
+          doc: "TLS to PostgreSQL, with libpq's meanings: disable, allow (plain text, TLS if the server refuses plain text), prefer (TLS if the server offers it, else plain text), require (TLS, certificate not checked unless a root certificate file is given or found: then as verify-ca), verify-ca (TLS, certificate signed by a CA of pg_sslrootcert), verify-full (as verify-ca, and the certificate's subjectAltName names the host clup connects to). For every connection clup makes (probes, status queries, switch, repair) and written as sslmode= into the primary_conninfo of the standbys." },
+    Key { name: "pg_sslrootcert", kind: Kind::Text, default: Some(""),
+          doc: "PEM file of the CA certificates that sign the servers' certificates (verify-ca, verify-full; with require, makes it verify-ca). Empty: ~/.postgresql/root.crt of the user running clup, as libpq. When set, it is also written as sslrootcert= into primary_conninfo, so the same path must hold the CA file on the database hosts." },
     Key { name: "failover_max_lag", kind: Kind::Bytes, default: Some("16MB"),
           doc: "A standby further behind the primary's last known LSN than this is never promoted; 0 means no limit." },
     Key { name: "restart_tries", kind: Kind::Count, default: Some("3"),
@@ -180,6 +188,8 @@ pub struct Config {
     pub ssh_user: String,
     pub ssh_options: Vec<String>,
     pub pg_bin_dir: String,
+    /// TLS to PostgreSQL (pg_sslmode, pg_sslrootcert).
+    pub pg_ssl: PgSsl,
     pub failover_max_lag: u64,
     pub restart_tries: u32,
     pub hung_timeout: Duration,
@@ -275,6 +285,10 @@ impl Config {
                 .map(str::to_string)
                 .collect(),
             pg_bin_dir: get("pg_bin_dir"),
+            pg_ssl: PgSsl {
+                mode: get("pg_sslmode").parse().expect("checked"),
+                rootcert: get("pg_sslrootcert"),
+            },
             failover_max_lag: parse_bytes(&get("failover_max_lag")).expect("checked"),
             restart_tries: count("restart_tries"),
             hung_timeout: secs("hung_timeout"),
@@ -492,6 +506,7 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
             "async" | "block" => Ok(()),
             _ => Err(format!("invalid value {}: expected async or block", shown(def, v))),
         },
+        Kind::SslMode => v.parse::<SslMode>().map(|_| ()),
         Kind::Endpoints if v.is_empty() => Ok(()),
         Kind::Endpoints => parse_endpoints(v)
             .map(|_| ())
@@ -534,7 +549,7 @@ fn check_text(def: &Key, v: &str) -> Result<(), String> {
             shown(def, v)
         ));
     }
-    if def.name == "pg_bin_dir" && !v.is_empty() && !is_safe_path(v) {
+    if matches!(def.name, "pg_bin_dir" | "pg_sslrootcert") && !v.is_empty() && !is_safe_path(v) {
         return Err(format!(
             "invalid value {}: must be an absolute path of letters, digits, '/', '.', '_' and '-'",
             shown(def, v)

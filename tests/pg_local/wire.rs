@@ -20,6 +20,7 @@ fn params(lab: &Lab, user: &str, password: &str) -> Params {
         dbname: "postgres".into(),
         password: Secret::new(password),
         options: "-c statement_timeout=2000 -c synchronous_commit=local".into(),
+        ssl: Default::default(),
     }
 }
 

@@ -334,7 +334,7 @@ mod tests {
             text.contains("standby_mode = 'on'\nrecovery_target_timeline = 'latest'\n"),
             "{text}"
         );
-        assert!(text.contains("primary_conninfo = 'application_name=stb42 user=postgres host=192.168.56.41 port=5432 password=****** sslmode=disable'"), "{text}");
+        assert!(text.contains("primary_conninfo = 'application_name=stb42 user=postgres host=192.168.56.41 port=5432 password=****** sslmode=prefer'"), "{text}");
         assert!(text.contains("pg_rewind"), "{text}");
         assert!(!text.contains("password=postgres"), "{text}");
     }

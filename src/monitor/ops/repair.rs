@@ -200,8 +200,11 @@ esac
         pgctl::prelude(db, cfg),
         need_tool("pg_rewind", "of the server's major version"),
         quote(&format!(
-            "host={} port={} user={} dbname=postgres connect_timeout=5",
-            primary.host, primary.port, cfg.ha_db_user
+            "host={} port={} user={} dbname=postgres connect_timeout=5 {}",
+            primary.host,
+            primary.port,
+            cfg.ha_db_user,
+            cfg.pg_ssl.conninfo()
         )),
         if v.rewind_flags.is_empty() { String::new() } else { format!(" {}", v.rewind_flags) }
     )
@@ -259,11 +262,16 @@ fn rebuild_script(
     (ts, aside): (u64, &str),
     v: &PgVer,
 ) -> String {
+    // A connection string rather than -h/-p/-U: it carries pg_sslmode.
     let backup = format!(
-        "\"$bin/pg_basebackup\" -h {} -p {} -U {} {}",
-        quote(&primary.host),
-        primary.port,
-        quote(&cfg.db_repl_user),
+        "\"$bin/pg_basebackup\" -d {} {}",
+        quote(&format!(
+            "host={} port={} user={} {}",
+            primary.host,
+            primary.port,
+            cfg.db_repl_user,
+            cfg.pg_ssl.conninfo()
+        )),
         v.basebackup_flags
     );
     // A data directory that is a mount point cannot be renamed: its
@@ -423,7 +431,7 @@ pub(super) fn instructions(cfg: &crate::model::config::Config, db: &Db, primary:
         user = cfg.db_repl_user,
         host = primary.host,
         port = primary.port,
-        conninfo = recovery::masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, &primary.host, primary.port),
+        conninfo = recovery::masked_conninfo(&db.repl_app_name, &cfg.db_repl_user, &primary.host, primary.port, &cfg.pg_ssl),
     )
 }
 
