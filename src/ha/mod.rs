@@ -83,6 +83,9 @@ pub struct Facts {
     /// Since when (epoch seconds) the primary's synchronous_standby_names
     /// cannot be met by [`Facts::acks`]: commits wait. See [`sync_met`].
     pub sync_unmet_since: Option<u64>,
+    /// When clup last started a rewind of a Fault standby (`auto_rewind`),
+    /// by db id (epoch seconds).
+    pub rewound_at: BTreeMap<u32, u64>,
 }
 
 /// How long a Normal standby may answer without streaming from the primary
@@ -115,7 +118,13 @@ pub struct Params {
     /// [`SYNC_GRACE_SECS`]: drop to what acknowledges (asynchronous if
     /// none) until they stream again, or keep commits waiting.
     pub sync_fallback: SyncFallback,
+    /// Rewind running Fault standbys without an operator.
+    pub auto_rewind: bool,
 }
+
+/// How often one Fault standby is rewound by `auto_rewind` at most: a rewind
+/// that fails (no pg_rewind, no wal_log_hints) is not retried every round.
+pub const AUTO_REWIND_EVERY_SECS: u64 = 600;
 
 /// clup.conf's `sync_fallback`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,6 +236,10 @@ pub enum Action {
     MetaSyncWanted {
         names: String,
     },
+    /// Start `repair --rewind` of a Fault standby, as its own task.
+    RewindDb {
+        id: u32,
+    },
 }
 
 impl Action {
@@ -270,6 +283,7 @@ impl fmt::Display for Action {
             Action::MetaPrimary { id, old } => write!(f, "meta: db {id} primary, db {old} Fault"),
             Action::MetaDbState { id, state } => write!(f, "meta: db {id} state {state}"),
             Action::MetaClusterState { state } => write!(f, "meta: cluster state {state}"),
+            Action::RewindDb { id } => write!(f, "repair --rewind db {id}"),
             Action::MetaSyncWanted { names } => {
                 write!(f, "meta: synchronous_standby_names wanted '{names}'")
             }
@@ -294,6 +308,8 @@ pub enum Kind {
     NoCandidate,
     /// synchronous_standby_names changed to what acknowledges, or restored.
     SyncStandbys,
+    /// A Fault standby is rewound (`auto_rewind`).
+    AutoRewind,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -359,6 +375,9 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         return d;
     }
     if let Some(d) = sync_upkeep(cluster, primary, facts, p, now) {
+        return d;
+    }
+    if let Some(d) = auto_rewind(cluster, primary, facts, p, now) {
         return d;
     }
 
@@ -472,6 +491,46 @@ fn fault_stuck_standby(
         }
     }
     None
+}
+
+/// With `auto_rewind`, the first Fault standby that runs as a standby
+/// (left behind by a failover, or back after an outage) is repaired with
+/// pg_rewind from the healthy primary, at most every
+/// [`AUTO_REWIND_EVERY_SECS`]. A Fault node running as a primary is fenced
+/// first ([`fence_returning_primary`]), then looked at here once stopped and
+/// started as a standby by an operator; a stopped one is left alone.
+fn auto_rewind(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    now: u64,
+) -> Option<Decision> {
+    if !p.auto_rewind {
+        return None;
+    }
+    let d = cluster.db_list.iter().find(|d| {
+        !d.is_normal()
+            && !d.is_primary()
+            && facts
+                .seen
+                .get(&d.id)
+                .is_some_and(|s| s.ok && s.in_recovery == Some(true))
+            && facts
+                .rewound_at
+                .get(&d.id)
+                .is_none_or(|t| now.saturating_sub(*t) >= AUTO_REWIND_EVERY_SECS)
+    })?;
+    Some(Decision {
+        kind: Kind::AutoRewind,
+        plan: vec![Action::RewindDb { id: d.id }],
+        reason: format!(
+            "database({}) is Fault but runs as a standby: rewinding it from the primary database({}) (auto_rewind = on)",
+            d.addr(),
+            primary.addr()
+        ),
+        subject: Some(d.id),
+    })
 }
 
 fn find_msg(d: &Db) -> String {

@@ -9,6 +9,7 @@ const P: Params = Params {
     restart_tries: 2,
     hung_timeout: 20,
     sync_fallback: SyncFallback::Async,
+    auto_rewind: false,
 };
 
 fn cluster() -> Cluster {
@@ -915,4 +916,37 @@ fn fault_primary_is_retried_and_recovers_cluster_state() {
     let d = decide(&c, &f, &P, 0);
     assert_eq!(d.kind, Kind::NoCandidate);
     assert!(d.plan.is_empty());
+}
+
+/// auto_rewind: a running Fault standby is rewound, not more often than
+/// AUTO_REWIND_EVERY_SECS; a stopped one, or with the key off, is left.
+#[test]
+fn auto_rewind_repairs_a_running_fault_standby_now_and_then() {
+    let mut c = cluster();
+    c.db_mut(3).unwrap().state = DB_FAULT;
+    let f = facts(|_| {});
+    let on = Params {
+        auto_rewind: true,
+        ..P
+    };
+    assert!(decide(&c, &f, &P, 1000)
+        .reason
+        .starts_with("no action: primary"));
+    let d = decide(&c, &f, &on, 1000);
+    assert_eq!(d.kind, Kind::AutoRewind);
+    assert_eq!(d.plan, [Action::RewindDb { id: 3 }]);
+    let mut tried = f.clone();
+    tried.rewound_at.insert(3, 900);
+    assert!(decide(&c, &tried, &on, 1000)
+        .reason
+        .starts_with("no action: primary"));
+    assert_eq!(
+        decide(&c, &tried, &on, 900 + AUTO_REWIND_EVERY_SECS).kind,
+        Kind::AutoRewind
+    );
+    let mut stopped = f.clone();
+    stopped.seen.insert(3, down());
+    assert!(decide(&c, &stopped, &on, 1000)
+        .reason
+        .starts_with("no action: primary"));
 }

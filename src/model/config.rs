@@ -69,6 +69,8 @@ pub enum Kind {
     MetaStore,
     /// async or block.
     SyncFallback,
+    /// on or off.
+    OnOff,
     /// Comma-separated `http://host:port` URLs.
     Endpoints,
     /// A libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full.
@@ -140,6 +142,8 @@ pub const KEYS: &[Key] = &[
           doc: "Seconds a primary may stall (it accepts TCP connections, its host answers ssh, but no new session gets an answer) before it is fenced (kill -9 of the postmaster and its children, over ssh) and failed over. A stalled server is never restarted: it is running. Far longer than a checkpoint or a burst of load delays a login, which takes milliseconds even then." },
     Key { name: "sync_fallback", kind: Kind::SyncFallback, default: Some("async"),
           doc: "When the standbys named in the primary's synchronous_standby_names do not acknowledge for 5 s (down, hung, cut off), every commit waits. async: the primary then names only the standbys that acknowledge (none: asynchronous), loudly logged and shown in /metrics (clup_sync_degraded), and the operator's setting is restored once enough of them acknowledge again. block: commits keep waiting, on purpose, and the log says so." },
+    Key { name: "auto_rewind", kind: Kind::OnOff, default: Some("off"),
+          doc: "on: a Fault standby that runs (left behind by a failover, its WAL past the new timeline, or back after an outage) is repaired with pg_rewind from the primary (repair --rewind) without an operator, at most every 10 minutes per node. off: it waits for repair." },
     Key { name: "cstlb_timeout", kind: Kind::Seconds, default: Some("2"),
           doc: "Seconds a request to a cstlb management port may take." },
     Key { name: "log_level", kind: Kind::LogLevel, default: Some("info"),
@@ -195,6 +199,7 @@ pub struct Config {
     pub hung_timeout: Duration,
     /// `sync_fallback = block` (else async).
     pub sync_block: bool,
+    pub auto_rewind: bool,
     pub cstlb_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub meta_store: StoreKind,
@@ -293,6 +298,7 @@ impl Config {
             restart_tries: count("restart_tries"),
             hung_timeout: secs("hung_timeout"),
             sync_block: get("sync_fallback") == "block",
+            auto_rewind: get("auto_rewind") == "on",
             cstlb_timeout: secs("cstlb_timeout"),
             log_level: get("log_level").parse().expect("checked"),
             meta_store: if get("meta_store") == "etcd" {
@@ -501,6 +507,10 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
         Kind::MetaStore => match v {
             "file" | "etcd" => Ok(()),
             _ => Err(format!("invalid value {}: expected file or etcd", shown(def, v))),
+        },
+        Kind::OnOff => match v {
+            "on" | "off" => Ok(()),
+            _ => Err(format!("invalid value {}: expected on or off", shown(def, v))),
         },
         Kind::SyncFallback => match v {
             "async" | "block" => Ok(()),

@@ -39,6 +39,8 @@ pub(super) enum Acted {
     Restarted(Vec<u32>),
     /// A plan of this kind ran as a task.
     Ran(Kind),
+    /// A repair --rewind of this database was started (its own task).
+    Rewinding(u32),
 }
 
 /// Carry out `d` for cluster `name`, whose meta was `cluster` when the
@@ -73,6 +75,21 @@ pub(super) fn act_on(
             log::info!("{}", d.reason);
             Acted::Restarted(restart(shared, cluster, &d.plan))
         }
+        Kind::AutoRewind => match d.plan.first() {
+            Some(&Action::RewindDb { id }) => {
+                log::warn!("Cluster({name}): {}", d.reason);
+                match super::ops::start_repair(shared, name, id, super::ops::RepairMode::Rewind) {
+                    Ok((task, _)) => {
+                        log::info!("Cluster({name}): rewind of db {id} runs as task {task}.")
+                    }
+                    Err(e) => {
+                        log::error!("Cluster({name}): cannot start the rewind of db {id}: {e}")
+                    }
+                }
+                Acted::Rewinding(id)
+            }
+            _ => Acted::Held,
+        },
         kind => {
             run_as_task(shared, name, cluster, d, facts);
             Acted::Ran(kind)
@@ -314,6 +331,7 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
         | Action::CheckPeer { .. }
         | Action::CheckWriteVip { .. }
         | Action::RestartDb { .. }
+        | Action::RewindDb { .. }
         | Action::Repoint { .. } => Ok(()),
         Action::Fence { id } => fence(shared, cluster, *id, pre, t),
         Action::KillDb { id } => kill(shared, cluster, *id, pre, t),
@@ -455,6 +473,7 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
     for (db_id, p) in &probes {
         fresh.seen.insert(*db_id, seen_of(p));
     }
+    log_positions(run, cand, &probes);
     match ha::choose_candidate(cluster, &fresh, &shared.params()) {
         Ok(c) if c.id == cand => {
             t.info(&format!(
@@ -471,6 +490,40 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
             db_or_err(cluster, cand)?.addr()
         )),
         Err(e) => Err(format!("no standby is safe to promote now: {e}")),
+    }
+}
+
+/// The standbys' received WAL right before the promotion, against the
+/// candidate's: WAL a standby has past the candidate's end forks off the
+/// new timeline and is lost with it (in sync mode it may hold acknowledged
+/// commits): said loudly, with how many bytes, for each such standby.
+fn log_positions(run: &Run, cand: u32, probes: &std::collections::BTreeMap<u32, pg::DbProbe>) {
+    let Some(at) = probes.get(&cand).and_then(|p| p.wal_lsn) else {
+        return;
+    };
+    let mut shown = Vec::new();
+    for (id, p) in probes.iter().filter(|(id, _)| **id != cand) {
+        let (Some(db), Some(lsn)) = (run.cluster.db(*id), p.wal_lsn) else {
+            continue;
+        };
+        let delta = lsn as i128 - at as i128;
+        shown.push(format!("database({}) {delta:+} bytes", db.addr()));
+        if delta > 0 {
+            run.t.error(&format!(
+                "{}: database({}) has {delta} bytes of WAL past the promotion point {}: they fork off the new timeline and are lost with it; it needs repair --rewind (auto_rewind = on does it)",
+                run.pre,
+                db.addr(),
+                pg::format_lsn(at)
+            ));
+        }
+    }
+    if !shown.is_empty() {
+        run.t.info(&format!(
+            "{}: received WAL against the promotion point {}: {}.",
+            run.pre,
+            pg::format_lsn(at),
+            shown.join(", ")
+        ));
     }
 }
 

@@ -283,6 +283,7 @@ impl Shared {
             } else {
                 SyncFallback::Async
             },
+            auto_rewind: self.cfg.auto_rewind,
         }
     }
 
@@ -405,6 +406,8 @@ struct Memory {
     last_flush: BTreeMap<String, u64>,
     /// Since when synchronous_standby_names could not be met.
     sync_unmet_since: Option<u64>,
+    /// When a rewind of a Fault standby was last started (auto_rewind).
+    rewound_at: BTreeMap<u32, u64>,
 }
 
 impl Memory {
@@ -413,6 +416,9 @@ impl Memory {
     fn after(&mut self, acted: &Acted) {
         match acted {
             Acted::Calm | Acted::Held => {}
+            Acted::Rewinding(id) => {
+                self.rewound_at.insert(*id, crate::now_secs());
+            }
             Acted::Restarted(ids) => {
                 self.write_vip_seen_on = None;
                 for id in ids {

@@ -292,6 +292,7 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
         stalled_since: mem.stalled_since.clone(),
         acks: mem.acks.clone(),
         sync_unmet_since: mem.sync_unmet_since,
+        rewound_at: mem.rewound_at.clone(),
         ..Default::default()
     }
 }
