@@ -77,6 +77,12 @@ pub struct Facts {
     /// answer: the postmaster lives but does not serve), by db id: since
     /// when (epoch seconds), without a round in between that was not.
     pub stalled_since: BTreeMap<u32, u64>,
+    /// Databases whose probes fail, by db id: since when (epoch seconds),
+    /// without a round in between that answered.
+    pub failing_since: BTreeMap<u32, u64>,
+    /// Asked this round over ssh (`pg_ctl status`): does the server run?
+    /// A failed check is absent.
+    pub running: BTreeMap<u32, bool>,
     /// Standbys (repl_app_name) that acknowledge the primary's WAL now: see
     /// [`acknowledgers`].
     pub acks: BTreeSet<String>,
@@ -159,6 +165,11 @@ pub enum Action {
     /// the write VIP?
     CheckWriteVip {
         via: String,
+    },
+    /// Gather: does the database's server run on its host (pg_ctl status
+    /// over ssh)?
+    CheckRunning {
+        id: u32,
     },
     /// Start the database again in place, as its os_user.
     RestartDb {
@@ -246,7 +257,10 @@ impl Action {
     pub fn is_gather(&self) -> bool {
         matches!(
             self,
-            Action::CheckHost { .. } | Action::CheckPeer { .. } | Action::CheckWriteVip { .. }
+            Action::CheckHost { .. }
+                | Action::CheckPeer { .. }
+                | Action::CheckWriteVip { .. }
+                | Action::CheckRunning { .. }
         )
     }
 }
@@ -261,6 +275,7 @@ impl fmt::Display for Action {
             Action::CheckWriteVip { via } => {
                 write!(f, "check from {via} whether the write vip answers")
             }
+            Action::CheckRunning { id } => write!(f, "check whether db {id} runs"),
             Action::RestartDb { id } => write!(f, "restart db {id}"),
             Action::Fence { id } => write!(f, "fence (stop) db {id}"),
             Action::KillDb { id } => write!(f, "fence (kill -9) db {id}"),
@@ -584,6 +599,17 @@ fn primary_failed(
             if let Some(&since) = facts.stalled_since.get(&primary.id) {
                 return primary_stalled(cluster, primary, facts, p, now.saturating_sub(since));
             }
+            match facts.running.get(&primary.id) {
+                None => {
+                    return Decision::gather(
+                        primary.id,
+                        vec![Action::CheckRunning { id: primary.id }],
+                        find_msg(primary),
+                    )
+                }
+                Some(true) => return primary_runs_unanswered(cluster, primary, facts, p, now),
+                Some(false) => {}
+            }
             let tried = facts.restarts.get(&primary.id).copied().unwrap_or(0);
             if tried < p.restart_tries {
                 Decision {
@@ -623,6 +649,36 @@ fn primary_failed(
     }
 }
 
+/// The primary's host answers and its server runs, but the monitor gets
+/// no answer from it (a lossy or cut link between them, or a server that
+/// takes no connection): a restart would do nothing. If a standby still
+/// reaches it, only the monitor is cut off: nothing to do. If none does,
+/// it is treated as hung: waited for `hung_timeout`, then killed and
+/// failed over ([`primary_stalled`]).
+fn primary_runs_unanswered(
+    cluster: &Cluster,
+    primary: &Db,
+    facts: &Facts,
+    p: &Params,
+    now: u64,
+) -> Decision {
+    if !facts.peers_asked {
+        return Decision::gather(
+            primary.id,
+            primary_checks(cluster, primary, facts),
+            find_msg(primary),
+        );
+    }
+    if let Some((via, _)) = facts.peer_sees_primary.iter().find(|(_, seen)| **seen) {
+        return Decision::nothing(format!(
+            "no restart: database({}) runs and standby host {via} reaches it; only the monitor gets no answer from it (a lossy or cut link?)",
+            primary.addr()
+        ));
+    }
+    let since = facts.failing_since.get(&primary.id).copied().unwrap_or(now);
+    primary_stalled(cluster, primary, facts, p, now.saturating_sub(since))
+}
+
 /// The primary's host answers and its server accepts connections but
 /// serves none (stopped, stuck on a dying disk): restarting a running
 /// server does nothing, and the standbys' "can I reach it" check is
@@ -640,13 +696,13 @@ fn primary_stalled(
 ) -> Decision {
     if stalled_for < p.hung_timeout {
         return Decision::nothing(format!(
-            "no action yet: database({}) accepts connections but serves none for {stalled_for} s while its host is ok; it is running, so it is not restarted; fenced and failed over after hung_timeout ({} s)",
+            "no action yet: database({}) runs but has served no connection for {stalled_for} s while its host is ok; it is running, so it is not restarted; fenced and failed over after hung_timeout ({} s)",
             primary.addr(),
             p.hung_timeout
         ));
     }
     let why = format!(
-        "database({}) is hung: it accepts connections but has served none for {stalled_for} s while its host is ok; fencing it (kill -9)",
+        "database({}) is hung: it runs but has served no connection for {stalled_for} s while its host is ok; fencing it (kill -9)",
         primary.addr()
     );
     let (cand, adopting) = match failover_target(cluster, primary, facts, p, &why) {

@@ -133,6 +133,8 @@ fn db_down_host_up_is_restarted_in_place() {
         let f = facts(|f| {
             f.seen.insert(id, down());
             f.hosts.insert(format!("192.168.56.4{id}"), true);
+            // pg_ctl status: not running (the primary's is asked first).
+            f.running.insert(id, false);
         });
         let d = decide(&cluster(), &f, &P, 0);
         assert_eq!(d.kind, Kind::Restart, "db {id}");
@@ -346,6 +348,7 @@ fn write_vip_answer_gathered_with_the_peers_decides_the_dad_step() {
     let up = facts(|f| {
         f.seen.insert(1, down());
         f.hosts.insert("192.168.56.41".into(), true);
+        f.running.insert(1, false);
         f.restarts.insert(1, 2);
         peers(f, false);
         f.write_vip = Some(VipSeen::Answered);
@@ -489,6 +492,7 @@ fn restart_that_fails_on_primary_turns_into_failover_with_vip_delete() {
     let f = facts(|f| {
         f.seen.insert(1, down());
         f.hosts.insert("192.168.56.41".into(), true);
+        f.running.insert(1, false);
         f.restarts.insert(1, 2);
         peers(f, false);
     });
@@ -680,11 +684,40 @@ fn hung_primary_is_waited_for_then_killed_and_failed_over() {
     assert!(free.unwrap() < promote.unwrap(), "{:?}", d.plan);
     assert!(d.reason.contains("is hung"), "{}", d.reason);
 
-    // A primary that refuses (not stalled) is restarted, as before.
+    // A primary that refuses (not stalled): is it running? Asked first.
     let mut f = hung(100);
     f.stalled_since.clear();
     let d = decide(&cluster(), &f, &P, 120);
-    assert_eq!(d.kind, Kind::Restart);
+    assert_eq!(d.kind, Kind::Gather);
+    assert_eq!(d.plan, [Action::CheckRunning { id: 1 }]);
+    // Not running: restarted, as before.
+    f.running.insert(1, false);
+    assert_eq!(decide(&cluster(), &f, &P, 120).kind, Kind::Restart);
+}
+
+/// A primary whose server runs but does not answer the monitor (a lossy
+/// link): never restarted. A standby that reaches it means the monitor
+/// alone is cut off; if none does, it is hung: after hung_timeout, killed.
+#[test]
+fn running_primary_that_does_not_answer_is_never_restarted() {
+    let runs = |reached: bool| {
+        facts(|f| {
+            f.seen.insert(1, down());
+            f.hosts.insert("192.168.56.41".into(), true);
+            f.running.insert(1, true);
+            f.failing_since.insert(1, 100);
+            peers(f, reached);
+        })
+    };
+    let d = decide(&cluster(), &runs(true), &P, 200);
+    assert_eq!(d.kind, Kind::Nothing, "{d:?}");
+    assert!(d.reason.starts_with("no restart:"), "{}", d.reason);
+    let d = decide(&cluster(), &runs(false), &P, 110);
+    assert_eq!(d.kind, Kind::Nothing, "{d:?}");
+    assert!(d.reason.contains("not restarted"), "{}", d.reason);
+    let d = decide(&cluster(), &runs(false), &P, 130);
+    assert_eq!(d.kind, Kind::Failover, "{d:?}");
+    assert_eq!(d.plan[0], Action::KillDb { id: 1 });
 }
 
 #[test]

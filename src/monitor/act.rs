@@ -330,6 +330,7 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
         Action::CheckHost { .. }
         | Action::CheckPeer { .. }
         | Action::CheckWriteVip { .. }
+        | Action::CheckRunning { .. }
         | Action::RestartDb { .. }
         | Action::RewindDb { .. }
         | Action::Repoint { .. } => Ok(()),

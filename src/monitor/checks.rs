@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Instant;
 
 use super::Shared;
-use crate::exec::vip;
+use crate::exec::{pgctl, vip};
 use crate::ha::{Action, Facts, VipSeen};
 use crate::model::meta::Cluster;
 
@@ -55,6 +55,7 @@ pub(super) fn gather(
     /// One gathered fact.
     enum Answer {
         Host(String, bool),
+        Running(u32, Option<bool>),
         Peer(String, Option<bool>),
         Vip(Option<VipSeen>),
     }
@@ -82,6 +83,21 @@ pub(super) fn gather(
                             host.clone(),
                             shared.host_up_since(host, since),
                         )]
+                    }
+                    Action::CheckRunning { id } => {
+                        let running = cluster.db(*id).and_then(|db| {
+                            match pgctl::status(&shared.ssh, db, &shared.cfg) {
+                                Ok(st) => Some(matches!(st, pgctl::Status::Running { .. })),
+                                Err(e) => {
+                                    log::warn!(
+                                        "Cannot ask whether database({}) runs: {e}",
+                                        db.addr()
+                                    );
+                                    None
+                                }
+                            }
+                        });
+                        vec![Answer::Running(*id, running)]
                     }
                     Action::CheckPeer { via, .. } if Some(via.as_str()) == vip_via => vec![],
                     Action::CheckPeer { via, host, port } => {
@@ -126,6 +142,10 @@ pub(super) fn gather(
                 }
             }
             Answer::Vip(v) => facts.write_vip = v,
+            Answer::Running(id, Some(r)) => {
+                facts.running.insert(id, r);
+            }
+            Answer::Running(_, None) => {}
         }
     }
 }

@@ -400,6 +400,8 @@ struct Memory {
     probe_errors: BTreeMap<u32, String>,
     /// Databases whose probes stall (see [`crate::ha::Facts::stalled_since`]).
     stalled_since: BTreeMap<u32, u64>,
+    /// Databases whose probes fail: since when.
+    failing_since: BTreeMap<u32, u64>,
     /// The standbys acknowledging the primary's WAL, and their flush
     /// positions last round (see [`crate::ha::acknowledgers`]).
     acks: std::collections::BTreeSet<String>,
@@ -432,6 +434,7 @@ impl Memory {
                     self.restarts.clear();
                     self.not_streaming_since.clear();
                     self.stalled_since.clear();
+                    self.failing_since.clear();
                     self.acks.clear();
                     self.last_flush.clear();
                     self.sync_unmet_since = None;

@@ -160,6 +160,11 @@ pub(super) fn remember(
             mem.stalled_since.remove(id);
         }
         if p.ok {
+            mem.failing_since.remove(id);
+        } else {
+            mem.failing_since.entry(*id).or_insert(now);
+        }
+        if p.ok {
             mem.restarts.remove(id);
             mem.probe_errors.remove(id);
         } else {
@@ -290,6 +295,7 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
         sync_standbys: mem.sync_standbys.clone(),
         not_streaming_since: mem.not_streaming_since.clone(),
         stalled_since: mem.stalled_since.clone(),
+        failing_since: mem.failing_since.clone(),
         acks: mem.acks.clone(),
         sync_unmet_since: mem.sync_unmet_since,
         rewound_at: mem.rewound_at.clone(),
