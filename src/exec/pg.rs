@@ -46,6 +46,11 @@ pub struct Upstream {
     pub sender_port: Option<u16>,
     /// The timeline of the WAL it received last.
     pub timeline: Option<u32>,
+    /// The primary's end of WAL as of its last message to this standby
+    /// (`latest_end_lsn`): fresher than the monitor's own last look at a
+    /// primary that has just failed.
+    #[serde(default)]
+    pub latest_end_lsn: Option<u64>,
 }
 
 /// One row of a primary's `pg_stat_replication`.

@@ -163,6 +163,7 @@ fn upstream_from_json(j: &serde_json::Value) -> Upstream {
             .and_then(|v| v.as_u64())
             .and_then(|v| u32::try_from(v).ok())
             .filter(|t| *t > 0),
+        latest_end_lsn: jlsn(j, "latest_end_lsn").or_else(|| jlsn(j, "latest_end_location")),
     }
 }
 
@@ -328,7 +329,7 @@ mod tests {
             ]]),
             vec![],
             rows(&[&[Some(
-                r#"{"pid": 9, "status": "streaming", "received_tli": 2, "conninfo": "user=repl password=******** dbname=replication host=10.0.0.1 port=5433 application_name=stb02 sslmode=disable"}"#,
+                r#"{"pid": 9, "status": "streaming", "received_tli": 2, "latest_end_lsn": "0/5000100", "conninfo": "user=repl password=******** dbname=replication host=10.0.0.1 port=5433 application_name=stb02 sslmode=disable"}"#,
             )]]),
         ];
         let mut p = DbProbe::default();
@@ -344,6 +345,8 @@ mod tests {
                 sender_host: Some("10.0.0.1".into()),
                 sender_port: Some(5433),
                 timeline: Some(2),
+                // The primary's end of WAL as of its last message.
+                latest_end_lsn: Some(0x5000100),
             })
         );
         assert!(fill_status(&vec![vec![]], &PgVer::of(100023), &mut p).is_err());
@@ -455,6 +458,7 @@ mod tests {
                 sender_host: Some("10.0.0.1".into()),
                 sender_port: Some(5433),
                 timeline: None,
+                latest_end_lsn: None,
             })
         );
         assert_eq!(

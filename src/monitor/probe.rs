@@ -198,6 +198,20 @@ pub(super) fn remember(
                 .collect();
         }
     }
+    // The standbys streaming from the primary know its end of WAL as of
+    // its last message to them: failover_max_lag is judged against the
+    // freshest position anyone saw, not only the monitor's last probe.
+    if let Some(primary) = cluster.primary() {
+        let seen_by_standbys = probes
+            .values()
+            .filter_map(|p| p.upstream.as_ref())
+            .filter(|u| u.sender_host.as_deref() == Some(primary.host.as_str()))
+            .filter_map(|u| u.latest_end_lsn)
+            .max();
+        if let Some(lsn) = seen_by_standbys {
+            mem.primary_last_lsn = Some(mem.primary_last_lsn.map_or(lsn, |l| l.max(lsn)));
+        }
+    }
     watch_streaming(cluster, probes, &mut mem.not_streaming_since);
 }
 
