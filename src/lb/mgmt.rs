@@ -1,5 +1,5 @@
 //! cstlb's management API, as a router that knows nothing of sockets, plus
-//! the small tiny_http loop that feeds it.
+//! the loop that feeds it ([`crate::util::http`]).
 //!
 //! - `GET /backend/list?token=` — the manual's shape, nothing added;
 //! - `GET /backend/stats?token=` — our counters per backend;
@@ -11,7 +11,6 @@
 //! clupserver's. The router never logs a token.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use serde_json::json;
@@ -19,10 +18,14 @@ use serde_json::json;
 use super::proxy::Shared;
 use super::ring::{parse_backend, Outcome};
 use crate::model::config::{constant_time_eq, Secret};
+use crate::util::http;
 use crate::util::url::split_url;
 
 /// Longest request URL looked at (the real ones are under 100 bytes).
 pub const MAX_URL: usize = 4096;
+
+/// The API takes no body; anything longer than this is refused unread.
+const MAX_BODY: usize = 4096;
 
 pub struct Mgmt {
     pub shared: Arc<Shared>,
@@ -128,37 +131,16 @@ impl Mgmt {
     }
 }
 
-/// Serve requests until `stop` is closed.
-pub fn serve(http: &tiny_http::Server, m: &Mgmt, stop: &crossbeam_channel::Receiver<()>) {
-    loop {
-        if matches!(
-            stop.try_recv(),
-            Err(crossbeam_channel::TryRecvError::Disconnected)
-        ) {
-            return;
-        }
-        let req = match http.recv_timeout(Duration::from_millis(300)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                log::debug!("management API: {e}");
-                continue;
-            }
-        };
-        let header_token = req
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("X-Cstlb-Token"))
-            .map(|h| h.value.as_str().to_string());
-        let a = m.route(req.method().as_str(), req.url(), header_token.as_deref());
-        let resp = tiny_http::Response::from_string(a.body)
-            .with_status_code(a.status)
-            .with_header(
-                tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-                    .expect("static header"),
-            );
-        let _ = req.respond(resp);
-    }
+/// Serve the management API on `listener` until `stop` is set, with the
+/// same small HTTP server as clupserver's (an accept error such as EMFILE
+/// is waited out, never the end of the API).
+pub fn serve(listener: std::net::TcpListener, m: Arc<Mgmt>, stop: &std::sync::atomic::AtomicBool) {
+    let handler: Arc<http::Handler> = Arc::new(move |req: http::Request| {
+        let token = req.header("X-Cstlb-Token");
+        let a = m.route(&req.method, &req.url, token.as_deref());
+        http::Response::new(a.status, "application/json", a.body)
+    });
+    http::serve(listener, handler, MAX_BODY, stop);
 }
 
 #[cfg(test)]
@@ -166,6 +148,7 @@ mod tests {
     use super::*;
     use crate::lb::ring::Ring;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::time::Duration;
 
     fn mgmt(token: Option<&str>) -> Mgmt {
         let (tx, _rx) = crossbeam_channel::bounded(1);

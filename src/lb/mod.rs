@@ -53,9 +53,6 @@ pub const DEFAULT_IDLE_TIMEOUT: f64 = 0.0;
 pub const DEFAULT_DRAIN_TIMEOUT: f64 = 10.0;
 /// Bounded time for one request to clupserver.
 const CLUP_TIMEOUT: Duration = Duration::from_secs(3);
-/// Management API threads (requests are tiny).
-const MGR_THREADS: usize = 2;
-
 const USAGE: &str = "\
 usage: cstlb [options]
     Spreads client connections round robin over healthy PostgreSQL standbys.
@@ -292,7 +289,8 @@ struct Sockets {
     listen: SocketAddr,
     listener: TcpListener,
     mgr_addr: SocketAddr,
-    http: Arc<tiny_http::Server>,
+    /// The management API's listener (served by [`crate::util::http`]).
+    mgr: TcpListener,
     /// The soft fd limit after raising it (for the log).
     fds: u64,
 }
@@ -384,13 +382,13 @@ fn bind_sockets(o: &Opts) -> Result<Sockets, String> {
         TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     proxy::prepare_listener(&listener).map_err(|e| format!("listener {listen}: {e}"))?;
     let mgr_addr = resolve(&o.mgr, "--mgr")?;
-    let http = tiny_http::Server::http(mgr_addr)
+    let mgr = TcpListener::bind(mgr_addr)
         .map_err(|e| format!("cannot listen on {mgr_addr} (management API): {e}"))?;
     Ok(Sockets {
         listen,
         listener,
         mgr_addr,
-        http: Arc::new(http),
+        mgr,
         fds,
     })
 }
@@ -450,9 +448,13 @@ fn start_threads(
 ) -> Result<Running, String> {
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let mut threads = Vec::new();
-    for i in 0..MGR_THREADS {
-        let (m, s, h) = (mgmt.clone(), stop_rx.clone(), sockets.http.clone());
-        threads.push(spawn(format!("mgr-{i}"), move || mgmt::serve(&h, &m, &s))?);
+    {
+        let mgr = sockets
+            .mgr
+            .try_clone()
+            .map_err(|e| format!("management API: {e}"))?;
+        let (m, sh) = (mgmt.clone(), shared.clone());
+        threads.push(spawn("mgr".into(), move || mgmt::serve(mgr, m, &sh.stop))?);
     }
     {
         let (sh, s, iv) = (shared.clone(), stop_rx.clone(), o.check_interval);
@@ -501,7 +503,7 @@ fn wait_for_stop(sigset: &libc::sigset_t, drain_timeout: Duration) {
 /// Stop accepting, close the listener, stop the other threads and wait for
 /// every thread; the workers end once their sessions drained.
 fn shut_down(shared: &Shared, sockets: Sockets, running: Running) {
-    let Sockets { listener, http, .. } = sockets;
+    let Sockets { listener, mgr, .. } = sockets;
     let Running {
         stop_tx,
         wakers,
@@ -520,9 +522,8 @@ fn shut_down(shared: &Shared, sockets: Sockets, running: Running) {
     }
     drop(listener);
     drop(stop_tx);
-    for _ in 0..MGR_THREADS {
-        http.unblock();
-    }
+    // The management thread sees `shared.stop` within half a second.
+    drop(mgr);
     for w in workers {
         let _ = w.join();
     }

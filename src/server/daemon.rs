@@ -1,7 +1,7 @@
 //! Process plumbing for clupserver: the pid file lock, the double fork, and
 //! signals as events.
 //!
-//! All of this must run before any thread starts (tiny_http and postgres
+//! All of this must run before any thread starts (the HTTP server and postgres
 //! clients start threads, and fork only copies the calling thread). The pid
 //! file is held with `flock` for the daemon's whole life, so "is it running"
 //! is answered by the kernel, not by a pid that may have been reused.
@@ -62,9 +62,9 @@ pub fn running_pid(path: &Path) -> Option<i32> {
     s.trim().parse().ok()
 }
 
-/// Raise the soft limit of open files to the hard limit. tiny_http's accept
-/// thread cannot survive running out of descriptors (it panics), so the
-/// server takes all the room the system allows for connections.
+/// Raise the soft limit of open files to the hard limit: the server takes
+/// all the room the system allows for connections (and survives running
+/// out of it: see [`crate::util::http`]).
 pub fn raise_fd_limit() -> u64 {
     // SAFETY: get/setrlimit on a local struct.
     unsafe {
