@@ -3,8 +3,10 @@
 //! writes the meta store directly, and `log`, which follows the local log.
 //!
 //! Exit codes (also in clupadm(8)): 0 done; 1 refused or failed; 2 usage or
-//! configuration error; 3 clupserver cannot be reached. Data goes to stdout,
-//! the banner and errors to stderr, so scripts can parse stdout as is.
+//! configuration error; 3 clupserver cannot be reached. stdout is what 1.x
+//! printed, byte for byte: the banner line first (left out by `-q` and
+//! `--json`), then the data, and "Can not connect clupserver: ..." when
+//! clupserver cannot be reached; other errors go to stderr.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -47,17 +49,35 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("task_log", "show task log."),
 ];
 
+/// The usage text clupadm prints when called without a command: the
+/// manual's, word for word (1.x ran as `clup_adm.py`, and said so).
 pub fn usage() -> String {
     let mut s = String::from(
-        "usage: clupadm <command> [options]\n    command can be one of the following:\n",
+        "usage: clup_adm.py <command> [options]\n    command can be one of the following:\n",
     );
     for (name, desc) in COMMANDS {
         s.push_str(&format!("      {name:<15} : {desc}\n"));
     }
-    s.push_str(
-        "    common options: -c CLUSTER, --json (machine-readable output), -h (help of a command)\n",
-    );
     s
+}
+
+/// `clupadm --help`: the usage, then the options common to all commands.
+pub fn help() -> String {
+    format!(
+        "{}    common options: -c CLUSTER, --json (machine-readable output, no banner),\n    \
+         -q/--quiet (no banner line), -h (help of a command)\n",
+        usage().replacen("clup_adm.py", "clupadm", 1)
+    )
+}
+
+/// Take the global `-q`/`--quiet` out of the arguments, wherever it is.
+fn take_quiet(args: Vec<std::ffi::OsString>) -> (bool, Vec<std::ffi::OsString>) {
+    let before = args.len();
+    let rest: Vec<_> = args
+        .into_iter()
+        .filter(|a| a != "-q" && a != "--quiet")
+        .collect();
+    (rest.len() != before, rest)
 }
 
 /// A failed command: what to print and how to exit.
@@ -157,7 +177,7 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
             }
         };
         if name == "-h" || name == "--help" {
-            return Err(fail(0, usage()));
+            return Err(fail(0, help()));
         }
         let canonical = OPTION_DOCS
             .iter()
@@ -184,6 +204,10 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
 }
 
 pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let (quiet, args) = take_quiet(args);
+    // The manual's banner heads every command, as the first line of stdout
+    // (1.x scripts skip it with `tail -n +2`); JSON and -q go without it.
+    let banner = !quiet && !args.iter().any(|a| a == "--json");
     let mut p = lexopt::Parser::from_args(args);
     let cmd = match p.next() {
         Ok(Some(lexopt::Arg::Value(v))) => v.to_string_lossy().into_owned(),
@@ -192,30 +216,39 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Some(lexopt::Arg::Long("help") | lexopt::Arg::Short('h'))) => {
-            eprintln!("{}", crate::banner());
-            print!("{}", usage());
-            return ExitCode::SUCCESS;
+            return emit(&with_banner(banner, &help()));
         }
         _ => {
-            eprintln!("{}", crate::banner());
-            eprint!("{}", usage());
+            let _ = emit(&with_banner(banner, &usage()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let home = Home::discover();
-    // The manual's banner heads every command; on stderr, so stdout stays data.
-    if !std::env::args().any(|a| a == "--json") {
-        eprintln!("{}", crate::banner());
+    if banner && emit(&with_banner(true, "")) != ExitCode::SUCCESS {
+        return ExitCode::from(EXIT_FAILED);
     }
-    let res = run(&home, &cmd, &mut p);
-    match res {
+    let home = Home::discover();
+    match run(&home, &cmd, &mut p) {
         Ok(out) => emit(&out),
         Err(f) if f.code == 0 => emit(&f.msg),
+        // As 1.x printed it, on stdout: "Can not connect clupserver: [Errno 111] Connection refused".
+        Err(f) if f.code == EXIT_UNREACHABLE => {
+            let _ = emit(&format!("{}\n", f.msg.trim_end()));
+            ExitCode::from(f.code)
+        }
         Err(f) => {
             let _ = std::io::stdout().flush();
             eprintln!("clupadm: {}", f.msg.trim_end());
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// `text` after the banner line, when there is to be one.
+fn with_banner(banner: bool, text: &str) -> String {
+    if banner {
+        format!("{}\n{text}", crate::banner())
+    } else {
+        text.to_string()
     }
 }
 
@@ -497,10 +530,12 @@ fn post(cfg: &Config, addr: &str, cmd: &str, args: &Value) -> Result<Posted, Fai
             )
         })?;
     let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| fail(EXIT_UNREACHABLE, format!("Can not connect clupserver: {e}")))?;
+    let text = resp.body_mut().read_to_string().map_err(|e| {
+        fail(
+            EXIT_UNREACHABLE,
+            format!("Can not connect clupserver: {}", reason(&e)),
+        )
+    })?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     if status == 200 && v["ok"] == json!(true) {
         return Ok(Posted::Done(v["data"].clone()));
@@ -519,16 +554,28 @@ fn post(cfg: &Config, addr: &str, cmd: &str, args: &Value) -> Result<Posted, Fai
     })
 }
 
+/// Why clupserver could not be reached, worded as 1.x (Python) worded
+/// it: `[Errno 111] Connection refused`.
 fn reason(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Io(io) => {
-            let errno = io
-                .raw_os_error()
-                .map(|n| format!("[Errno {n}] "))
-                .unwrap_or_default();
-            format!("{errno}{io}")
-        }
+        ureq::Error::Io(io) => io_reason(io),
         other => other.to_string(),
+    }
+}
+
+/// An I/O error as Python prints an OSError: `[Errno N] text`, without
+/// Rust's ` (os error N)` suffix.
+pub fn io_reason(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    match io.raw_os_error() {
+        Some(n) => {
+            let suffix = format!(" (os error {n})");
+            format!(
+                "[Errno {n}] {}",
+                text.strip_suffix(&suffix).unwrap_or(&text)
+            )
+        }
+        None => text,
     }
 }
 
@@ -588,12 +635,14 @@ pub fn follow_task(home: &Home, id: u64, follow: bool) -> Result<String, Failure
 fn follow_log(path: &Path, lines: usize, follow: bool) -> Result<(), Failure> {
     let open = || std::fs::File::open(path);
     let mut f = open().map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
-    eprintln!("tail -f {}", path.display());
     let mut text = String::new();
     f.read_to_string(&mut text)
         .map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
     let all: Vec<&str> = text.lines().collect();
     let mut out = std::io::stdout().lock();
+    if follow && writeln!(out, "tail -f {}", path.display()).is_err() {
+        return Ok(());
+    }
     for l in &all[all.len().saturating_sub(lines)..] {
         if writeln!(out, "{l}").is_err() {
             return Ok(());
