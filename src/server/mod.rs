@@ -139,6 +139,12 @@ fn status(home: &Home) -> ExitCode {
 /// manual's 20 s, more than the server's own [`STOP_GRACE`].
 const STOP_WAIT_SECS: u64 = 20;
 
+/// What `stop` prints every second while it waits: the manual's words,
+/// with the whole wait.
+pub fn stop_wait_line() -> String {
+    format!("Wait {STOP_WAIT_SECS} second for program stopped...")
+}
+
 fn stop(home: &Home) -> ExitCode {
     let Some(pid) = daemon::running_pid(&home.pid_file()) else {
         println!("Program is not running.");
@@ -155,8 +161,7 @@ fn stop(home: &Home) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         if i % 10 == 9 {
-            // The manual's words: the whole wait, repeated every second.
-            println!("Wait {STOP_WAIT_SECS} second for program stopped...");
+            println!("{}", stop_wait_line());
         }
     }
     eprintln!("clupserver: program({pid}) did not stop within {STOP_WAIT_SECS} s");
