@@ -561,3 +561,31 @@ fn compat_repair_logs_are_the_manuals() {
         .collect();
     assert_eq!(want, ours(&pre, &hp, &primary, &fault));
 }
+
+/// The shipped samples work together: every host and VIP of
+/// conf/init.json lies in conf/clup.conf's `network` (as a /24, the
+/// samples' subnet).
+#[test]
+fn compat_conf_samples_agree() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cfg = clup::model::config::Config::load(&root.join("conf/clup.conf")).unwrap();
+    let init = std::fs::read_to_string(root.join("conf/init.json")).unwrap();
+    let net = u32::from(cfg.network) >> 8;
+    for (name, c) in parse_clusters(&init).unwrap() {
+        let mut addrs = vec![
+            c.write_vip.clone(),
+            c.read_vip.clone(),
+            c.read_vip_host.clone(),
+        ];
+        addrs.extend(c.db_list.iter().map(|d| d.host.clone()));
+        for a in addrs {
+            let ip: std::net::Ipv4Addr = a.parse().unwrap();
+            assert_eq!(
+                u32::from(ip) >> 8,
+                net,
+                "{name}: {a} is not in network {} of conf/clup.conf",
+                cfg.network
+            );
+        }
+    }
+}

@@ -599,11 +599,11 @@ fn add_write_vip(
     let ssh = &shared.ssh;
     let db = db_or_err(cluster, id)?;
     let v = vip_of(&cluster.write_vip)?;
-    let ifname = shared.ifname(&db.host)?;
+    let ifname = shared.ifname(&db.host, v)?;
     if let Err(e) = vip::add(ssh, &db.host, v, &ifname) {
         log::warn!("{e}; looking up the interface of host {} again", db.host);
         let (ifname, _) =
-            vip::find_interface(ssh, &db.host, shared.cfg.network).map_err(|e| e.to_string())?;
+            vip::find_interface(ssh, &db.host, shared.cfg.network, v).map_err(|e| e.to_string())?;
         shared.remember_ifname(&db.host, &ifname);
         vip::add(ssh, &db.host, v, &ifname).map_err(|e| e.to_string())?;
     }
@@ -631,7 +631,7 @@ fn move_read_vip(
     let read_vip = vip_of(&cluster.read_vip)?;
     let _ = vip::delete(ssh, from, read_vip);
     let (ifname, _) =
-        vip::find_interface(ssh, to, shared.cfg.network).map_err(|e| e.to_string())?;
+        vip::find_interface(ssh, to, shared.cfg.network, read_vip).map_err(|e| e.to_string())?;
     vip::add(ssh, to, read_vip, &ifname).map_err(|e| e.to_string())?;
     let to = to.to_string();
     meta_update_cluster(shared, name, |c| {
