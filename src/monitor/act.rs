@@ -57,7 +57,7 @@ pub(super) fn act_on(
         _ if !shared.gate.may_act() => {
             log::warn!(
                 "Cluster({name}): not acting on '{}': this clupserver no longer leads",
-                d.reason
+                d.reason.replace('\n', " ")
             );
             Acted::Held
         }
@@ -66,7 +66,7 @@ pub(super) fn act_on(
             // decided may no longer hold. Decide again next round.
             log::info!(
                 "Cluster({name}): the meta changed during this round; not acting on: {}",
-                d.reason
+                d.reason.replace('\n', " ")
             );
             Acted::Held
         }
