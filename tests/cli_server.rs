@@ -46,7 +46,9 @@ fn multi_call_names_and_version() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // On stdout after the banner line, as the manual shows it.
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(err.lines().next(), Some(clup::banner().as_str()));
     for cmd in [
         "init",
         "show",
@@ -74,21 +76,33 @@ fn server_not_running_is_exit_3_with_reason() {
     let (h, _) = home("notrunning");
     let out = h.run(&["adm", "show"]);
     assert_eq!(out.code, 3, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("Can not connect clupserver: [Errno 111]"),
-        "{}",
-        out.stderr
+    assert_eq!(
+        out.stdout,
+        format!(
+            "{}\nCan not connect clupserver: [Errno 111] Connection refused\n",
+            clup::banner()
+        )
+    );
+    let out = h.run(&["adm", "-q", "show"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(
+        out.stdout,
+        "Can not connect clupserver: [Errno 111] Connection refused\n"
     );
     let out = h.run(&["server", "status"]);
     assert_eq!(out.code, 1);
-    assert_eq!(out.stdout, "Program is not running.\n");
+    assert!(
+        out.stdout
+            .ends_with(" INFO Complete configuration loading.\nProgram is not running.\n"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
 fn init_refuses_to_overwrite_without_force() {
     let (h, _) = home("init");
-    let out = h.run(&["adm", "init"]);
+    let out = h.run(&["adm", "-q", "init"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stdout.starts_with("Initialized 1 cluster(s)"),
@@ -147,10 +161,11 @@ fn start_show_froze_tokens_stop() {
     assert_eq!(h.run(&["adm", "init"]).code, 0);
     let out = h.run(&["server", "start"]);
     assert_eq!(out.code, 0, "{out:?}");
-    let st = h.run(&["server", "status"]);
+    let st = h.run(&["server", "status", "-q"]);
     assert_eq!(st.code, 0);
+    let last = st.stdout.lines().last().unwrap_or_default().to_string();
     assert!(
-        st.stdout.starts_with("Program(") && st.stdout.ends_with(") is running.\n"),
+        last.starts_with("Program(") && st.stdout.ends_with(") is running.\n"),
         "{}",
         st.stdout
     );
@@ -160,7 +175,7 @@ fn start_show_froze_tokens_stop() {
     assert_eq!(again.code, 1);
     assert_eq!(
         again.stderr.trim(),
-        st.stdout.trim().replace("is running", "is already running")
+        last.replace("is running", "is already running")
     );
 
     // The cluster starts frozen (its hosts do not exist).
@@ -193,7 +208,7 @@ fn start_show_froze_tokens_stop() {
         .contains("cluster01       Frozen"));
 
     // get_meta / change_meta round trip; an invalid change is refused.
-    let meta = h.run(&["adm", "get_meta", "-c", "cluster01"]).stdout;
+    let meta = h.run(&["adm", "get_meta", "-q", "-c", "cluster01"]).stdout;
     let bad = meta.replacen("\"is_primary\": 0", "\"is_primary\": 1", 1);
     let out = h.run_stdin(&["adm", "change_meta", "-c", "cluster01"], Some(&bad));
     assert_eq!(out.code, 2, "{out:?}");

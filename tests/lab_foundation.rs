@@ -21,9 +21,9 @@ fn lab_foundation_server_in_mon() {
     let out = lab.adm(&["show"]);
     assert_eq!(out.code, 3, "{out:?}");
     assert!(
-        out.stderr.contains("Can not connect clupserver"),
+        out.stdout.contains("Can not connect clupserver"),
         "{}",
-        out.stderr
+        out.stdout
     );
 
     lab.start_server();

@@ -412,7 +412,7 @@ fn lab_ha_reports_metrics_health_and_tasks_follow_a_fault() {
     assert!(lab.wait(10, |l| in_log(l, "3 standby(s) ok")));
 
     // get_last_lsn and repl_delay read the databases now.
-    let out = lab.adm(&["get_last_lsn", "-c", "cluster01"]);
+    let out = lab.adm(&["get_last_lsn", "-q", "-c", "cluster01"]);
     assert_eq!(out.code, 0, "{out:?}");
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
@@ -503,7 +503,7 @@ fn lab_ha_reports_metrics_health_and_tasks_follow_a_fault() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stdout
-            .contains(":INFO: Failover database(10.213.0.42:5432): all completed."),
+            .contains(":INFO: Failover database(10.213.0.42:5432): all commpleted."),
         "{}",
         out.stdout
     );
@@ -541,7 +541,7 @@ fn lab_ha_reports_metrics_health_and_tasks_follow_a_fault() {
     );
 
     // clupadm log shows the server log.
-    let out = lab.adm(&["log", "-n", "5", "--no-follow"]);
+    let out = lab.adm(&["log", "-q", "-n", "5", "--no-follow"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout.lines().count(), 5, "{}", out.stdout);
     assert!(

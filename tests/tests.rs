@@ -9,6 +9,7 @@ mod util;
 mod abuse;
 mod chaos;
 mod cli_server;
+mod compat;
 mod etcd_store;
 mod fuzz;
 mod inject;

@@ -118,18 +118,74 @@ fn no_addresses(remote: &dyn Remote, host: &str, label: &str, stdout: &str) -> C
     }
 }
 
-/// The interface of `host` in `network`, and its prefix length.
+/// The device of `ip -o -4 route get ADDR` output
+/// (`192.168.56.40 dev eth0 src 192.168.56.41 uid 0 \    cache`).
+pub fn parse_route_dev(output: &str) -> Option<String> {
+    let f: Vec<&str> = output.split_whitespace().collect();
+    let i = f.iter().position(|w| *w == "dev")?;
+    f.get(i + 1)
+        .map(|d| d.split('@').next().unwrap_or(d).to_string())
+}
+
+/// Where a VIP goes on a host: the interface whose address lies in
+/// `network` ([`pick_interface`]); if none does, the interface the host
+/// routes the VIP through (`route_dev`, from `ip route get VIP`), with its
+/// primary address's prefix. The flag says the fallback was taken.
+pub fn choose_interface(
+    addrs: &[IfAddr],
+    network: Ipv4Addr,
+    route_dev: Option<&str>,
+) -> Option<(String, u8, bool)> {
+    if let Some((n, p)) = pick_interface(addrs, network) {
+        return Some((n, p, false));
+    }
+    let dev = route_dev.filter(|d| *d != "lo")?;
+    let on_dev: Vec<&IfAddr> = addrs
+        .iter()
+        .filter(|a| a.ifname == dev && a.prefix < 32)
+        .collect();
+    let a = on_dev
+        .iter()
+        .find(|a| !a.secondary)
+        .or_else(|| on_dev.first())?;
+    Some((a.ifname.clone(), a.prefix, true))
+}
+
+/// Hosts already warned about (see [`find_interface`]): once is enough.
+static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The interface of `host` for `vip`, and its prefix length: the one in
+/// `network`, else (warning once per host) the one that routes to `vip`,
+/// so that a `network` that does not fit the hosts does not fail a
+/// failover.
 pub fn find_interface(
     remote: &dyn Remote,
     host: &str,
     network: Ipv4Addr,
+    vip: Ipv4Addr,
 ) -> Result<(String, u8), Error> {
     let addrs = addresses(remote, host)?;
-    pick_interface(&addrs, network).ok_or_else(|| {
-        Error::Other(format!(
-            "host {host} has no interface with an address in network {network}"
-        ))
-    })
+    if let Some((n, p)) = pick_interface(&addrs, network) {
+        return Ok((n, p));
+    }
+    let script = format!("ip -o route get {vip}");
+    let out = remote.run_script(host, &script, &script, None, timeout(remote))?;
+    let dev = parse_route_dev(&out.stdout);
+    match choose_interface(&addrs, network, dev.as_deref()) {
+        Some((n, p, _)) => {
+            let mut w = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+            if !w.iter().any(|h| h == host) {
+                w.push(host.to_string());
+                log::warn!(
+                    "host {host} has no interface with an address in network {network} (clup.conf); using {n}, its route to {vip}"
+                );
+            }
+            Ok((n, p))
+        }
+        None => Err(Error::Other(format!(
+            "host {host} has no interface with an address in network {network}, nor a route to {vip} through one"
+        ))),
+    }
 }
 
 /// Whether `host` has `vip` on any interface.
@@ -276,7 +332,8 @@ pub fn look(
 /// Who has `vip`, seen from `host` by [`look`]: `Ok(Some(true))` another
 /// machine answers ARP for it, `Ok(Some(false))` nobody does, `Ok(None)`
 /// `host` holds it itself. The probe must have run on the interface in
-/// `network`; if the route pointed elsewhere, it is run again there.
+/// `network` (or, if none is, on the route to the VIP); if the route
+/// pointed elsewhere, it is run again there.
 pub fn answered_from(
     remote: &dyn Remote,
     host: &str,
@@ -287,9 +344,11 @@ pub fn answered_from(
     if look.addrs.iter().any(|a| a.addr == vip) {
         return Ok(None);
     }
-    let (ifname, _) = pick_interface(&look.addrs, network).ok_or_else(|| {
+    // Not in network: the interface the probe took, the route to the VIP.
+    let route = look.dad.as_ref().map(|(dev, _)| dev.as_str());
+    let (ifname, _, _) = choose_interface(&look.addrs, network, route).ok_or_else(|| {
         Error::Other(format!(
-            "host {host} has no interface with an address in network {network}"
+            "host {host} has no interface with an address in network {network}, nor a route to {vip} through one"
         ))
     })?;
     match &look.dad {
@@ -588,13 +647,75 @@ garbage line
         assert!(holds(&h, "fakehost", VIP).unwrap());
         assert!(!holds(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 4)).unwrap());
         assert_eq!(
-            find_interface(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 0)).unwrap(),
+            find_interface(&h, "fakehost", Ipv4Addr::new(192, 168, 56, 0), VIP).unwrap(),
             ("eth1".to_string(), 24)
         );
-        let e = find_interface(&h, "fakehost", Ipv4Addr::new(10, 9, 9, 0)).unwrap_err();
+        assert!(!h.calls().contains("route get"), "{}", h.calls());
+        // No address in network: the interface that routes to the VIP.
+        assert_eq!(
+            find_interface(&h, "fakehost", Ipv4Addr::new(10, 9, 9, 0), VIP).unwrap(),
+            ("eth1".to_string(), 24)
+        );
+        assert!(
+            h.calls().contains("ip -o route get 192.168.56.40"),
+            "{}",
+            h.calls()
+        );
+        // Nothing routes it through an interface with an address.
+        let lo = FakeHost::new(
+            "holds-lo",
+            "1: lo    inet 127.0.0.1/8 scope host lo\n",
+            "exit 0",
+            0,
+        );
+        let e = find_interface(&lo, "fakehost", Ipv4Addr::new(10, 9, 9, 0), VIP).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "host fakehost has no interface with an address in network 10.9.9.0"
+            "host fakehost has no interface with an address in network 10.9.9.0, nor a route to 192.168.56.40 through one"
+        );
+    }
+
+    #[test]
+    fn the_vip_goes_on_the_network_interface_else_on_its_route() {
+        let addrs = parse_ip_addr(SAMPLE);
+        let net = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        // In network: that interface, whatever the route says.
+        assert_eq!(
+            choose_interface(&addrs, net("192.168.56.0"), Some("eth0")),
+            Some(("eth1".to_string(), 24, false))
+        );
+        // Not in network (the manual's sample 192.168.0.0 with hosts in
+        // 192.168.56.x): the routed interface, with its prefix.
+        assert_eq!(
+            choose_interface(&addrs, net("192.168.0.0"), Some("eth1")),
+            Some(("eth1".to_string(), 24, true))
+        );
+        assert_eq!(
+            choose_interface(&addrs, net("192.168.0.0"), Some("veth1")),
+            Some(("veth1".to_string(), 16, true))
+        );
+        // No route, a route through lo, or through a device without an
+        // address: no interface.
+        assert_eq!(choose_interface(&addrs, net("192.168.0.0"), None), None);
+        assert_eq!(
+            choose_interface(&addrs, net("192.168.0.0"), Some("lo")),
+            None
+        );
+        assert_eq!(
+            choose_interface(&addrs, net("192.168.0.0"), Some("eth9")),
+            None
+        );
+        assert_eq!(
+            parse_route_dev("192.168.56.40 dev eth1 src 192.168.56.41 uid 0 \\    cache \n"),
+            Some("eth1".to_string())
+        );
+        assert_eq!(
+            parse_route_dev("10.0.0.1 via 10.0.2.2 dev veth1@if6 src 10.0.2.15"),
+            Some("veth1".to_string())
+        );
+        assert_eq!(
+            parse_route_dev("RTNETLINK answers: Network is unreachable"),
+            None
         );
     }
 
@@ -675,11 +796,30 @@ garbage line
             odd.calls()
         );
 
-        let e =
-            answered_from(&odd, "fakehost", OTHER_VIP, Ipv4Addr::new(10, 9, 9, 0), &l).unwrap_err();
+        // No interface in network: the probe on the route (veth1) answers.
+        let before = odd.calls().matches("arping").count();
+        assert_eq!(
+            answered_from(&odd, "fakehost", OTHER_VIP, Ipv4Addr::new(10, 9, 9, 0), &l).unwrap(),
+            Some(false)
+        );
+        assert_eq!(odd.calls().matches("arping").count(), before);
+        // Nor a route through an interface with an address: an error.
+        let none = Look {
+            addrs: parse_ip_addr("1: lo    inet 127.0.0.1/8 scope host lo\n"),
+            dad: None,
+            peer: None,
+        };
+        let e = answered_from(
+            &odd,
+            "fakehost",
+            OTHER_VIP,
+            Ipv4Addr::new(10, 9, 9, 0),
+            &none,
+        )
+        .unwrap_err();
         assert!(
             e.to_string()
-                .contains("no interface with an address in network 10.9.9.0"),
+                .contains("no interface with an address in network 10.9.9.0, nor a route"),
             "{e}"
         );
     }

@@ -6,6 +6,7 @@
 use super::sync::sync_names_after;
 use super::{read_vip_target, Action, Decision, Facts, Kind, Params, VipSeen};
 use crate::model::meta::{Cluster, Db, CLUSTER_FAULT};
+use crate::model::words;
 
 /// The standby to promote, or why there is none.
 pub fn choose_candidate<'a>(
@@ -365,17 +366,18 @@ fn read_vip_after_failover(
     })
 }
 
-/// The failover's log line: what happened, from where to where, and
-/// whether it only finishes an earlier, unfinished one.
+/// The failover's log lines, one per line of the reason: what happened,
+/// then the manual's "switch to new host" line (logged when the failover
+/// commits, after the old primary's VIP was taken away), and whether it
+/// only finishes an earlier, unfinished one.
 pub(super) fn failover_reason(why: &str, primary: &Db, cand: &Db, adopting: bool) -> String {
-    format!(
-        "{why} Failover primary database({}): switch to new host({}){}...",
-        primary.addr(),
-        cand.host,
-        if adopting {
-            " (already promoted by an unfinished failover: finishing it)"
-        } else {
-            ""
-        }
-    )
+    let pre = words::primary_pre(&primary.addr());
+    let mut r = format!("{why}\n{}", words::switch_new_host_begin(&pre, &cand.host));
+    if adopting {
+        r.push_str(&format!(
+            "\n{pre}: database({}) was already promoted by an unfinished failover: finishing it.",
+            cand.addr()
+        ));
+    }
+    r
 }

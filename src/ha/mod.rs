@@ -21,6 +21,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::model::meta::{Cluster, Db, DB_FAULT};
+use crate::model::words;
 
 mod failover;
 mod sync;
@@ -549,7 +550,7 @@ fn auto_rewind(
 }
 
 fn find_msg(d: &Db) -> String {
-    format!("Find database({}) failed, repair it ....", d.addr())
+    words::find_failed(&d.addr())
 }
 
 /// What a failed primary's failover would need to know: whether its host
@@ -615,11 +616,7 @@ fn primary_failed(
                 Decision {
                     kind: Kind::Restart,
                     plan: vec![Action::RestartDb { id: primary.id }],
-                    reason: format!(
-                        "Host({}) is ok, only database({}) failed, restart database ....",
-                        primary.host,
-                        primary.addr()
-                    ),
+                    reason: words::host_ok_restart(&primary.host, &primary.addr()),
                     subject: Some(primary.id),
                 }
             } else {
@@ -640,11 +637,7 @@ fn primary_failed(
             primary,
             facts,
             p,
-            format!(
-                "Host({}) is not ok, switch database({})...",
-                primary.host,
-                primary.addr()
-            ),
+            words::host_not_ok(&primary.host, &primary.addr()),
         ),
     }
 }
@@ -735,25 +728,25 @@ fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decis
             Decision {
                 kind: Kind::Restart,
                 plan: vec![Action::RestartDb { id: d.id }],
-                reason: format!(
-                    "Host({}) is ok, only database({}) failed, restart database ....",
-                    d.host,
-                    d.addr()
-                ),
+                reason: words::host_ok_restart(&d.host, &d.addr()),
                 subject: Some(d.id),
             }
         }
         Some(up) => {
             let plan = fault_plan(cluster, d, facts);
-            let why = if *up {
-                format!("database({}) did not come back after restarts", d.addr())
+            let reason = if *up {
+                format!(
+                    "database({}) did not come back after restarts, switch database({})...",
+                    d.addr(),
+                    d.addr()
+                )
             } else {
-                format!("Host({}) is not ok", d.host)
+                words::host_not_ok(&d.host, &d.addr())
             };
             Decision {
                 kind: Kind::StandbyFault,
                 plan,
-                reason: format!("{why}, switch database({})...", d.addr()),
+                reason,
                 subject: Some(d.id),
             }
         }

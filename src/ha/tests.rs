@@ -471,7 +471,7 @@ fn failover_promotes_the_standby_with_most_wal_then_reconfigures() {
     );
     assert_eq!(
         d.reason,
-        "Host(192.168.56.41) is not ok, switch database(192.168.56.41:5432)... Failover primary database(192.168.56.41:5432): switch to new host(192.168.56.44)..."
+        "Host(192.168.56.41) is not ok, switch database(192.168.56.41:5432)...\nFailover primary database(192.168.56.41:5432): switch to new host(192.168.56.44)..."
     );
 }
 

@@ -89,7 +89,7 @@ pub struct Key {
 /// this table by a test, so add a key here and there together.
 pub const KEYS: &[Key] = &[
     Key { name: "network", kind: Kind::Ipv4, default: None,
-          doc: "Network of the database hosts, e.g. 192.168.0.0. A VIP is added on the interface whose address lies in this network (the prefix length is read from that interface)." },
+          doc: "Network of the database hosts, e.g. 192.168.0.0. A VIP is added on the interface whose address lies in this network (the prefix length is read from that interface); on a host with no address in it, on the interface that routes to the VIP, with a warning." },
     Key { name: "ha_rpc_pass", kind: Kind::Secret, default: None,
           doc: "Password between clupadm and clupserver." },
     Key { name: "probe_db_name", kind: Kind::Text, default: Some("cs_sys_ha"),

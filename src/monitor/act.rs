@@ -25,6 +25,7 @@ use crate::exec::wire::Handshake;
 use crate::exec::{cstlb, pgctl, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, VipSeen};
 use crate::model::meta::{Cluster, Db, DB_FAULT};
+use crate::model::words;
 use crate::store::update;
 
 /// What the act phase did, for the loop's memory.
@@ -58,7 +59,7 @@ pub(super) fn act_on(
         _ if !shared.gate.may_act() => {
             log::warn!(
                 "Cluster({name}): not acting on '{}': this clupserver no longer leads",
-                d.reason
+                d.reason.replace('\n', " ")
             );
             Acted::Held
         }
@@ -67,7 +68,7 @@ pub(super) fn act_on(
             // decided may no longer hold. Decide again next round.
             log::info!(
                 "Cluster({name}): the meta changed during this round; not acting on: {}",
-                d.reason
+                d.reason.replace('\n', " ")
             );
             Acted::Held
         }
@@ -151,14 +152,29 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
             return;
         }
     };
-    t.info(&d.reason);
+    let pre = prefix(cluster, d);
+    // The reason's first line now; a failover's "switch to new host" line
+    // when it commits, as the manual orders them.
+    let mut lines = d.reason.lines().map(str::to_string);
+    t.info(&lines.next().unwrap_or_default());
+    let mut commit_lines: Vec<String> = lines.collect();
+    if d.kind != Kind::Failover {
+        commit_lines.drain(..).for_each(|l| t.info(&l));
+    }
+    if d.kind == Kind::StandbyFault {
+        t.info(&words::standby_switch_to(
+            &pre,
+            read_vip_host_after(cluster, d),
+        ));
+    }
     let started = Instant::now();
     let run = Run {
         shared,
         name,
         cluster,
         facts,
-        pre: prefix(cluster, d),
+        pre,
+        commit_lines,
         t: &t,
     };
     let ok = run_plan(&run, d);
@@ -179,12 +195,32 @@ fn prefix(cluster: &Cluster, d: &Decision) -> String {
     let subject = d.subject.and_then(|id| cluster.db(id));
     let addr = subject.map(Db::addr).unwrap_or_default();
     match (d.kind, subject) {
-        (Kind::Failover, Some(db)) if db.is_primary() => {
-            format!("Failover primary database({addr})")
-        }
-        (Kind::StandbyFault, _) => format!("Failover database({addr})"),
+        (Kind::Failover, Some(db)) if db.is_primary() => words::primary_pre(&addr),
+        (Kind::StandbyFault, _) => words::standby_pre(&addr),
         _ => format!("Cluster action on database({addr})"),
     }
+}
+
+/// Where the read VIP is once a plan has run: where it moves to, or where
+/// it was.
+fn read_vip_host_after<'a>(cluster: &'a Cluster, d: &'a Decision) -> &'a str {
+    d.plan
+        .iter()
+        .find_map(|a| match a {
+            Action::MoveReadVip { to, .. } => Some(to.as_str()),
+            _ => None,
+        })
+        .unwrap_or(&cluster.read_vip_host)
+}
+
+/// Does the failover commit with this step (its log says "switch to new
+/// host" just before)? Everything before only checks, fences, or takes the
+/// old primary's VIP away.
+fn commits(a: &Action) -> bool {
+    !matches!(
+        a,
+        Action::KillDb { .. } | Action::ConfirmGone { .. } | Action::DeleteWriteVip { .. }
+    )
 }
 
 /// What every step of a running plan needs.
@@ -197,6 +233,8 @@ struct Run<'a> {
     facts: &'a Facts,
     /// The prefix of its log lines.
     pre: String,
+    /// The reason's lines logged when the plan commits ([`commits`]).
+    commit_lines: Vec<String>,
     t: &'a TaskHandle,
 }
 
@@ -219,7 +257,12 @@ fn run_plan(run: &Run, d: &Decision) -> bool {
         })
         .collect();
     let mut repointed = false;
+    let mut committed = false;
     for a in &d.plan {
+        if !committed && commits(a) {
+            committed = true;
+            run.commit_lines.iter().for_each(|l| t.info(l));
+        }
         if let Action::Repoint { .. } = a {
             if !repointed {
                 repointed = true;
@@ -256,18 +299,18 @@ fn run_plan(run: &Run, d: &Decision) -> bool {
             }
         }
     }
-    if d.kind == Kind::Failover {
-        if let Some(new) = d.plan.iter().find_map(|a| match a {
-            Action::Promote { id } => cluster.db(*id),
-            _ => None,
-        }) {
-            t.info(&format!(
-                "{pre}: switch to new host({}) completed.",
-                new.host
-            ));
+    match d.kind {
+        Kind::Failover => {
+            // The new primary: promoted now, or by an unfinished failover.
+            if let Some(new) = d.plan.iter().find_map(|a| match a {
+                Action::Promote { id } | Action::AddWriteVip { id } => cluster.db(*id),
+                _ => None,
+            }) {
+                t.info(&words::switch_new_host_done(pre, &new.host));
+            }
         }
-    } else {
-        t.info(&format!("{pre}: all completed."));
+        Kind::StandbyFault => t.info(&words::standby_all_done(pre)),
+        _ => t.info(&format!("{pre}: all completed.")),
     }
     ok
 }
@@ -286,9 +329,7 @@ fn repoint_all(
         .db(repoints[0].1)
         .map(|d| d.host.clone())
         .unwrap_or_default();
-    t.info(&format!(
-        "{pre}: change all standby database upper level primary database to host({to})..."
-    ));
+    t.info(&words::repoint_all_begin(pre, &to));
     let t0 = Instant::now();
     let results: Vec<(u32, Result<(), String>)> = thread::scope(|s| {
         let hs: Vec<_> = repoints
@@ -303,10 +344,8 @@ fn repoint_all(
             t.error(&format!("{pre}: repoint of db {id} failed: {e}"));
         }
     }
-    t.info(&format!(
-        "{pre}: change all standby database upper level primary database to host({to}) completed ({} ms).",
-        t0.elapsed().as_millis()
-    ));
+    log::debug!("{pre}: repoint took {} ms", t0.elapsed().as_millis());
+    t.info(&words::repoint_all_done(pre, &to));
     ok
 }
 
@@ -537,11 +576,15 @@ fn cstlb_change(
     pre: &str,
     t: &TaskHandle,
 ) -> Result<(), String> {
-    let verb = if add { "add host" } else { "remove bad host" };
-    let dir = if add { "to" } else { "from" };
-    t.info(&format!("{pre}: begin {verb}({backend}) {dir} cstlb ..."));
-    cstlb_all(shared, cluster, backend, add, t);
-    t.info(&format!("{pre}: {verb}({backend}) {dir} cstlb finished."));
+    if add {
+        t.info(&format!("{pre}: begin add host({backend}) to cstlb ..."));
+        cstlb_all(shared, cluster, backend, add, t);
+        t.info(&format!("{pre}: add host({backend}) to cstlb finished."));
+    } else {
+        t.info(&words::cstlb_remove_begin(pre, backend));
+        cstlb_all(shared, cluster, backend, add, t);
+        t.info(&words::cstlb_remove_done(pre, backend));
+    }
     Ok(())
 }
 
@@ -554,14 +597,17 @@ fn delete_write_vip(
     t: &TaskHandle,
 ) -> Result<(), String> {
     let v = &cluster.write_vip;
-    t.info(&format!(
-        "Switch primary database: begin delete write vip({v}) on host({host}) ..."
-    ));
+    // The old primary, named by its host:port as the manual does.
+    let addr = cluster
+        .db_list
+        .iter()
+        .filter(|d| d.host == host)
+        .max_by_key(|d| d.is_primary)
+        .map_or_else(|| host.to_string(), Db::addr);
+    t.info(&words::delete_write_vip_begin(&addr, v));
     match vip::delete(&shared.ssh, host, vip_of(v)?) {
-        Ok(()) => t.info(&format!(
-            "Switch primary database: delete write vip({v}) completed."
-        )),
-        Err(e) => t.error(&format!("Switch primary database: delete write vip({v}) failed (ignored, host may be gone): {e}")),
+        Ok(()) => t.info(&words::delete_write_vip_done(&addr, v)),
+        Err(e) => t.error(&format!("Switch primary database({addr}): delete write vip({v}) on host({host}) failed (ignored, host may be gone): {e}")),
     }
     Ok(())
 }
@@ -589,15 +635,9 @@ fn promote(
     t: &TaskHandle,
 ) -> Result<(), String> {
     let db = db_or_err(cluster, id)?;
-    t.info(&format!(
-        "{pre}: Promote standby database({}) to primary...",
-        db.host
-    ));
+    t.info(&words::promote_begin(pre, &db.host));
     pg::promote(&shared.ssh, db, &shared.cfg).map_err(|e| e.to_string())?;
-    t.info(&format!(
-        "{pre}: Promote standby database({}) to primary completed.",
-        db.host
-    ));
+    t.info(&words::promote_done(pre, &db.host));
     Ok(())
 }
 
@@ -613,11 +653,11 @@ fn add_write_vip(
     let ssh = &shared.ssh;
     let db = db_or_err(cluster, id)?;
     let v = vip_of(&cluster.write_vip)?;
-    let ifname = shared.ifname(&db.host)?;
+    let ifname = shared.ifname(&db.host, v)?;
     if let Err(e) = vip::add(ssh, &db.host, v, &ifname) {
         log::warn!("{e}; looking up the interface of host {} again", db.host);
         let (ifname, _) =
-            vip::find_interface(ssh, &db.host, shared.cfg.network).map_err(|e| e.to_string())?;
+            vip::find_interface(ssh, &db.host, shared.cfg.network, v).map_err(|e| e.to_string())?;
         shared.remember_ifname(&db.host, &ifname);
         vip::add(ssh, &db.host, v, &ifname).map_err(|e| e.to_string())?;
     }
@@ -645,7 +685,7 @@ fn move_read_vip(
     let read_vip = vip_of(&cluster.read_vip)?;
     let _ = vip::delete(ssh, from, read_vip);
     let (ifname, _) =
-        vip::find_interface(ssh, to, shared.cfg.network).map_err(|e| e.to_string())?;
+        vip::find_interface(ssh, to, shared.cfg.network, read_vip).map_err(|e| e.to_string())?;
     vip::add(ssh, to, read_vip, &ifname).map_err(|e| e.to_string())?;
     let to = to.to_string();
     meta_update_cluster(shared, name, |c| {
@@ -662,9 +702,9 @@ fn save_node_state(
     t: &TaskHandle,
     f: impl Fn(&mut Cluster) -> Result<(), &'static str>,
 ) -> Result<(), String> {
-    t.info(&format!("{pre}: save node state to meta server..."));
+    t.info(&words::save_node_state_begin(pre));
     meta_update_cluster(shared, name, f)?;
-    t.info(&format!("{pre}: save node state to meta server completed."));
+    t.info(&words::save_node_state_done(pre));
     Ok(())
 }
 

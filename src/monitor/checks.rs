@@ -29,7 +29,8 @@ pub(super) fn write_vip_seen(
         Ok(l) => l,
         Err(e) => return (Err(e.to_string()), None),
     };
-    if let Some((ifname, _)) = vip::pick_interface(&look.addrs, shared.cfg.network) {
+    let route = look.dad.as_ref().map(|(dev, _)| dev.as_str());
+    if let Some((ifname, _, _)) = vip::choose_interface(&look.addrs, shared.cfg.network, route) {
         shared.remember_ifname(via, &ifname);
     }
     let seen = match vip::answered_from(&shared.ssh, via, v, shared.cfg.network, &look) {

@@ -185,9 +185,10 @@ impl Shared {
         }
     }
 
-    /// `host`'s interface in `network`: as seen within the last minute,
-    /// else asked for over ssh.
-    pub fn ifname(&self, host: &str) -> Result<String, String> {
+    /// `host`'s interface for `vip` (the one in `network`, else the one
+    /// that routes to `vip`): as seen within the last minute, else asked
+    /// for over ssh.
+    pub fn ifname(&self, host: &str, vip: std::net::Ipv4Addr) -> Result<String, String> {
         let m = self.ifnames.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((n, at)) = m.get(host) {
             if at.elapsed() < Duration::from_secs(60) {
@@ -195,8 +196,8 @@ impl Shared {
             }
         }
         drop(m);
-        let (n, _) =
-            vip::find_interface(&self.ssh, host, self.cfg.network).map_err(|e| e.to_string())?;
+        let (n, _) = vip::find_interface(&self.ssh, host, self.cfg.network, vip)
+            .map_err(|e| e.to_string())?;
         self.remember_ifname(host, &n);
         Ok(n)
     }

@@ -139,7 +139,7 @@ fn add_write_vip(
         "Cluster({name}): write vip({vip_addr}) is not on the primary's host({}): adding it...",
         primary.host
     );
-    let added = vip::find_interface(ssh, &primary.host, shared.cfg.network)
+    let added = vip::find_interface(ssh, &primary.host, shared.cfg.network, vip_addr)
         .and_then(|(ifname, _)| vip::add(ssh, &primary.host, vip_addr, &ifname));
     shared.forget_addresses(&primary.host);
     match added {

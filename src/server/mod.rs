@@ -36,6 +36,7 @@ usage: clupserver <command> [options]
       stop            : stop the running monitor gracefully
       status          : tell whether the monitor is running (and, with
                         etcd, whether it leads)
+    -q, --quiet       : stop, status: leave out the banner line
     clupserver --version | --help
 ";
 
@@ -44,11 +45,13 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     let mut p = lexopt::Parser::from_args(args);
     let mut cmd: Option<String> = None;
     let mut foreground = false;
+    let mut quiet = false;
     let mut level: Option<log::LevelFilter> = None;
     let res: Result<(), lexopt::Error> = (|| {
         while let Some(arg) = p.next()? {
             match arg {
                 Short('f') | Long("foreground") => foreground = true,
+                Short('q') | Long("quiet") => quiet = true,
                 Short('l') | Long("log-level") => {
                     let v: String = p.value()?.string()?;
                     level = Some(match v.as_str() {
@@ -77,8 +80,14 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
     let home = Home::discover();
     match cmd.as_deref() {
         Some("start") => start(&home, foreground, level),
-        Some("stop") => stop(&home),
-        Some("status") => status(&home),
+        Some("stop") => {
+            preamble(&home, quiet);
+            stop(&home)
+        }
+        Some("status") => {
+            preamble(&home, quiet);
+            status(&home)
+        }
         Some(other) => {
             eprintln!("clupserver: unknown command '{other}'\n{USAGE}");
             ExitCode::from(2)
@@ -87,6 +96,23 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
             eprint!("{USAGE}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// What 1.x's clupserver printed on stdout before `status` and `stop`: the
+/// banner and the configuration loading, as log lines (`-q`: no banner).
+/// A configuration that does not load is reported and does not keep
+/// anyone from stopping or asking about a running server.
+fn preamble(home: &Home, quiet: bool) {
+    use crate::util::logging::format_line;
+    use log::Level::Info;
+    if !quiet {
+        println!("{}", format_line(Info, &crate::banner()));
+    }
+    println!("{}", format_line(Info, "Start loading configuration ..."));
+    match Config::load(&home.conf_file()) {
+        Ok(_) => println!("{}", format_line(Info, "Complete configuration loading.")),
+        Err(e) => eprintln!("clupserver: {e}"),
     }
 }
 
@@ -109,8 +135,15 @@ fn status(home: &Home) -> ExitCode {
     }
 }
 
-/// How long `stop` waits for a graceful exit before giving up.
-const STOP_WAIT_SECS: u64 = 60;
+/// How long `stop` waits for a graceful exit before giving up: the
+/// manual's 20 s, more than the server's own [`STOP_GRACE`].
+const STOP_WAIT_SECS: u64 = 20;
+
+/// What `stop` prints every second while it waits: the manual's words,
+/// with the whole wait.
+pub fn stop_wait_line() -> String {
+    format!("Wait {STOP_WAIT_SECS} second for program stopped...")
+}
 
 fn stop(home: &Home) -> ExitCode {
     let Some(pid) = daemon::running_pid(&home.pid_file()) else {
@@ -128,10 +161,7 @@ fn stop(home: &Home) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         if i % 10 == 9 {
-            println!(
-                "Wait {} second for program({pid}) stopped...",
-                STOP_WAIT_SECS - (i + 1) / 10
-            );
+            println!("{}", stop_wait_line());
         }
     }
     eprintln!("clupserver: program({pid}) did not stop within {STOP_WAIT_SECS} s");

@@ -13,6 +13,7 @@ use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, recovery};
 use crate::model::meta::{Cluster, Db, DB_NORMAL};
+use crate::model::words;
 use crate::monitor::task::TaskHandle;
 use crate::monitor::{self, cstlb_all, repoint_db, Shared};
 
@@ -71,7 +72,9 @@ struct RepairFacts {
 
 /// The repair task: optionally rewind or rebuild the node, point it at the
 /// primary, wait until it streams, then mark it Normal and put it back
-/// behind the cstlbs. The first error ends the task.
+/// behind the cstlbs. The first error ends the task. The log has the
+/// manual's lines in the manual's order: the streaming check is announced
+/// before recovery.conf is written, and ends after it.
 fn repair(
     shared: &Arc<Shared>,
     name: &str,
@@ -79,20 +82,21 @@ fn repair(
     mode: RepairMode,
     t: &TaskHandle,
 ) -> Result<(), String> {
-    let pre = format!("Repair(cluster={name}, dbid={id})");
-    t.info(&format!("{pre}: begin get cluster lock..."));
-    t.info(&format!("{pre}: begin..."));
+    let pre = words::repair_pre(name, id);
+    t.info(&words::repair_lock(&pre));
+    t.info(&words::repair_begin(&pre));
     let f = find_primary_and_fault(shared, name, id, t, &pre)?;
-    let hp = format!("Repair(cluster={name}, host={})", f.db.host);
+    let hp = words::repair_host_pre(name, &f.db.host);
     match mode {
         RepairMode::Plain => {}
         RepairMode::Rewind => rewind(shared, &f, t, &hp)?,
         RepairMode::Rebuild => rebuild(shared, &f, t, &hp)?,
     }
+    t.info(&words::repair_check_streaming(&hp));
     rewrite_recovery_settings(shared, &f, t, &hp)?;
     wait_until_streaming(shared, &f, t, &hp)?;
     mark_normal(shared, name, &f, t, &hp)?;
-    t.info(&format!("{hp}: all completed."));
+    t.info(&words::repair_all_done(&hp));
     Ok(())
 }
 
@@ -106,18 +110,12 @@ fn find_primary_and_fault(
     pre: &str,
 ) -> Result<RepairFacts, String> {
     let c = cluster_of(shared, name)?;
-    t.info(&format!("{pre}: find primary database ..."));
+    t.info(&words::repair_find_primary(pre));
     let primary = c.primary().ok_or("no primary")?.clone();
-    t.info(&format!(
-        "{pre}: primary database: {}",
-        serde_json::to_string(&primary).unwrap_or_default()
-    ));
-    t.info(&format!("{pre}: find fault database ..."));
+    t.info(&words::repair_primary_is(pre, &primary));
+    t.info(&words::repair_find_fault(pre));
     let db = c.db(id).ok_or("db vanished")?.clone();
-    t.info(&format!(
-        "Repair: fault database: {}",
-        serde_json::to_string(&db).unwrap_or_default()
-    ));
+    t.info(&words::repair_fault_is(&db));
     Ok(RepairFacts { c, primary, db })
 }
 
@@ -313,12 +311,10 @@ fn rewrite_recovery_settings(
     hp: &str,
 ) -> Result<(), String> {
     let (primary, db) = (&f.primary, &f.db);
-    t.info(&format!("{hp}: create recovery.conf for this database..."));
+    t.info(&words::repair_recovery_begin(hp));
     repoint_db(shared, db, primary)
         .map_err(|e| format!("{hp}: {e}\n{}", instructions(&shared.cfg, db, primary)))?;
-    t.info(&format!(
-        "{hp}: create recovery.conf for this database completed"
-    ));
+    t.info(&words::repair_recovery_done(hp));
     Ok(())
 }
 
@@ -332,7 +328,8 @@ fn wait_until_streaming(
 ) -> Result<(), String> {
     let (cfg, primary, db) = (&shared.cfg, &f.primary, &f.db);
     t.info(&format!(
-        "{hp}: checking repair database replication steaming is ok..."
+        "{hp}: waiting for database({}) to stream from the primary...",
+        db.addr()
     ));
     let end = Instant::now() + STREAM_WAIT;
     loop {
@@ -365,7 +362,7 @@ fn mark_normal(
     hp: &str,
 ) -> Result<(), String> {
     let id = f.db.id;
-    t.info(&format!("{hp}: change fault database node to normal ..."));
+    t.info(&words::repair_to_normal(hp));
     monitor::meta_update_cluster(shared, name, move |c| {
         let d = c.db_mut(id).ok_or("db vanished")?;
         d.state = DB_NORMAL;

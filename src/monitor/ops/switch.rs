@@ -249,7 +249,7 @@ fn promote_new_primary(
         new.host
     ));
     let (ifname, _) =
-        vip::find_interface(ssh, &new.host, cfg.network).map_err(|e| e.to_string())?;
+        vip::find_interface(ssh, &new.host, cfg.network, write_vip).map_err(|e| e.to_string())?;
     vip::add(ssh, &new.host, write_vip, &ifname).map_err(|e| e.to_string())?;
     t.info(&format!(
         "{pre}: write vip({write_vip}) added on host({}).",
@@ -332,8 +332,8 @@ fn move_read_vip_to_old_primary(
         new.host, old.host
     ));
     let _ = vip::delete(ssh, &new.host, read_vip);
-    let (ifname, _) =
-        vip::find_interface(ssh, &old.host, shared.cfg.network).map_err(|e| e.to_string())?;
+    let (ifname, _) = vip::find_interface(ssh, &old.host, shared.cfg.network, read_vip)
+        .map_err(|e| e.to_string())?;
     vip::add(ssh, &old.host, read_vip, &ifname).map_err(|e| e.to_string())?;
     let h = old.host.clone();
     monitor::meta_update_cluster(shared, name, move |c| {
@@ -353,7 +353,8 @@ fn restore_primary(shared: &Shared, c: &Cluster, old: &Db, t: &TaskHandle, pre: 
         t.error(&format!("{pre}: cannot start the old primary: {e}"));
     }
     if let Ok(v) = vip_of(&c.write_vip) {
-        if let Ok((ifname, _)) = vip::find_interface(&shared.ssh, &old.host, shared.cfg.network) {
+        if let Ok((ifname, _)) = vip::find_interface(&shared.ssh, &old.host, shared.cfg.network, v)
+        {
             if let Err(e) = vip::add(&shared.ssh, &old.host, v, &ifname) {
                 t.error(&format!("{pre}: cannot put the write vip back: {e}"));
             }

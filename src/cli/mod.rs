@@ -3,8 +3,10 @@
 //! writes the meta store directly, and `log`, which follows the local log.
 //!
 //! Exit codes (also in clupadm(8)): 0 done; 1 refused or failed; 2 usage or
-//! configuration error; 3 clupserver cannot be reached. Data goes to stdout,
-//! the banner and errors to stderr, so scripts can parse stdout as is.
+//! configuration error; 3 clupserver cannot be reached. stdout is what 1.x
+//! printed, byte for byte: the banner line first (left out by `-q` and
+//! `--json`), then the data, and "Can not connect clupserver: ..." when
+//! clupserver cannot be reached; other errors go to stderr.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -16,10 +18,12 @@ use serde_json::{json, Value};
 
 use crate::model::config::Config;
 use crate::model::home::Home;
-use crate::model::meta::{self, Cluster, Clusters};
+use crate::model::meta::{self, Clusters};
 use crate::model::report::{DelayRow, LsnRow};
 use crate::store::{open_store, FileStore, MetaDoc, MetaStore, StoreError, Task};
-use crate::util::table::{self, col, Align};
+
+mod text;
+pub use text::{delay_text, lsn_text, show_json, show_task_text, show_text};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -45,17 +49,35 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("task_log", "show task log."),
 ];
 
+/// The usage text clupadm prints when called without a command: the
+/// manual's, word for word (1.x ran as `clup_adm.py`, and said so).
 pub fn usage() -> String {
     let mut s = String::from(
-        "usage: clupadm <command> [options]\n    command can be one of the following:\n",
+        "usage: clup_adm.py <command> [options]\n    command can be one of the following:\n",
     );
     for (name, desc) in COMMANDS {
         s.push_str(&format!("      {name:<15} : {desc}\n"));
     }
-    s.push_str(
-        "    common options: -c CLUSTER, --json (machine-readable output), -h (help of a command)\n",
-    );
     s
+}
+
+/// `clupadm --help`: the usage, then the options common to all commands.
+pub fn help() -> String {
+    format!(
+        "{}    common options: -c CLUSTER, --json (machine-readable output, no banner),\n    \
+         -q/--quiet (no banner line), -h (help of a command)\n",
+        usage().replacen("clup_adm.py", "clupadm", 1)
+    )
+}
+
+/// Take the global `-q`/`--quiet` out of the arguments, wherever it is.
+fn take_quiet(args: Vec<std::ffi::OsString>) -> (bool, Vec<std::ffi::OsString>) {
+    let before = args.len();
+    let rest: Vec<_> = args
+        .into_iter()
+        .filter(|a| a != "-q" && a != "--quiet")
+        .collect();
+    (rest.len() != before, rest)
 }
 
 /// A failed command: what to print and how to exit.
@@ -155,7 +177,7 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
             }
         };
         if name == "-h" || name == "--help" {
-            return Err(fail(0, usage()));
+            return Err(fail(0, help()));
         }
         let canonical = OPTION_DOCS
             .iter()
@@ -182,6 +204,10 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
 }
 
 pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
+    let (quiet, args) = take_quiet(args);
+    // The manual's banner heads every command, as the first line of stdout
+    // (1.x scripts skip it with `tail -n +2`); JSON and -q go without it.
+    let banner = !quiet && !args.iter().any(|a| a == "--json");
     let mut p = lexopt::Parser::from_args(args);
     let cmd = match p.next() {
         Ok(Some(lexopt::Arg::Value(v))) => v.to_string_lossy().into_owned(),
@@ -190,30 +216,39 @@ pub fn main(args: Vec<std::ffi::OsString>) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Some(lexopt::Arg::Long("help") | lexopt::Arg::Short('h'))) => {
-            eprintln!("{}", crate::banner());
-            print!("{}", usage());
-            return ExitCode::SUCCESS;
+            return emit(&with_banner(banner, &help()));
         }
         _ => {
-            eprintln!("{}", crate::banner());
-            eprint!("{}", usage());
+            let _ = emit(&with_banner(banner, &usage()));
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let home = Home::discover();
-    // The manual's banner heads every command; on stderr, so stdout stays data.
-    if !std::env::args().any(|a| a == "--json") {
-        eprintln!("{}", crate::banner());
+    if banner && emit(&with_banner(true, "")) != ExitCode::SUCCESS {
+        return ExitCode::from(EXIT_FAILED);
     }
-    let res = run(&home, &cmd, &mut p);
-    match res {
+    let home = Home::discover();
+    match run(&home, &cmd, &mut p) {
         Ok(out) => emit(&out),
         Err(f) if f.code == 0 => emit(&f.msg),
+        // As 1.x printed it, on stdout: "Can not connect clupserver: [Errno 111] Connection refused".
+        Err(f) if f.code == EXIT_UNREACHABLE => {
+            let _ = emit(&format!("{}\n", f.msg.trim_end()));
+            ExitCode::from(f.code)
+        }
         Err(f) => {
             let _ = std::io::stdout().flush();
             eprintln!("clupadm: {}", f.msg.trim_end());
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// `text` after the banner line, when there is to be one.
+fn with_banner(banner: bool, text: &str) -> String {
+    if banner {
+        format!("{}\n{text}", crate::banner())
+    } else {
+        text.to_string()
     }
 }
 
@@ -495,10 +530,12 @@ fn post(cfg: &Config, addr: &str, cmd: &str, args: &Value) -> Result<Posted, Fai
             )
         })?;
     let status = resp.status().as_u16();
-    let text = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| fail(EXIT_UNREACHABLE, format!("Can not connect clupserver: {e}")))?;
+    let text = resp.body_mut().read_to_string().map_err(|e| {
+        fail(
+            EXIT_UNREACHABLE,
+            format!("Can not connect clupserver: {}", reason(&e)),
+        )
+    })?;
     let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     if status == 200 && v["ok"] == json!(true) {
         return Ok(Posted::Done(v["data"].clone()));
@@ -517,16 +554,28 @@ fn post(cfg: &Config, addr: &str, cmd: &str, args: &Value) -> Result<Posted, Fai
     })
 }
 
+/// Why clupserver could not be reached, worded as 1.x (Python) worded
+/// it: `[Errno 111] Connection refused`.
 fn reason(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Io(io) => {
-            let errno = io
-                .raw_os_error()
-                .map(|n| format!("[Errno {n}] "))
-                .unwrap_or_default();
-            format!("{errno}{io}")
-        }
+        ureq::Error::Io(io) => io_reason(io),
         other => other.to_string(),
+    }
+}
+
+/// An I/O error as Python prints an OSError: `[Errno N] text`, without
+/// Rust's ` (os error N)` suffix.
+pub fn io_reason(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    match io.raw_os_error() {
+        Some(n) => {
+            let suffix = format!(" (os error {n})");
+            format!(
+                "[Errno {n}] {}",
+                text.strip_suffix(&suffix).unwrap_or(&text)
+            )
+        }
+        None => text,
     }
 }
 
@@ -547,201 +596,6 @@ fn pretty(v: &Value) -> String {
 fn fetch_clusters(home: &Home, cluster: Option<&str>, cmd: &str) -> Result<Clusters, Failure> {
     let d = call(home, cmd, json!({ "cluster": cluster }))?;
     field_of(&d, "clusters")
-}
-
-/// `clupadm show` in the manual's layout.
-pub fn show_text(clusters: &Clusters) -> String {
-    let mut out = table::title("cluster list", '=');
-    let cols = [
-        col("cluster_name", 12, Align::Left),
-        col("state", 9, Align::Right),
-        col("write_vip", 17, Align::Left),
-        col("read_vip", 17, Align::Left),
-        col("read_vip_host", 17, Align::Left),
-        col("cstlb_list", 40, Align::Left),
-    ];
-    let rows: Vec<Vec<String>> = clusters
-        .iter()
-        .map(|(name, c)| {
-            vec![
-                name.clone(),
-                meta::cluster_state_name(c.state).to_string(),
-                c.write_vip.clone(),
-                c.read_vip.clone(),
-                c.read_vip_host.clone(),
-                table::py_list(&c.cstlb_list),
-            ]
-        })
-        .collect();
-    out.push_str(&table::render(&cols, &rows));
-    out.push('\n');
-    out.push_str(&table::title("db list", '='));
-    let cols = [
-        col("cluster_name", 12, Align::Left),
-        col("id", 2, Align::Right),
-        col("state", 10, Align::Left),
-        col("primary", 7, Align::Right),
-        col("host", 17, Align::Left),
-        col("port", 4, Align::Left),
-        col("switch_to", 17, Align::Left),
-        col("os_user", 10, Align::Left),
-        col("pgdata", 30, Align::Left),
-    ];
-    let rows: Vec<Vec<String>> = clusters
-        .iter()
-        .flat_map(|(name, c)| c.db_list.iter().map(move |d| (name, d)))
-        .map(|(name, d)| {
-            vec![
-                name.clone(),
-                d.id.to_string(),
-                meta::db_state_name(d.state).to_string(),
-                d.is_primary.to_string(),
-                d.host.clone(),
-                d.port.to_string(),
-                d.switch_host.clone(),
-                d.os_user.clone(),
-                d.pgdata.clone(),
-            ]
-        })
-        .collect();
-    out.push_str(&table::render(&cols, &rows));
-    out
-}
-
-/// `clupadm show --json`: the same facts, state names spelled out, and
-/// with etcd which clupserver leads (`monitor`).
-pub fn show_json(clusters: &Clusters, monitor: Option<&str>) -> String {
-    let cl: Vec<Value> = clusters
-        .iter()
-        .map(|(name, c): (&String, &Cluster)| {
-            json!({
-                "cluster_name": name,
-                "state": meta::cluster_state_name(c.state),
-                "write_vip": c.write_vip,
-                "read_vip": c.read_vip,
-                "read_vip_host": c.read_vip_host,
-                "cstlb_list": c.cstlb_list,
-                "locked_by": if c.lock_time > crate::now_secs() { json!(c.lock_holder) } else { Value::Null },
-            })
-        })
-        .collect();
-    let dbs: Vec<Value> = clusters
-        .iter()
-        .flat_map(|(name, c)| c.db_list.iter().map(move |d| (name, d)))
-        .map(|(name, d)| {
-            json!({
-                "cluster_name": name,
-                "id": d.id,
-                "state": meta::db_state_name(d.state),
-                "primary": d.is_primary,
-                "host": d.host,
-                "port": d.port,
-                "switch_to": d.switch_host,
-                "os_user": d.os_user,
-                "pgdata": d.pgdata,
-                "repl_app_name": d.repl_app_name,
-            })
-        })
-        .collect();
-    format!(
-        "{}\n",
-        serde_json::to_string_pretty(&match monitor {
-            None => json!({"clusters": cl, "dbs": dbs}),
-            Some(m) => json!({"clusters": cl, "dbs": dbs, "monitor": m}),
-        })
-        .expect("json")
-    )
-}
-
-/// `clupadm get_last_lsn` in the manual's layout.
-pub fn lsn_text(rows: &[LsnRow]) -> String {
-    let mut out = table::title("db list", '-');
-    let cols = [
-        col("id", 2, Align::Right),
-        col("host", 17, Align::Left),
-        col("primary", 7, Align::Right),
-        col("timeline", 8, Align::Right),
-        col("lsn", 16, Align::Right),
-    ];
-    let na = |o: Option<String>| o.unwrap_or_else(|| "N/A".to_string());
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.id.to_string(),
-                r.host.clone(),
-                r.primary.to_string(),
-                na(r.timeline.map(|t| t.to_string())),
-                na(r.lsn.clone()),
-            ]
-        })
-        .collect();
-    out.push_str(&table::render(&cols, &rows));
-    out
-}
-
-/// `clupadm repl_delay` in the manual's layout.
-pub fn delay_text(rows: &[DelayRow]) -> String {
-    let cols = [
-        col("host", 17, Align::Left),
-        col("primary", 7, Align::Left),
-        col("current_lsn", 11, Align::Right),
-        col("sent_delay", 12, Align::Right),
-        col("write_delay", 12, Align::Right),
-        col("flush_delay", 12, Align::Right),
-        col("replay_delay", 12, Align::Right),
-        col("is_sync", 12, Align::Right),
-        col("state", 12, Align::Right),
-    ];
-    let na = |o: Option<String>| o.unwrap_or_else(|| "N/A".to_string());
-    let num = |o: Option<u64>| na(o.map(|n| n.to_string()));
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.host.clone(),
-                r.primary.to_string(),
-                na(r.current_lsn.clone()),
-                num(r.sent_delay),
-                num(r.write_delay),
-                num(r.flush_delay),
-                num(r.replay_delay),
-                na(r.is_sync.clone()),
-                na(r.state.clone()),
-            ]
-        })
-        .collect();
-    table::render(&cols, &rows)
-}
-
-/// `clupadm show_task`: one line per task, newest last.
-pub fn show_task_text(tasks: &[Task]) -> String {
-    let cols = [
-        col("task_id", 7, Align::Right),
-        col("state", 11, Align::Left),
-        col("cluster_name", 12, Align::Left),
-        col("begin_time", 19, Align::Left),
-        col("end_time", 19, Align::Left),
-        col("task_name", 30, Align::Left),
-    ];
-    let rows: Vec<Vec<String>> = tasks
-        .iter()
-        .map(|t| {
-            vec![
-                t.id.to_string(),
-                t.state.clone(),
-                t.cluster.clone(),
-                crate::util::logging::format_epoch(t.begin),
-                if t.end == 0 {
-                    String::new()
-                } else {
-                    crate::util::logging::format_epoch(t.end)
-                },
-                t.name.clone(),
-            ]
-        })
-        .collect();
-    table::render(&cols, &rows)
 }
 
 /// Print a task's log; with `follow`, keep printing until the task ends.
@@ -781,12 +635,14 @@ pub fn follow_task(home: &Home, id: u64, follow: bool) -> Result<String, Failure
 fn follow_log(path: &Path, lines: usize, follow: bool) -> Result<(), Failure> {
     let open = || std::fs::File::open(path);
     let mut f = open().map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
-    eprintln!("tail -f {}", path.display());
     let mut text = String::new();
     f.read_to_string(&mut text)
         .map_err(|e| fail(EXIT_FAILED, format!("{}: {e}", path.display())))?;
     let all: Vec<&str> = text.lines().collect();
     let mut out = std::io::stdout().lock();
+    if follow && writeln!(out, "tail -f {}", path.display()).is_err() {
+        return Ok(());
+    }
     for l in &all[all.len().saturating_sub(lines)..] {
         if writeln!(out, "{l}").is_err() {
             return Ok(());
@@ -824,104 +680,6 @@ fn follow_log(path: &Path, lines: usize, follow: bool) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::meta::{parse_clusters, SAMPLE_INIT};
-
-    /// The manual's `clupadm show` after pg04 failed (§3.2.2), with the
-    /// trailing spaces it really has on every line but the last ones.
-    #[test]
-    fn show_matches_manual_layout() {
-        let mut c = parse_clusters(SAMPLE_INIT).unwrap();
-        let c1 = c.get_mut("cluster01").unwrap();
-        c1.cstlb_list = vec!["192.168.56.41:8082".into(), "192.168.56.42:8082".into()];
-        c1.db_list[0].is_primary = 0;
-        c1.db_list[1].is_primary = 1;
-        c1.db_list[3].state = meta::DB_FAULT;
-        let want = "                   cluster list
-==================================================
-cluster_name   state       write_vip          read_vip       read_vip_host                  cstlb_list               
------------- --------- ----------------- ----------------- ----------------- ----------------------------------------
-cluster01       Normal 192.168.56.40     192.168.56.45     192.168.56.41     ['192.168.56.41:8082', '192.168.56.42:8082']
-
-                   db list
-==================================================
-cluster_name id   state    primary        host       port     switch_to      os_user               pgdata            
------------- -- ---------- ------- ----------------- ---- ----------------- ---------- ------------------------------
-cluster01     1 Normal           0 192.168.56.41     5432 192.168.56.41     postgres   /home/postgres/pgdata         
-cluster01     2 Normal           1 192.168.56.42     5432 192.168.56.42     postgres   /home/postgres/pgdata         
-cluster01     3 Normal           0 192.168.56.43     5432 192.168.56.43     postgres   /home/postgres/pgdata         
-cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     postgres   /home/postgres/pgdata         
-";
-        assert_eq!(show_text(&c), want);
-    }
-
-    #[test]
-    fn show_json_is_parseable_with_names() {
-        let c = parse_clusters(SAMPLE_INIT).unwrap();
-        let v: Value = serde_json::from_str(&show_json(&c, None)).unwrap();
-        assert_eq!(v["clusters"][0]["state"], "Normal");
-        assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
-        assert_eq!(v["dbs"][0]["primary"], 1);
-        assert_eq!(v["dbs"][3]["host"], "192.168.56.44");
-    }
-
-    /// The manual's get_last_lsn and repl_delay outputs (§3.1.2), whose
-    /// trailing spaces are kept.
-    #[test]
-    fn lsn_and_delay_match_manual_layout() {
-        let rows: Vec<LsnRow> = (1..=4)
-            .map(|id| LsnRow {
-                id,
-                host: format!("192.168.56.4{id}"),
-                primary: u8::from(id == 2),
-                timeline: Some(9),
-                lsn: Some("0/30E73D0".into()),
-            })
-            .collect();
-        let want = "                   db list
---------------------------------------------------
-id        host       primary timeline       lsn       
--- ----------------- ------- -------- ----------------
- 1 192.168.56.41           0        9        0/30E73D0
- 2 192.168.56.42           1        9        0/30E73D0
- 3 192.168.56.43           0        9        0/30E73D0
- 4 192.168.56.44           0        9        0/30E73D0
-";
-        assert_eq!(lsn_text(&rows), want);
-
-        let standby = |id: u32| DelayRow {
-            host: format!("192.168.56.4{id}"),
-            primary: 0,
-            current_lsn: Some("0/30E8038".into()),
-            sent_delay: Some(0),
-            write_delay: Some(0),
-            flush_delay: Some(0),
-            replay_delay: Some(152),
-            is_sync: Some("async".into()),
-            state: Some("normal".into()),
-        };
-        let primary = DelayRow {
-            host: "192.168.56.42".into(),
-            primary: 1,
-            current_lsn: None,
-            sent_delay: None,
-            write_delay: None,
-            flush_delay: None,
-            replay_delay: None,
-            is_sync: None,
-            state: None,
-        };
-        let want = "       host       primary current_lsn  sent_delay  write_delay  flush_delay  replay_delay   is_sync       state    
------------------ ------- ----------- ------------ ------------ ------------ ------------ ------------ ------------
-192.168.56.41     0         0/30E8038            0            0            0          152        async       normal
-192.168.56.42     1               N/A          N/A          N/A          N/A          N/A          N/A          N/A
-192.168.56.43     0         0/30E8038            0            0            0          152        async       normal
-192.168.56.44     0         0/30E8038            0            0            0          152        async       normal
-";
-        assert_eq!(
-            delay_text(&[standby(1), primary, standby(3), standby(4)]),
-            want
-        );
-    }
 
     #[test]
     fn option_tables_agree() {
