@@ -454,7 +454,32 @@ mod tests {
             .collect();
         assert!(alive.is_empty(), "children left: {left}");
 
-        // A stale pid file naming another process: refused, that process lives.
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A stale pid file naming another process of the same user: refused,
+    /// that process lives.
+    #[test]
+    fn kill_script_leaves_a_process_that_is_not_postgres_alone() {
+        let dir = std::env::temp_dir().join(format!("clup-kill-other-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = cmd::run("id", &["-un".into()], None, Duration::from_secs(5))
+            .unwrap()
+            .stdout
+            .trim()
+            .to_string();
+        let mut d = db();
+        d.os_user = me;
+        d.pgdata = dir.display().to_string();
+        d.port = 1;
+        let run = |d: &Db| {
+            cmd::run(
+                "sh",
+                &["-c".into(), kill_script(d)],
+                None,
+                Duration::from_secs(10),
+            )
+        };
         let mut other = std::process::Command::new("sleep")
             .arg("300")
             .spawn()

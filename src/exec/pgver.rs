@@ -313,6 +313,10 @@ mod tests {
             assert_eq!(v.rewind_recovers_target, recovers, "{num}");
             assert_eq!(v.basebackup_flags, "-X stream --checkpoint=fast");
         }
+    }
+
+    #[test]
+    fn function_names_by_era() {
         let v = PgVer::of(90610);
         assert_eq!(
             [v.receive_lsn_fn, v.replay_lsn_fn, v.walfile_name_fn],

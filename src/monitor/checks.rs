@@ -42,6 +42,19 @@ pub(super) fn write_vip_seen(
     (seen, look.peer)
 }
 
+/// Does db `id`'s server run on its host (`pg_ctl status` over ssh)?
+/// None when that cannot be told.
+fn runs(shared: &Shared, cluster: &Cluster, id: u32) -> Option<bool> {
+    let db = cluster.db(id)?;
+    match pgctl::status(&shared.ssh, db, &shared.cfg) {
+        Ok(st) => Some(matches!(st, pgctl::Status::Running { .. })),
+        Err(e) => {
+            log::warn!("Cannot ask whether database({}) runs: {e}", db.addr());
+            None
+        }
+    }
+}
+
 /// Run gather actions in parallel and record their answers. A standby
 /// asked both about the primary and about the write VIP gets one ssh call.
 /// Gather the facts `plan` asks for; `since`: when the round that needs
@@ -86,19 +99,7 @@ pub(super) fn gather(
                         )]
                     }
                     Action::CheckRunning { id } => {
-                        let running = cluster.db(*id).and_then(|db| {
-                            match pgctl::status(&shared.ssh, db, &shared.cfg) {
-                                Ok(st) => Some(matches!(st, pgctl::Status::Running { .. })),
-                                Err(e) => {
-                                    log::warn!(
-                                        "Cannot ask whether database({}) runs: {e}",
-                                        db.addr()
-                                    );
-                                    None
-                                }
-                            }
-                        });
-                        vec![Answer::Running(*id, running)]
+                        vec![Answer::Running(*id, runs(shared, cluster, *id))]
                     }
                     Action::CheckPeer { via, .. } if Some(via.as_str()) == vip_via => vec![],
                     Action::CheckPeer { via, host, port } => {
