@@ -233,7 +233,7 @@ pub mod chaos_async_only {
     #[test]
     fn standbys_beyond_max_lag_refused() {
         let mut sc = Scenario::start_conf(
-            "all standbys beyond failover_max_lag: no promotion",
+            "standbys beyond failover_max_lag: refused",
             Mode::Async,
             "failover_max_lag = 4MB\n",
         );
