@@ -375,32 +375,13 @@ impl Scenario {
         let (dups, shown) = detector::duplicate_primaries(&spans, &rec.vip, &acks);
         let arp2 = detector::double_arp(&rec.vip);
         let name = format!("{} ({})", self.name, self.mode.name());
-        for (what, list) in [
-            ("after promotion", &after),
-            ("duplicate primary", &dups),
-            ("two ARP answers", &arp2),
-        ] {
-            for x in list.iter().take(10) {
-                eprintln!("{name}: {what}: {x}");
-            }
-        }
-        for x in &shown {
-            eprintln!("{name}: shown, not judged (cut off from the clients): {x}");
-        }
-        for p in &proms {
-            eprintln!(
-                "{name}: promotion seen: {} to timeline {} at {:.3}",
-                p.host, p.tl, p.at
-            );
-        }
-        if !losses.lost.is_empty() || !losses.async_lost.is_empty() {
-            eprintln!(
-                "{name}: lost {:?}, async past the promotion point {:?}, WAL distance {} B, history {history:x?}",
-                losses.lost.iter().take(20).collect::<Vec<_>>(),
-                losses.async_lost.iter().take(20).collect::<Vec<_>>(),
-                losses.wal_distance
-            );
-        }
+        print_findings(
+            &name,
+            [&after, &dups, &arp2, &shown],
+            &proms,
+            &losses,
+            &history,
+        );
         let outage = judge::longest_gap(&rec.writes, self.fault_at, end);
         let mut read_ends = rec.read_ends.clone();
         read_ends.sort_by(|a, b| a.total_cmp(b));
@@ -458,6 +439,42 @@ impl Scenario {
             outage <= bound,
             "{name}: write outage {outage:.2} s, bound {bound} s:\n{}",
             log()
+        );
+    }
+}
+
+/// What the judgement found, on stderr (the test's output on failure).
+fn print_findings(
+    name: &str,
+    lists: [&Vec<String>; 4],
+    proms: &[detector::Promotion],
+    losses: &Losses,
+    history: &[judge::Switch],
+) {
+    for (what, list) in [
+        ("after promotion", lists[0]),
+        ("duplicate primary", lists[1]),
+        ("two ARP answers", lists[2]),
+    ] {
+        for x in list.iter().take(10) {
+            eprintln!("{name}: {what}: {x}");
+        }
+    }
+    for x in lists[3] {
+        eprintln!("{name}: shown, not judged (cut off from the clients): {x}");
+    }
+    for p in proms {
+        eprintln!(
+            "{name}: promotion seen: {} to timeline {} at {:.3}",
+            p.host, p.tl, p.at
+        );
+    }
+    if !losses.lost.is_empty() || !losses.async_lost.is_empty() {
+        eprintln!(
+            "{name}: lost {:?}, async past the promotion point {:?}, WAL distance {} B, history {history:x?}",
+            losses.lost.iter().take(20).collect::<Vec<_>>(),
+            losses.async_lost.iter().take(20).collect::<Vec<_>>(),
+            losses.wal_distance
         );
     }
 }
