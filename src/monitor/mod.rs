@@ -480,8 +480,9 @@ fn cluster_loop(shared: &Arc<Shared>, name: &str, offset: Duration) {
 /// calm round the upkeep. Each phase hands the next plain data.
 fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) {
     let t0 = Instant::now();
+    let began = crate::now_secs();
     let probed = probe::probe(shared, name, cluster, mem, t0);
-    probe::remember(shared, name, cluster, &probed.probes, mem);
+    probe::remember(shared, name, cluster, &probed.probes, mem, began);
     let (probes, mut facts) = probe::facts(probed, mem);
     let probed = t0.elapsed();
 

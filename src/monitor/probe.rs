@@ -145,24 +145,27 @@ fn retry_with_checks(
 /// probe errors of databases that answer are forgotten, a failure's reason
 /// is logged once per change, and the healthy primary's end of WAL and
 /// synchronous standbys are kept for the decision after it fails.
+/// `began`: when the round's probes began (epoch seconds): a failure or
+/// stall seen now has lasted since then.
 pub(super) fn remember(
     shared: &Shared,
     name: &str,
     cluster: &Cluster,
     probes: &BTreeMap<u32, DbProbe>,
     mem: &mut Memory,
+    began: u64,
 ) {
     let now = crate::now_secs();
     for (id, p) in probes {
         if p.stalled {
-            mem.stalled_since.entry(*id).or_insert(now);
+            mem.stalled_since.entry(*id).or_insert(began);
         } else {
             mem.stalled_since.remove(id);
         }
         if p.ok {
             mem.failing_since.remove(id);
         } else {
-            mem.failing_since.entry(*id).or_insert(now);
+            mem.failing_since.entry(*id).or_insert(began);
         }
         if p.ok {
             mem.restarts.remove(id);
@@ -268,8 +271,8 @@ fn probe_dbs(
     pg::probe_watching(&with_role, &shared.cfg, conns, late)
 }
 
-/// Probe again, up to probe_retries times, the databases that failed,
-/// except those on a host in `down` (found down since the round began: a
+/// Probe again, up to probe_retries times, the databases that failed
+/// (but stalled ones), except those on a host in `down` (found down since the round began: a
 /// newer and stronger answer than another probe's).
 /// Each attempt starts at least 200 ms after the one before it began
 /// failing (`took` = how long the first attempt ran): a probe that failed
@@ -286,7 +289,10 @@ fn retry_failed(
         let failed: Vec<&Db> = cluster
             .db_list
             .iter()
-            .filter(|d| probes.get(&d.id).is_some_and(|p| !p.ok))
+            // A stalled server (it took the connection, answered nothing
+            // in probe_timeout) is no lost packet: asked again, it only
+            // stalls again, and its failover waits for the retry.
+            .filter(|d| probes.get(&d.id).is_some_and(|p| !p.ok && !p.stalled))
             .filter(|d| !down.contains(&d.host))
             .collect();
         if failed.is_empty() {
