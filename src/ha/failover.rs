@@ -272,10 +272,11 @@ pub(super) fn write_vip_taken(
     }
 }
 
-/// The failover's steps, in order: free the write VIP, promote the
-/// candidate (unless adopting one already promoted), give it the write VIP
-/// and the meta's primary, then bring the rest along: synchronous names,
-/// the other standbys, the cstlbs, the read VIP and the cluster state.
+/// The failover's steps, in order: the last look, free the write VIP, the
+/// other standbys to the candidate, promote it (unless adopting one
+/// already promoted), give it the write VIP and the meta's primary, then
+/// bring the rest along: synchronous names, the cstlbs, the read VIP and
+/// the cluster state.
 pub(super) fn failover_plan(
     cluster: &Cluster,
     primary: &Db,
@@ -303,6 +304,17 @@ pub(super) fn failover_plan(
     if old_host_up || !vip_ok {
         plan.push(Action::EnsureWriteVipFree { id: cand.id });
     }
+    // The other standbys stop streaming from the old primary before the
+    // candidate is promoted (the manual's order): an old primary that
+    // comes back then has no standby left to acknowledge a synchronous
+    // commit, which the new timeline would not have. They follow the
+    // candidate onto its new timeline.
+    for d in cluster.normal_standbys().filter(|d| d.id != cand.id) {
+        plan.push(Action::Repoint {
+            id: d.id,
+            to: cand.id,
+        });
+    }
     if !adopting {
         plan.push(Action::Promote { id: cand.id });
     }
@@ -324,12 +336,6 @@ pub(super) fn failover_plan(
     if wanted.is_some() {
         plan.push(Action::MetaSyncWanted {
             names: String::new(),
-        });
-    }
-    for d in cluster.normal_standbys().filter(|d| d.id != cand.id) {
-        plan.push(Action::Repoint {
-            id: d.id,
-            to: cand.id,
         });
     }
     plan.push(Action::CstlbDelete {

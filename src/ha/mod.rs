@@ -147,7 +147,7 @@ pub enum SyncFallback {
 /// [`SyncFallback`] applies: longer than a standby's restart or a
 /// reconnection after a network blip, short enough that a hung standby
 /// does not become an outage.
-pub const SYNC_GRACE_SECS: u64 = 5;
+pub const SYNC_GRACE_SECS: u64 = 3;
 
 /// One step of a plan. Gather steps only add facts; the rest act.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,6 +379,11 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         return failover(cluster, primary, facts, p, "primary is Fault".to_string());
     }
 
+    // Commits waiting on synchronous standbys that do not acknowledge are
+    // an outage of the primary: seen to before a failed standby's repair.
+    if let Some(d) = sync_upkeep(cluster, primary, facts, p, now) {
+        return d;
+    }
     for d in cluster.normal_standbys() {
         if failed(d) {
             return standby_failed(cluster, d, facts, p);
@@ -388,9 +393,6 @@ pub fn decide(cluster: &Cluster, facts: &Facts, p: &Params, now: u64) -> Decisio
         return d;
     }
     if let Some(d) = fault_stuck_standby(cluster, primary, facts, now) {
-        return d;
-    }
-    if let Some(d) = sync_upkeep(cluster, primary, facts, p, now) {
         return d;
     }
     if let Some(d) = auto_rewind(cluster, primary, facts, p, now) {

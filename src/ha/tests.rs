@@ -302,9 +302,12 @@ fn write_vip_answer_gathered_with_the_peers_decides_the_dad_step() {
         "{:?}",
         d.plan
     );
-    // The last look at the old primary, then the promotion.
+    // The last look at the old primary, the other standbys to the
+    // candidate, then the promotion.
     assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
-    assert_eq!(d.plan[1], Action::Promote { id: 2 });
+    assert_eq!(d.plan[1], Action::Repoint { id: 3, to: 2 });
+    assert_eq!(d.plan[2], Action::Repoint { id: 4, to: 2 });
+    assert_eq!(d.plan[3], Action::Promote { id: 2 });
     // Somebody answers while the old host is down: no failover.
     let taken = primary_down(|f| {
         peers(f, false);
@@ -452,11 +455,13 @@ fn failover_promotes_the_standby_with_most_wal_then_reconfigures() {
         [
             Action::ConfirmGone { id: 1, cand: 4 },
             Action::EnsureWriteVipFree { id: 4 },
+            // Off the old primary before the promotion: a returning old
+            // primary finds no standby to acknowledge a commit.
+            Action::Repoint { id: 2, to: 4 },
+            Action::Repoint { id: 3, to: 4 },
             Action::Promote { id: 4 },
             Action::AddWriteVip { id: 4 },
             Action::MetaPrimary { id: 4, old: 1 },
-            Action::Repoint { id: 2, to: 4 },
-            Action::Repoint { id: 3, to: 4 },
             Action::CstlbDelete {
                 backend: "192.168.56.44:5432".into()
             },

@@ -92,7 +92,12 @@ fn partition_heals_mid_failover(mode: Mode) {
     let mut sc = Scenario::start("partition heals in the middle of a failover", mode);
     sc.fault();
     faults::isolate("pg01");
-    sc.wait_log(20, "Switch primary database: begin delete write vip");
+    // The failover has been decided (its first line, the manual's words):
+    // the partition heals while it runs.
+    sc.wait_log(
+        20,
+        "Host(10.213.0.41) is not ok, switch database(10.213.0.41:5432)",
+    );
     faults::heal_cuts();
     sc.wait_writes_resume(10);
     repair_old_primary_if_replaced(&sc);
