@@ -19,7 +19,12 @@
 //! - a write acknowledged by a host on an older timeline after another
 //!   host's promotion was seen is a failure (its insert started after);
 //! - two hosts answering ARP for the write VIP on cli's link at once is a
-//!   failure.
+//!   failure;
+//! - but an old primary that was cut off from the clients when the new one
+//!   was promoted, and comes back, has [`FENCE_GRACE`] from when it is
+//!   reachable again for clup to fence it: its overlap and double ARP
+//!   answers in that time are shown, not judged (nothing can fence a host
+//!   nobody reaches); a write it acknowledges is a failure all the same.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -276,13 +281,59 @@ fn reachable(v: &VipSample, host: &str) -> bool {
     !v.cut_from_cli.contains(&host)
 }
 
+/// How long clup may take to fence an old primary that comes back onto
+/// the clients' network after a promotion decided while it was cut off
+/// from everyone: its next round sees it (probe_interval 1 s here) and the
+/// fence takes the write VIP off it first. Nothing can fence a host that
+/// nobody reaches; from when it is reachable again, this is clup's bound.
+/// A write it acknowledges meanwhile is still a failure
+/// ([`acks_after_promotion`]).
+pub const FENCE_GRACE: f64 = 2.0;
+
+/// A returning old primary's grace: host, from when it was reachable
+/// again, until when it may still hold the write VIP.
+pub type Grace = (&'static str, f64, f64);
+
+/// The graces of old primaries that were cut off from the clients when a
+/// newer timeline's primary appeared beside them, and came back.
+pub fn returning(spans: &[Span], vip: &[VipSample]) -> Vec<Grace> {
+    let mut out = Vec::new();
+    for (i, x) in spans.iter().enumerate() {
+        for y in &spans[i + 1..] {
+            let (a, b) = (x.from.max(y.from), x.to.min(y.to));
+            if x.host == y.host || a > b || x.tl == y.tl {
+                continue;
+            }
+            let old = if x.tl < y.tl { x } else { y };
+            let cut_then = vip_at(vip, a).is_some_and(|v| !reachable(v, old.host));
+            if !cut_then {
+                continue;
+            }
+            if let Some(v) = vip.iter().find(|v| v.t >= a && reachable(v, old.host)) {
+                out.push((old.host, v.t, v.t + FENCE_GRACE));
+            }
+        }
+    }
+    out
+}
+
+fn in_grace(graces: &[Grace], host: &str, t: f64) -> bool {
+    graces
+        .iter()
+        .any(|(h, from, until)| *h == host && t >= *from && t <= *until)
+}
+
 /// Overlaps of two primary spans that clients could write to both of;
-/// the rest of the overlaps come back as `shown`.
+/// the rest of the overlaps come back as `shown`. A returning old primary
+/// within its [`FENCE_GRACE`] is shown, with the time it took, unless it
+/// acknowledged a write.
 pub fn duplicate_primaries(
     spans: &[Span],
     vip: &[VipSample],
     acks: &[&Ack],
 ) -> (Vec<String>, Vec<String>) {
+    let graces = returning(spans, vip);
+    let graced = |v: &VipSample| v.holders.iter().any(|h| in_grace(&graces, h, v.t));
     let (mut found, mut shown) = (Vec::new(), Vec::new());
     for (i, x) in spans.iter().enumerate() {
         for y in &spans[i + 1..] {
@@ -290,9 +341,10 @@ pub fn duplicate_primaries(
             if x.host == y.host || a > b {
                 continue;
             }
+            let old = if x.tl < y.tl { x.host } else { y.host };
             let both = |v: &VipSample| reachable(v, x.host) && reachable(v, y.host);
             let mut why = None;
-            for v in vip.iter().filter(|v| v.t >= a && v.t <= b) {
+            for v in vip.iter().filter(|v| v.t >= a && v.t <= b && !graced(v)) {
                 if both(v) && v.holders.iter().any(|h| *h == x.host || *h == y.host) {
                     why = Some(format!("the write VIP on {:?} at {:.3}", v.holders, v.t));
                     break;
@@ -305,6 +357,7 @@ pub fn duplicate_primaries(
                         (k.host == x.host || k.host == y.host)
                             && k.at >= a
                             && k.at <= b
+                            && (k.host == old || !in_grace(&graces, old, k.at))
                             && vip_at(vip, k.at).is_none_or(both)
                     })
                     .map(|k| format!("{} acknowledged a write at {:.3}", k.host, k.at));
@@ -323,13 +376,26 @@ pub fn duplicate_primaries(
             }
         }
     }
+    for (h, from, _) in &graces {
+        shown.push(format!(
+            "{h} came back as an old primary at {from:.3}: fenced within FENCE_GRACE ({FENCE_GRACE} s) or judged above"
+        ));
+    }
     (found, shown)
 }
 
-/// VIP samples with two hosts answering ARP for the write VIP on cli's link.
-pub fn double_arp(vip: &[VipSample]) -> Vec<String> {
+/// VIP samples with two hosts answering ARP for the write VIP on cli's
+/// link, but for a returning old primary within its grace (see
+/// [`returning`]).
+pub fn double_arp(vip: &[VipSample], graces: &[Grace]) -> Vec<String> {
     vip.iter()
-        .filter(|v| v.answering().len() > 1)
+        .filter(|v| {
+            v.answering()
+                .iter()
+                .filter(|h| !in_grace(graces, h, v.t))
+                .count()
+                > 1
+        })
         .map(|v| format!("{:?} answer for the write VIP at {:.3}", v.answering(), v.t))
         .collect()
 }
@@ -388,12 +454,38 @@ mod tests {
         let cut = [v(6.0, &["pg01", "pg02"], &["pg01"]), v(6.3, &["pg02"], &[])];
         let (found, shown) = duplicate_primaries(&spans, &cut, &[]);
         assert!(found.is_empty(), "{found:?}");
-        assert_eq!(shown.len(), 1, "{shown:?}");
-        assert!(double_arp(&cut).is_empty());
-        // Back on the network with the VIP: a finding, twice over.
+        // The overlap, and pg01's return (at 6.3) with its grace.
+        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert!(double_arp(&cut, &[]).is_empty());
+        // Back on the network with the VIP, never seen cut off: a finding,
+        // twice over.
         let back = [v(6.1, &["pg01", "pg02"], &[])];
         assert_eq!(duplicate_primaries(&spans, &back, &[]).0.len(), 1);
-        assert_eq!(double_arp(&back).len(), 1);
+        assert_eq!(double_arp(&back, &returning(&spans, &back)).len(), 1);
+        // Cut off when pg02 was promoted, back at 6.1 with the VIP: clup
+        // has FENCE_GRACE to take it off; within it, shown; past it, a
+        // finding (pg01's span ends at 6.2 here, so stretch it).
+        let returned = [
+            v(6.0, &["pg01", "pg02"], &["pg01"]),
+            v(6.1, &["pg01", "pg02"], &[]),
+        ];
+        let graces = returning(&spans, &returned);
+        assert_eq!(graces, vec![("pg01", 6.1, 6.1 + FENCE_GRACE)]);
+        let (found, shown) = duplicate_primaries(&spans, &returned, &[]);
+        assert!(found.is_empty(), "{found:?}");
+        assert!(shown.iter().any(|s| s.contains("came back")), "{shown:?}");
+        assert!(double_arp(&returned, &graces).is_empty());
+        let mut long: Vec<Sample> = samples.clone();
+        long.extend((63..=95).map(|i| s(i as f64 / 10.0, "pg01", false, 1)));
+        long.extend((71..=95).map(|i| s(i as f64 / 10.0, "pg02", false, 2)));
+        let long_spans = primary_spans(&long);
+        let late = [
+            v(6.0, &["pg01", "pg02"], &["pg01"]),
+            v(6.1, &["pg01", "pg02"], &[]),
+            v(9.0, &["pg01", "pg02"], &[]),
+        ];
+        assert_eq!(duplicate_primaries(&long_spans, &late, &[]).0.len(), 1);
+        assert_eq!(double_arp(&late, &returning(&long_spans, &late)).len(), 1);
         // An acknowledgement by the old timeline after the promotion.
         let ack = |host: &str, at, tl| Write_ {
             id: 7,

@@ -373,7 +373,7 @@ impl Scenario {
         let after = detector::acks_after_promotion(&rec.writes, &proms);
         let acks: Vec<&Ack> = rec.writes.iter().filter_map(|w| w.ack.as_ref()).collect();
         let (dups, shown) = detector::duplicate_primaries(&spans, &rec.vip, &acks);
-        let arp2 = detector::double_arp(&rec.vip);
+        let arp2 = detector::double_arp(&rec.vip, &detector::returning(&spans, &rec.vip));
         let name = format!("{} ({})", self.name, self.mode.name());
         print_findings(
             &name,
