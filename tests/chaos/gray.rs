@@ -13,14 +13,15 @@ use crate::lab::WRITE_VIP;
 
 both_modes!(
     flapping_primary_cut_from_everyone,
-    flapping_primary_cut_from_monitor,
     flapping_primary_random_cuts,
     partition_heals_mid_failover,
     hung_primary_all_processes,
     hung_primary_postmaster_only,
+    lag_best_standby_promoted;
+    on_demand_async:
+    flapping_primary_cut_from_monitor,
     lossy_link_monitor_primary,
     slow_link_monitor_primary,
-    lag_best_standby_promoted,
 );
 
 const EVERYONE: [&str; 5] = ["mon", "pg02", "pg03", "pg04", "cli"];

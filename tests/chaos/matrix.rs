@@ -13,14 +13,15 @@ use super::{both_modes, epoch, Mode, DB_HOSTS};
 both_modes!(
     primary_host_power_off,
     primary_postgres_kill9,
-    standby_host_power_off,
-    all_standbys_down_then_one_back,
     partition_mon_from_primary_only,
     primary_isolated_from_everyone,
-    mon_isolated_from_all_db_hosts,
     server_killed_at_failover_detection,
     server_killed_at_failover_promotion,
     server_killed_after_failover_promotion,
+    all_standbys_down_then_one_back;
+    on_demand_async:
+    standby_host_power_off,
+    mon_isolated_from_all_db_hosts,
     server_killed_at_switch_demote,
     server_killed_at_switch_promote,
     new_primary_power_off_during_repair_of_old,

@@ -65,14 +65,24 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 /// Both tests of a scenario function `fn name(mode: Mode)`:
-/// `chaos_sync::name` and `chaos_async::name`.
+/// `chaos_sync::name` and `chaos_async::name`. After `; on_demand_async:`,
+/// scenarios whose asynchronous twin adds little (no primary is lost, or
+/// the fault is between the monitor and the primary only) have that twin
+/// ignored by `cargo test` (so .ci/run stays within its time) and run by
+/// `scripts/chaos`, which includes the ignored ones.
 macro_rules! both_modes {
-    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+    ($($(#[$m:meta])* $name:ident),* $(,)? $(; on_demand_async: $($od:ident),* $(,)?)?) => {
         pub mod chaos_sync {
             $( $(#[$m])* #[test] fn $name() { super::$name(super::Mode::Sync) } )*
+            $($( #[test] fn $od() { super::$od(super::Mode::Sync) } )*)?
         }
         pub mod chaos_async {
             $( $(#[$m])* #[test] fn $name() { super::$name(super::Mode::Async) } )*
+            $($(
+                #[test]
+                #[ignore = "async twin run by scripts/chaos (CI time)"]
+                fn $od() { super::$od(super::Mode::Async) }
+            )*)?
         }
     };
 }
