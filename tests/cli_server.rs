@@ -295,3 +295,46 @@ fn secrets_are_not_on_the_command_line_or_in_errors() {
     );
     assert_eq!(h.run(&["server", "stop"]).code, 0);
 }
+
+/// logrotate moves the log away and sends SIGHUP (conf/clupserver.logrotate):
+/// clupserver writes on in a new file at the old path, and the moved file
+/// keeps every line from before; no line is split between the two.
+#[test]
+fn sighup_reopens_the_log_after_a_rotation() {
+    let (h, _) = home("sighup");
+    assert_eq!(h.run(&["adm", "init"]).code, 0);
+    assert_eq!(h.run(&["server", "start"]).code, 0);
+    let pid: i32 = h.read("run/clupserver.pid").trim().parse().unwrap();
+    let log = h.root.join("logs/clupserver.log");
+    let moved = h.root.join("logs/clupserver.log.1");
+    assert!(wait_for(10, || h
+        .read("logs/clupserver.log")
+        .contains("Web Server at port")));
+    std::fs::rename(&log, &moved).unwrap();
+    // Still written to the moved file until the signal.
+    // (The sample cluster starts frozen.)
+    assert_eq!(h.run(&["adm", "unfroze", "-c", "cluster01"]).code, 0);
+    // SAFETY: kill(2) on the server this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(
+        wait_for(10, || h
+            .read("logs/clupserver.log")
+            .contains("Received SIGHUP: log file reopened")),
+        "no new log after SIGHUP; moved one:\n{}",
+        std::fs::read_to_string(&moved).unwrap_or_default()
+    );
+    assert_eq!(h.run(&["adm", "froze", "-c", "cluster01"]).code, 0);
+    let old = std::fs::read_to_string(&moved).unwrap();
+    assert!(old.contains("Web Server at port"), "{old}");
+    assert!(!old.contains("Received SIGHUP"), "{old}");
+    for text in [&old, &h.read("logs/clupserver.log")] {
+        for line in text.lines() {
+            assert!(
+                line.len() >= 24 && line.as_bytes()[4] == b'-',
+                "a broken line: {line:?}"
+            );
+        }
+    }
+    assert_eq!(h.run(&["server", "stop"]).code, 0);
+    assert!(h.read("logs/clupserver.log").contains("Program stopped."));
+}

@@ -34,7 +34,7 @@ pub fn begin(
     name: &str,
 ) -> Result<TaskHandle, UpdateError> {
     let now = crate::now_secs();
-    let (id, _) = update(store, |doc| {
+    let ((id, trimmed), _) = update(store, |doc| {
         doc.next_task_id += 1;
         let id = doc.next_task_id;
         doc.tasks.push(Task {
@@ -45,9 +45,13 @@ pub fn begin(
             begin: now,
             end: 0,
         });
-        doc.trim_tasks();
-        Ok(id)
+        Ok((id, doc.trim_tasks()))
     })?;
+    // A trimmed task's log goes with its record (best effort: a log that
+    // cannot be removed is only disk space).
+    for old in trimmed {
+        let _ = std::fs::remove_file(log_path(task_dir, old));
+    }
     let path = log_path(task_dir, id);
     let file = OpenOptions::new()
         .create(true)
@@ -212,6 +216,42 @@ mod tests {
         })
         .unwrap();
         (s, dir)
+    }
+
+    /// Beyond KEEP_TASKS finished tasks, the oldest records go, and their
+    /// logs with them; a running task's log stays.
+    #[test]
+    fn trimmed_tasks_take_their_logs_with_them() {
+        let (s, dir) = store("trim");
+        let task_dir = dir.join("tasks");
+        update(&s, |doc| {
+            for id in 1..=(crate::store::KEEP_TASKS as u64) {
+                doc.tasks.push(crate::store::Task {
+                    id,
+                    name: "t".into(),
+                    cluster: "cluster01".into(),
+                    state: "success".into(),
+                    begin: 0,
+                    end: 0,
+                });
+            }
+            doc.next_task_id = crate::store::KEEP_TASKS as u64;
+            Ok(())
+        })
+        .unwrap();
+        for id in [1, 2] {
+            std::fs::write(log_path(&task_dir, id), "x\n").unwrap();
+        }
+        let t = begin(&s, &task_dir, "cluster01", "new").unwrap();
+        // 200 finished and one running: nothing trimmed yet.
+        assert!(log_path(&task_dir, 1).exists());
+        t.finish(&s, true);
+        // 201 finished: the next task trims task 1, and its log; 2 stays.
+        let next = begin(&s, &task_dir, "cluster01", "next").unwrap();
+        assert!(!log_path(&task_dir, 1).exists(), "trimmed with its record");
+        assert!(log_path(&task_dir, 2).exists());
+        assert!(log_path(&task_dir, t.id).exists());
+        assert!(log_path(&task_dir, next.id).exists());
     }
 
     #[test]

@@ -282,7 +282,15 @@ fn run(
     loop {
         let sig = signals::wait_signal(sigset);
         if sig == libc::SIGHUP {
-            log::info!("Received SIGHUP; ignored (restart to reload clup.conf).");
+            // logrotate's postrotate: the log was moved away.
+            match crate::util::logging::reopen() {
+                Ok(()) => {
+                    log::info!("Received SIGHUP: log file reopened (restart to reload clup.conf).")
+                }
+                Err(e) => log::error!(
+                    "Received SIGHUP: cannot reopen the log file, still writing the old one: {e}"
+                ),
+            }
             continue;
         }
         log::info!("Received signal {sig}, stopping ...");

@@ -63,18 +63,22 @@ impl MetaDoc {
         Ok(())
     }
 
-    /// Drop the oldest finished tasks beyond [`KEEP_TASKS`].
-    pub fn trim_tasks(&mut self) {
+    /// Drop the oldest finished tasks beyond [`KEEP_TASKS`]; their ids (their
+    /// logs go with them).
+    pub fn trim_tasks(&mut self) -> Vec<u64> {
         let finished = self.tasks.iter().filter(|t| t.state != "running").count();
         let mut extra = finished.saturating_sub(KEEP_TASKS);
+        let mut dropped = Vec::new();
         self.tasks.retain(|t| {
             if extra > 0 && t.state != "running" {
                 extra -= 1;
+                dropped.push(t.id);
                 false
             } else {
                 true
             }
         });
+        dropped
     }
 }
 
@@ -636,7 +640,7 @@ mod tests {
                 end: 0,
             });
         }
-        d.trim_tasks();
+        assert_eq!(d.trim_tasks(), [1, 2, 3, 4]);
         assert_eq!(d.tasks.len(), KEEP_TASKS + 1);
         assert_eq!(d.tasks[0].id, 0);
         assert_eq!(d.tasks[1].id, 5);

@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -60,8 +60,11 @@ pub fn format_line(level: Level, msg: &str) -> String {
     format!("{} {} {}", timestamp(), level_name(level), msg)
 }
 
+/// The log file and its path, shared by the logger and [`reopen`]: a line
+/// is written whole to the old file or to the new one, never lost between.
+static FILE: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
 struct Logger {
-    file: Option<Mutex<File>>,
     stderr: bool,
     level: LevelFilter,
 }
@@ -83,8 +86,7 @@ impl Log for Logger {
         }
         let mut line = format_line(r.level(), &r.args().to_string());
         line.push('\n');
-        if let Some(f) = &self.file {
-            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, f)) = FILE.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             let _ = f.write_all(line.as_bytes());
         }
         if self.stderr {
@@ -95,26 +97,35 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
+fn open_log(p: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+}
+
 /// Install the global logger: to `file` if given, and to stderr if asked.
 pub fn init(file: Option<&Path>, stderr: bool, level: LevelFilter) -> std::io::Result<()> {
-    let file = match file {
-        Some(p) => Some(Mutex::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?,
-        )),
-        None => None,
-    };
-    let logger = Logger {
-        file,
-        stderr,
-        level,
-    };
+    if let Some(p) = file {
+        let f = open_log(p)?;
+        *FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some((p.to_path_buf(), f));
+    }
+    let logger = Logger { stderr, level };
     // A second init (tests) keeps the first logger.
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
+    }
+    Ok(())
+}
+
+/// Open the log file again by its path (SIGHUP, after logrotate moved it
+/// away): the lines after this go to the new file. An error keeps the old
+/// file open, so nothing is lost.
+pub fn reopen() -> std::io::Result<()> {
+    let mut file = FILE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((path, f)) = file.as_mut() {
+        *f = open_log(path)?;
     }
     Ok(())
 }
@@ -149,7 +160,6 @@ mod tests {
     #[test]
     fn other_crates_log_only_warnings_even_at_debug() {
         let l = Logger {
-            file: None,
             stderr: false,
             level: LevelFilter::Debug,
         };
