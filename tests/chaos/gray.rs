@@ -13,12 +13,12 @@ use crate::lab::WRITE_VIP;
 
 both_modes!(
     flapping_primary_cut_from_everyone,
-    flapping_primary_random_cuts,
     partition_heals_mid_failover,
     hung_primary_all_processes,
-    hung_primary_postmaster_only,
     lag_best_standby_promoted;
     on_demand_async:
+    flapping_primary_random_cuts,
+    hung_primary_postmaster_only,
     flapping_primary_cut_from_monitor,
     lossy_link_monitor_primary,
     slow_link_monitor_primary,
@@ -165,15 +165,15 @@ fn degraded_link(sc: &mut Scenario, hold: f64, make: impl FnOnce()) {
 }
 
 fn lossy_link_monitor_primary(mode: Mode) {
-    let mut sc = Scenario::start("30% loss between monitor and primary, 30 s", mode);
-    degraded_link(&mut sc, 30.0, || faults::lossy("pg01", "mon", 30));
+    let mut sc = Scenario::start("30% loss between monitor and primary, 20 s", mode);
+    degraded_link(&mut sc, 20.0, || faults::lossy("pg01", "mon", 30));
     let m = sc.finish(Some(3), 3.0);
     assert_eq!(host_of(&m), "pg01");
 }
 
 fn slow_link_monitor_primary(mode: Mode) {
-    let mut sc = Scenario::start("64 kbit tbf between monitor and primary, 30 s", mode);
-    degraded_link(&mut sc, 30.0, || {
+    let mut sc = Scenario::start("64 kbit tbf between monitor and primary, 20 s", mode);
+    degraded_link(&mut sc, 20.0, || {
         faults::slow_link("pg01", "mon", 64, 800);
         faults::slow_link("mon", "pg01", 64, 800);
     });
@@ -299,7 +299,7 @@ pub mod chaos_sync_only {
         sc.fault();
         signal_postgres(&sc.lab, "pg02", "STOP", false);
         sc.wait_writes_resume(10);
-        sleep(30.0 - (epoch() - sc.fault_at));
+        sleep(20.0 - (epoch() - sc.fault_at));
         signal_postgres(&sc.lab, "pg02", "CONT", false);
         if meta_view(&sc.lab).states.get(&2).map(String::as_str) != Some("Normal") {
             repair(&sc, "pg02", &[]);

@@ -12,14 +12,14 @@ use super::{both_modes, epoch, Mode, DB_HOSTS};
 
 both_modes!(
     primary_host_power_off,
+    primary_isolated_from_everyone;
+    on_demand_async:
     primary_postgres_kill9,
     partition_mon_from_primary_only,
-    primary_isolated_from_everyone,
     server_killed_at_failover_detection,
     server_killed_at_failover_promotion,
     server_killed_after_failover_promotion,
-    all_standbys_down_then_one_back;
-    on_demand_async:
+    all_standbys_down_then_one_back,
     standby_host_power_off,
     mon_isolated_from_all_db_hosts,
     server_killed_at_switch_demote,
