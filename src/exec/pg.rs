@@ -384,6 +384,25 @@ pub fn accepts(db: &Db, cfg: &Config, timeout: Duration) -> wire::Handshake {
     )
 }
 
+/// [`accepts`], asked again every `every` until `within` has passed while
+/// the connection attempts time out: a SYN dropped by a partition is sent
+/// again only after a second, and a partition that heals meanwhile must
+/// not go unseen. A refused connection (the host answers, nothing listens)
+/// is an answer: not asked again.
+pub fn accepts_within(db: &Db, cfg: &Config, within: Duration, every: Duration) -> wire::Handshake {
+    let end = Instant::now() + within;
+    loop {
+        let began = Instant::now();
+        let left = end.saturating_duration_since(began);
+        let h = accepts(db, cfg, left.min(every).max(Duration::from_millis(10)));
+        let timed_out = began.elapsed() + Duration::from_millis(5) >= left.min(every);
+        match h {
+            wire::Handshake::Unreachable(_) if timed_out && Instant::now() < end => continue,
+            h => return h,
+        }
+    }
+}
+
 /// A database whose probe is watched: if it alone has not answered within
 /// `after` (the others probed on the calling thread have), `then` runs
 /// (once, on the calling thread, while the probes go on). When the others
@@ -852,6 +871,60 @@ fn read_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last look's connection attempts: a refused one is an answer at
+    /// once (not asked again for the whole wait); one that the kernel
+    /// takes but nobody answers is a stall, found within one attempt.
+    #[test]
+    fn accepts_within_asks_again_only_after_a_timeout() {
+        let cfg = Config::parse(
+            &format!("{}pg_sslmode = disable\n", crate::model::config::SAMPLE),
+            std::path::Path::new("/c"),
+        )
+        .unwrap();
+        let db = |port: u16| Db {
+            id: 1,
+            state: 1,
+            os_user: "postgres".into(),
+            pgdata: "/x".into(),
+            is_primary: 1,
+            repl_app_name: "stb01".into(),
+            host: "127.0.0.1".into(),
+            switch_host: "127.0.0.1".into(),
+            port,
+        };
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let t = Instant::now();
+        let h = accepts_within(
+            &db(port),
+            &cfg,
+            Duration::from_secs(2),
+            Duration::from_millis(75),
+        );
+        assert!(matches!(h, wire::Handshake::Unreachable(_)), "{h:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        let backlog = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = backlog.local_addr().unwrap().port();
+        let t = Instant::now();
+        let h = accepts_within(
+            &db(port),
+            &cfg,
+            Duration::from_secs(2),
+            Duration::from_millis(75),
+        );
+        assert!(matches!(h, wire::Handshake::Stalled(_)), "{h:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
 
     #[test]
     fn lsn_round_trip() {

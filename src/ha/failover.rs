@@ -272,8 +272,8 @@ pub(super) fn write_vip_taken(
     }
 }
 
-/// The failover's steps, in order: the last look, free the write VIP, the
-/// other standbys to the candidate, promote it (unless adopting one
+/// The failover's steps, in order: free the write VIP, the other standbys
+/// to the candidate, the last look, promote it (unless adopting one
 /// already promoted), give it the write VIP and the meta's primary, then
 /// bring the rest along: synchronous names, the cstlbs, the read VIP and
 /// the cluster state.
@@ -286,12 +286,6 @@ pub(super) fn failover_plan(
     old_host_up: bool,
 ) -> Vec<Action> {
     let mut plan = Vec::new();
-    if !adopting && primary.is_normal() {
-        plan.push(Action::ConfirmGone {
-            id: primary.id,
-            cand: cand.id,
-        });
-    }
     if old_host_up {
         plan.push(Action::DeleteWriteVip {
             host: primary.host.clone(),
@@ -313,6 +307,14 @@ pub(super) fn failover_plan(
         plan.push(Action::Repoint {
             id: d.id,
             to: cand.id,
+        });
+    }
+    // The last look, right before the promotion: the shorter the time
+    // between them, the smaller the chance that a flap heals unseen.
+    if !adopting && primary.is_normal() {
+        plan.push(Action::ConfirmGone {
+            id: primary.id,
+            cand: cand.id,
         });
     }
     if !adopting {

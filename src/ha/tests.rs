@@ -302,11 +302,11 @@ fn write_vip_answer_gathered_with_the_peers_decides_the_dad_step() {
         "{:?}",
         d.plan
     );
-    // The last look at the old primary, the other standbys to the
-    // candidate, then the promotion.
-    assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
-    assert_eq!(d.plan[1], Action::Repoint { id: 3, to: 2 });
-    assert_eq!(d.plan[2], Action::Repoint { id: 4, to: 2 });
+    // The other standbys to the candidate, the last look at the old
+    // primary, then the promotion.
+    assert_eq!(d.plan[0], Action::Repoint { id: 3, to: 2 });
+    assert_eq!(d.plan[1], Action::Repoint { id: 4, to: 2 });
+    assert_eq!(d.plan[2], Action::ConfirmGone { id: 1, cand: 2 });
     assert_eq!(d.plan[3], Action::Promote { id: 2 });
     // Somebody answers while the old host is down: no failover.
     let taken = primary_down(|f| {
@@ -358,14 +358,13 @@ fn write_vip_answer_gathered_with_the_peers_decides_the_dad_step() {
     });
     let d = decide(&cluster(), &up, &P, 0);
     assert_eq!(d.kind, Kind::Failover);
-    assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
     assert_eq!(
-        d.plan[1],
+        d.plan[0],
         Action::DeleteWriteVip {
             host: "192.168.56.41".into()
         }
     );
-    assert_eq!(d.plan[2], Action::EnsureWriteVipFree { id: 2 });
+    assert_eq!(d.plan[1], Action::EnsureWriteVipFree { id: 2 });
 }
 
 #[test]
@@ -453,12 +452,13 @@ fn failover_promotes_the_standby_with_most_wal_then_reconfigures() {
     assert_eq!(
         d.plan,
         [
-            Action::ConfirmGone { id: 1, cand: 4 },
             Action::EnsureWriteVipFree { id: 4 },
             // Off the old primary before the promotion: a returning old
             // primary finds no standby to acknowledge a commit.
             Action::Repoint { id: 2, to: 4 },
             Action::Repoint { id: 3, to: 4 },
+            // The last look, right before the promotion.
+            Action::ConfirmGone { id: 1, cand: 4 },
             Action::Promote { id: 4 },
             Action::AddWriteVip { id: 4 },
             Action::MetaPrimary { id: 4, old: 1 },
@@ -503,14 +503,19 @@ fn restart_that_fails_on_primary_turns_into_failover_with_vip_delete() {
     });
     let d = decide(&cluster(), &f, &P, 0);
     assert_eq!(d.kind, Kind::Failover);
-    // The old primary is looked at once more before its VIP goes.
-    assert_eq!(d.plan[0], Action::ConfirmGone { id: 1, cand: 2 });
     assert_eq!(
-        d.plan[1],
+        d.plan[0],
         Action::DeleteWriteVip {
             host: "192.168.56.41".into()
         }
     );
+    // The old primary is looked at once more right before the promotion.
+    let last = d
+        .plan
+        .iter()
+        .position(|a| *a == Action::ConfirmGone { id: 1, cand: 2 });
+    let promote = d.plan.iter().position(|a| *a == Action::Promote { id: 2 });
+    assert_eq!(last.map(|i| i + 1), promote, "{:?}", d.plan);
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {
@@ -671,9 +676,8 @@ fn hung_primary_is_waited_for_then_killed_and_failed_over() {
     let d = decide(&cluster(), &hung(100), &P, 120);
     assert_eq!(d.kind, Kind::Failover, "{d:?}");
     assert_eq!(d.plan[0], Action::KillDb { id: 1 });
-    assert_eq!(d.plan[1], Action::ConfirmGone { id: 1, cand: 2 });
     assert_eq!(
-        d.plan[2],
+        d.plan[1],
         Action::DeleteWriteVip {
             host: "192.168.56.41".into()
         }

@@ -476,6 +476,10 @@ fn kill(
 /// costs the failover this much.
 const CONFIRM_WAIT: Duration = Duration::from_millis(300);
 
+/// Within [`CONFIRM_WAIT`], a connection attempt that times out is made
+/// again this often (a partition that heals meanwhile is seen).
+const CONFIRM_EVERY: Duration = Duration::from_millis(75);
+
 /// [`Action::ConfirmGone`]: in parallel, a new connection to the old
 /// primary (it must not be answered) and fresh probes of the Normal
 /// standbys (the candidate must still be the one [`ha::choose_candidate`]
@@ -488,11 +492,21 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
     let old = db_or_err(cluster, id)?;
     let standbys: Vec<(&Db, bool)> = cluster.normal_standbys().map(|d| (d, false)).collect();
     let wait = cfg.probe_timeout.min(CONFIRM_WAIT);
-    let (answer, probes) = thread::scope(|s| {
-        let h = s.spawn(|| pg::accepts(old, cfg, wait));
+    let cand_db = db_or_err(cluster, cand)?;
+    let (answer, vip, probes) = thread::scope(|s| {
+        let h = s.spawn(|| pg::accepts_within(old, cfg, wait, CONFIRM_EVERY));
+        // Who answers ARP for the write VIP, from the candidate's host: an
+        // old primary back on the link with it is seen here too.
+        let v = s.spawn(|| write_vip_seen(shared, cluster, &cand_db.host, None).0);
         let probes = pg::probe_many(&standbys, cfg, &mut pg::ProbeConns::default());
-        (h.join(), probes)
+        (h.join(), v.join(), probes)
     });
+    if let Ok(Ok(VipSeen::Answered)) = vip {
+        return Err(format!(
+            "another host answers ARP for the write vip({}) again: not promoting, the next round decides again",
+            cluster.write_vip
+        ));
+    }
     match answer {
         Ok(Handshake::Unreachable(_)) => {}
         Ok(Handshake::Answered) => {
