@@ -21,7 +21,7 @@
 //! - two hosts answering ARP for the write VIP on cli's link at once is a
 //!   failure;
 //! - but an old primary that was cut off from the clients when the new one
-//!   was promoted, and comes back, has [`FENCE_GRACE`] from when it is
+//!   was promoted (or up to [`LAST_LOOK`] before), and comes back, has [`FENCE_GRACE`] from when it is
 //!   reachable again for clup to fence it: its overlap and double ARP
 //!   answers in that time are shown, not judged (nothing can fence a host
 //!   nobody reaches); a write it acknowledges is a failure all the same.
@@ -290,6 +290,11 @@ fn reachable(v: &VipSample, host: &str) -> bool {
 /// ([`acks_after_promotion`]).
 pub const FENCE_GRACE: f64 = 2.0;
 
+/// How long before a promotion clup's last look at the old primary can be
+/// (the look, the promotion itself): an old primary cut off from the
+/// clients then may come back between the look and the promotion.
+pub const LAST_LOOK: f64 = 1.0;
+
 /// A returning old primary's grace: host, from when it was reachable
 /// again, until when it may still hold the write VIP.
 pub type Grace = (&'static str, f64, f64);
@@ -305,11 +310,17 @@ pub fn returning(spans: &[Span], vip: &[VipSample]) -> Vec<Grace> {
                 continue;
             }
             let old = if x.tl < y.tl { x } else { y };
-            let cut_then = vip_at(vip, a).is_some_and(|v| !reachable(v, old.host));
-            if !cut_then {
+            // Cut off at the promotion, or within LAST_LOOK before it (when
+            // clup looked at it for the last time).
+            let cut_at = vip
+                .iter()
+                .filter(|v| v.t >= a - LAST_LOOK && v.t <= a && !reachable(v, old.host))
+                .map(|v| v.t)
+                .last();
+            let Some(cut_at) = cut_at else {
                 continue;
-            }
-            if let Some(v) = vip.iter().find(|v| v.t >= a && reachable(v, old.host)) {
+            };
+            if let Some(v) = vip.iter().find(|v| v.t > cut_at && reachable(v, old.host)) {
                 out.push((old.host, v.t, v.t + FENCE_GRACE));
             }
         }
@@ -475,6 +486,33 @@ mod tests {
         assert!(found.is_empty(), "{found:?}");
         assert!(shown.iter().any(|s| s.contains("came back")), "{shown:?}");
         assert!(double_arp(&returned, &graces).is_empty());
+        // Cut off until just before the promotion (the last look saw it
+        // gone), back before it: a returning old primary all the same.
+        let before = [
+            v(2.6, &["pg01"], &["pg01"]),
+            v(2.9, &["pg01"], &[]),
+            v(3.5, &["pg01", "pg02"], &[]),
+        ];
+        let early = returning(&spans, &before);
+        assert_eq!(early, vec![]);
+        let mut again: Vec<Sample> = (0..=40)
+            .map(|i| s(i as f64 / 10.0, "pg01", false, 1))
+            .collect();
+        again.extend((0..30).map(|i| s(i as f64 / 10.0, "pg02", true, 1)));
+        again.extend((30..=70).map(|i| s(i as f64 / 10.0, "pg02", false, 2)));
+        let again_spans = primary_spans(&again);
+        let graces = returning(&again_spans, &before);
+        assert_eq!(graces, vec![("pg01", 2.9, 2.9 + FENCE_GRACE)]);
+        assert!(duplicate_primaries(&again_spans, &before, &[]).0.is_empty());
+        assert!(double_arp(&before, &graces).is_empty());
+        // Cut off only long before the promotion: no grace.
+        let long_ago = [
+            v(1.0, &["pg01"], &["pg01"]),
+            v(1.5, &["pg01"], &[]),
+            v(3.5, &["pg01", "pg02"], &[]),
+        ];
+        assert!(returning(&again_spans, &long_ago).is_empty());
+        assert_eq!(duplicate_primaries(&again_spans, &long_ago, &[]).0.len(), 1);
         let mut long: Vec<Sample> = samples.clone();
         long.extend((63..=95).map(|i| s(i as f64 / 10.0, "pg01", false, 1)));
         long.extend((71..=95).map(|i| s(i as f64 / 10.0, "pg02", false, 2)));
