@@ -592,6 +592,12 @@ fn primary_failed(
     p: &Params,
     now: u64,
 ) -> Decision {
+    // A stalled server's host took the connection (its kernel runs and the
+    // network reaches it): no host check is needed to wait for it, and the
+    // kill over ssh fails, stopping the plan, if ssh does not answer.
+    if let Some(&since) = facts.stalled_since.get(&primary.id) {
+        return primary_stalled(cluster, primary, facts, p, now.saturating_sub(since));
+    }
     match facts.hosts.get(&primary.host) {
         None => Decision::gather(
             primary.id,
@@ -599,9 +605,6 @@ fn primary_failed(
             find_msg(primary),
         ),
         Some(true) => {
-            if let Some(&since) = facts.stalled_since.get(&primary.id) {
-                return primary_stalled(cluster, primary, facts, p, now.saturating_sub(since));
-            }
             match facts.running.get(&primary.id) {
                 None => {
                     return Decision::gather(

@@ -496,12 +496,17 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
     let (answer, vip, probes) = thread::scope(|s| {
         let h = s.spawn(|| pg::accepts_within(old, cfg, wait, CONFIRM_EVERY));
         // Who answers ARP for the write VIP, from the candidate's host: an
-        // old primary back on the link with it is seen here too.
-        let v = s.spawn(|| write_vip_seen(shared, cluster, &cand_db.host, None).0);
+        // old primary back on the link with it is seen here too. Not when
+        // its host was up: the plan took the VIP off it and checked.
+        let old_host_up = run.facts.hosts.get(&old.host) == Some(&true)
+            || run.facts.stalled_since.contains_key(&old.id);
+        let v = s.spawn(move || {
+            (!old_host_up).then(|| write_vip_seen(shared, cluster, &cand_db.host, None).0)
+        });
         let probes = pg::probe_many(&standbys, cfg, &mut pg::ProbeConns::default());
         (h.join(), v.join(), probes)
     });
-    if let Ok(Ok(VipSeen::Answered)) = vip {
+    if let Ok(Some(Ok(VipSeen::Answered))) = vip {
         return Err(format!(
             "another host answers ARP for the write vip({}) again: not promoting, the next round decides again",
             cluster.write_vip
