@@ -314,9 +314,10 @@ pub fn returning(spans: &[Span], vip: &[VipSample]) -> Vec<Grace> {
             // clup looked at it for the last time).
             let cut_at = vip
                 .iter()
+                .rev()
                 .filter(|v| v.t >= a - LAST_LOOK && v.t <= a && !reachable(v, old.host))
                 .map(|v| v.t)
-                .last();
+                .next();
             let Some(cut_at) = cut_at else {
                 continue;
             };
