@@ -605,6 +605,28 @@ fn primary_failed(
             find_msg(primary),
         ),
         Some(true) => {
+            // A switch or failover cut short after its promotion (the
+            // monitor restarted): a standby already runs as the primary.
+            // Starting the old one again would make two: adopt that one.
+            let promoted = cluster.normal_standbys().find(|d| {
+                facts
+                    .seen
+                    .get(&d.id)
+                    .is_some_and(|s| s.ok && s.in_recovery == Some(false))
+            });
+            if let Some(d) = promoted {
+                return failover(
+                    cluster,
+                    primary,
+                    facts,
+                    p,
+                    format!(
+                        "database({}) failed and standby database({}) already runs as a primary (a switch or failover was cut short):",
+                        primary.addr(),
+                        d.addr()
+                    ),
+                );
+            }
             match facts.running.get(&primary.id) {
                 None => {
                     return Decision::gather(

@@ -992,3 +992,31 @@ fn auto_rewind_repairs_a_running_fault_standby_now_and_then() {
         .reason
         .starts_with("no action: primary"));
 }
+
+/// A switch cut short by a monitor restart after its promotion: the old
+/// primary is down (stopped by the switch), a standby runs as a primary.
+/// It is adopted (no second promotion), never the old one restarted.
+#[test]
+fn promoted_standby_is_adopted_not_the_old_primary_restarted() {
+    let f = facts(|f| {
+        f.seen.insert(1, down());
+        f.hosts.insert("192.168.56.41".into(), true);
+        f.running.insert(1, false);
+        f.seen.insert(2, ok_primary(1200));
+        peers(f, false);
+    });
+    let d = decide(&cluster(), &f, &P, 0);
+    assert_eq!(d.kind, Kind::Failover, "{d:?}");
+    assert!(
+        !d.plan
+            .iter()
+            .any(|a| matches!(a, Action::Promote { .. } | Action::RestartDb { .. })),
+        "{:?}",
+        d.plan
+    );
+    assert!(
+        d.plan.contains(&Action::MetaPrimary { id: 2, old: 1 }),
+        "{:?}",
+        d.plan
+    );
+}

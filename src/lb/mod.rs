@@ -454,7 +454,9 @@ fn start_threads(
             .try_clone()
             .map_err(|e| format!("management API: {e}"))?;
         let (m, sh) = (mgmt.clone(), shared.clone());
-        threads.push(spawn("mgr".into(), move || mgmt::serve(mgr, m, &sh.stop))?);
+        // Not joined at shutdown: the process's exit closes the port at
+        // once (a cstlb restarted right away must be able to bind it).
+        drop(spawn("mgr".into(), move || mgmt::serve(mgr, m, &sh.stop))?);
     }
     {
         let (sh, s, iv) = (shared.clone(), stop_rx.clone(), o.check_interval);

@@ -74,13 +74,13 @@ impl Response {
 /// What the server calls for each request.
 pub type Handler = dyn Fn(Request) -> Response + Send + Sync;
 
-/// Serve `listener` until `stop` is set (checked at least every 500 ms).
+/// Serve `listener` until `stop` is set (checked at least every 100 ms).
 /// `max_body`: a request announcing a longer body gets 413 unread.
 pub fn serve(listener: TcpListener, handler: Arc<Handler>, max_body: usize, stop: &AtomicBool) {
     let conns = Arc::new(AtomicUsize::new(0));
     let mut failing = false;
     while !stop.load(Ordering::SeqCst) {
-        if !readable(&listener, 500) {
+        if !readable(&listener, 100) {
             continue;
         }
         let stream = match listener.accept() {
