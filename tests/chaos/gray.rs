@@ -298,12 +298,14 @@ pub mod chaos_sync_only {
         );
         sc.fault();
         signal_postgres(&sc.lab, "pg02", "STOP", false);
-        sc.wait_writes_resume(10);
+        // The bound: sync_fallback's 3 s after the flush stood still for a
+        // round (probe_timeout 2 in the lab), two rounds, the rewrite.
+        sc.wait_writes_resume(12);
         sleep(20.0 - (epoch() - sc.fault_at));
         signal_postgres(&sc.lab, "pg02", "CONT", false);
         if meta_view(&sc.lab).states.get(&2).map(String::as_str) != Some("Normal") {
             repair(&sc, "pg02", &[]);
         }
-        sc.finish(Some(3), 10.0);
+        sc.finish(Some(3), 12.0);
     }
 }

@@ -100,13 +100,19 @@ fn partition_mon_from_primary_only(mode: Mode) {
     assert_eq!(host_of(&m), "pg01", "no failover allowed");
 }
 
+/// The write outage allowed when the primary's host falls silent.
+const ISOLATED_BOUND: u64 = 12;
+
 fn primary_isolated_from_everyone(mode: Mode) {
     let mut sc = Scenario::start("primary isolated from everyone", mode);
     sc.fault();
     for h in ["mon", "pg02", "pg03", "pg04", "cli"] {
         sc.lab_cmd(&["partition", "pg01", h]);
     }
-    sc.wait_writes_resume(10);
+    // Longer than a power-off's 10 s: a silent host is found out by the
+    // lab's timeouts (probe_timeout 2, its retry, ssh_connect_timeout 2),
+    // where a powered-off one refuses at once.
+    sc.wait_writes_resume(ISOLATED_BOUND);
     assert!(
         sc.wait(10, |s| meta_primary(&s.lab) != "pg01"),
         "the meta still names pg01:\n{}",
@@ -121,7 +127,7 @@ fn primary_isolated_from_everyone(mode: Mode) {
         sc.lab.log()
     );
     repair(&sc, "pg01", &["--rewind"]);
-    sc.finish(Some(3), 10.0);
+    sc.finish(Some(3), ISOLATED_BOUND as f64);
 }
 
 fn mon_isolated_from_all_db_hosts(mode: Mode) {
