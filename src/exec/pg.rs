@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use postgres::Client;
@@ -390,14 +391,47 @@ pub fn accepts(db: &Db, cfg: &Config, timeout: Duration) -> wire::Handshake {
 /// not go unseen. A refused connection (the host answers, nothing listens)
 /// is an answer: not asked again.
 pub fn accepts_within(db: &Db, cfg: &Config, within: Duration, every: Duration) -> wire::Handshake {
-    let end = Instant::now() + within;
+    accepts_while(db, cfg, within, every, &AtomicBool::new(false), within)
+}
+
+/// [`accepts_within`], and past `within` asked again as long as `busy` is
+/// set (other checks of the same look still run), never past `cap`: the
+/// last answer is then as fresh as the slowest check.
+pub fn accepts_while(
+    db: &Db,
+    cfg: &Config,
+    within: Duration,
+    every: Duration,
+    busy: &AtomicBool,
+    cap: Duration,
+) -> wire::Handshake {
+    keep_asking(|t| accepts(db, cfg, t), within, every, busy, cap)
+}
+
+/// The loop of [`accepts_while`] around `ask` (one attempt, bounded by
+/// the duration it is given).
+fn keep_asking(
+    mut ask: impl FnMut(Duration) -> wire::Handshake,
+    within: Duration,
+    every: Duration,
+    busy: &AtomicBool,
+    cap: Duration,
+) -> wire::Handshake {
+    let start = Instant::now();
+    let (end, cap) = (start + within, start + cap.max(within));
     loop {
         let began = Instant::now();
-        let left = end.saturating_duration_since(began);
-        let h = accepts(db, cfg, left.min(every).max(Duration::from_millis(10)));
+        let until = if busy.load(Ordering::Acquire) {
+            cap
+        } else {
+            end
+        };
+        let left = until.saturating_duration_since(began);
+        let h = ask(left.min(every).max(Duration::from_millis(10)));
         let timed_out = began.elapsed() + Duration::from_millis(5) >= left.min(every);
+        let more = Instant::now() < end || (busy.load(Ordering::Acquire) && Instant::now() < cap);
         match h {
-            wire::Handshake::Unreachable(_) if timed_out && Instant::now() < end => continue,
+            wire::Handshake::Unreachable(_) if timed_out && more => continue,
             h => return h,
         }
     }
@@ -924,6 +958,51 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn the_last_look_lasts_while_the_other_checks_run() {
+        use std::sync::atomic::AtomicUsize;
+        // Attempts time out (a partition drops the SYNs) until the host
+        // comes back at 400 ms, after `within` (150 ms), while the other
+        // checks of the look still run: the return is seen.
+        let start = Instant::now();
+        let back = Duration::from_millis(400);
+        let ask = |t: Duration| {
+            if start.elapsed() >= back {
+                return wire::Handshake::Answered;
+            }
+            std::thread::sleep(t);
+            wire::Handshake::Unreachable("timeout".into())
+        };
+        let ms = Duration::from_millis;
+        let busy = AtomicBool::new(true);
+        let h = keep_asking(ask, ms(150), ms(50), &busy, ms(2000));
+        assert!(matches!(h, wire::Handshake::Answered), "{h:?}");
+        // Nothing else running: it stops after `within`, the return unseen.
+        let start = Instant::now();
+        let asked = AtomicUsize::new(0);
+        let ask = |t: Duration| {
+            asked.fetch_add(1, Ordering::Relaxed);
+            if start.elapsed() >= back {
+                return wire::Handshake::Answered;
+            }
+            std::thread::sleep(t);
+            wire::Handshake::Unreachable("timeout".into())
+        };
+        let h = keep_asking(ask, ms(150), ms(50), &AtomicBool::new(false), ms(2000));
+        assert!(matches!(h, wire::Handshake::Unreachable(_)), "{h:?}");
+        assert!((1..=4).contains(&asked.load(Ordering::Relaxed)));
+        // Still busy at the cap: it stops there.
+        let start = Instant::now();
+        let ask = |t: Duration| {
+            std::thread::sleep(t);
+            wire::Handshake::Unreachable("timeout".into())
+        };
+        let h = keep_asking(ask, ms(100), ms(50), &AtomicBool::new(true), ms(300));
+        assert!(matches!(h, wire::Handshake::Unreachable(_)), "{h:?}");
+        let took = start.elapsed();
+        assert!(took >= ms(290) && took < ms(450), "{took:?}");
     }
 
     #[test]

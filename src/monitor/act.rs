@@ -9,7 +9,7 @@
 //! own in the plan, run here with a fresh, unshared look.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -493,8 +493,14 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
     let standbys: Vec<(&Db, bool)> = cluster.normal_standbys().map(|d| (d, false)).collect();
     let wait = cfg.probe_timeout.min(CONFIRM_WAIT);
     let cand_db = db_or_err(cluster, cand)?;
+    // The new connections go on until the ARP check and the standbys'
+    // probes are done (arping listens for a second after its one request):
+    // the old primary's last answer is then at most CONFIRM_EVERY older
+    // than the promotion, never the age of the slowest check.
+    let busy = AtomicBool::new(true);
+    let cap = cfg.probe_timeout + Duration::from_secs(2);
     let (answer, vip, probes) = thread::scope(|s| {
-        let h = s.spawn(|| pg::accepts_within(old, cfg, wait, CONFIRM_EVERY));
+        let h = s.spawn(|| pg::accepts_while(old, cfg, wait, CONFIRM_EVERY, &busy, cap));
         // Who answers ARP for the write VIP, from the candidate's host: an
         // old primary back on the link with it is seen here too. Not when
         // its host was up: the plan took the VIP off it and checked.
@@ -504,7 +510,9 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
             (!old_host_up).then(|| write_vip_seen(shared, cluster, &cand_db.host, None).0)
         });
         let probes = pg::probe_many(&standbys, cfg, &mut pg::ProbeConns::default());
-        (h.join(), v.join(), probes)
+        let vip = v.join();
+        busy.store(false, Ordering::Release);
+        (h.join(), vip, probes)
     });
     if let Ok(Some(Ok(VipSeen::Answered))) = vip {
         return Err(format!(

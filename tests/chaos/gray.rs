@@ -71,8 +71,12 @@ fn flapping_primary_cut_from_monitor(mode: Mode) {
 
 fn flapping_primary_random_cuts(mode: Mode) {
     let mut sc = Scenario::start("flapping primary: 8 x (1-3 s cut off, 4 s back)", mode);
-    // Durations from a seeded LCG; the seed is printed to replay a run.
-    let mut x = epoch().to_bits();
+    // Durations from a seeded LCG; the seed is printed to replay a run
+    // (CLUP_CHAOS_SEED=<seed>).
+    let mut x = std::env::var("CLUP_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| epoch().to_bits());
     eprintln!("{}: seed {x}", sc.name);
     let cuts: Vec<f64> = (0..8)
         .map(|_| {
