@@ -62,7 +62,7 @@ pub fn ip(host: &str) -> &'static str {
     }
 }
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 

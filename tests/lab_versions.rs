@@ -331,7 +331,23 @@ fn scenarios(major: &'static str, repair: Repair) {
         "--rewind"
     };
     let out = lab.adm_when_unlocked(&["repair", "-c", "cluster01", "-i", "1", flag]);
-    assert_eq!(out.code, 0, "repair {flag}: {out:?}\n{}", lab.log());
+    if out.code != 0 {
+        // What the node's own logs say (the start log, and pg_log/log).
+        let logs = lab.exec(
+            "pg01",
+            &[
+                "sh",
+                "-c",
+                "cd /var/lib/postgresql/pgdata && ls -la . && cat PG_VERSION && tail -n 40 clup_start.log server.log pg_log/* log/* 2>/dev/null",
+            ],
+        );
+        panic!(
+            "repair {flag}: {out:?}\n--- pg01:\n{}\n{}\n--- clupserver:\n{}",
+            logs.stdout,
+            logs.stderr,
+            lab.log()
+        );
+    }
     if flag == "--rewind" {
         assert!(out.stdout.contains("pg_rewind completed"), "{}", out.stdout);
     }

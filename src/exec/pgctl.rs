@@ -77,14 +77,23 @@ pub fn start_script(db: &Db, cfg: &Config, wait: Duration) -> String {
         r#"{prelude}if as_user "$bin/pg_ctl" status -D "$pgdata" >/dev/null 2>&1; then echo "server is already running"; exit 0; fi
 as_user "$bin/pg_ctl" start -D "$pgdata" -w -t {t} -l "$pgdata/{log}" </dev/null
 rc=$?
-if [ $rc -ne 0 ]; then echo "--- last lines of $pgdata/{log}:" >&2; tail -n 20 "$pgdata/{log}" >&2; fi
+if [ $rc -ne 0 ]; then {{ {tails}; }} >&2; fi
 exit $rc
 "#,
         prelude = prelude(db, cfg),
         t = wait.as_secs().max(1),
         log = START_LOG,
+        tails = LOG_TAILS.replace("@N@", "20"),
     )
 }
+
+/// Shell lines that print the last @N@ lines of the start log and of the
+/// newest file in the server's default log directories (`log` from 10,
+/// `pg_log` before): with logging_collector on, the start log holds only
+/// a line that says where the log went.
+const LOG_TAILS: &str = r#"echo "--- last lines of $pgdata/clup_start.log:"; tail -n @N@ "$pgdata/clup_start.log"
+f=$(ls -t "$pgdata"/log/* "$pgdata"/pg_log/* 2>/dev/null | head -n 1)
+if [ -n "$f" ]; then echo "--- last lines of $f:"; tail -n @N@ "$f"; fi"#;
 
 /// `pg_ctl stop -m fast -w`; a stopped server is left alone.
 pub fn stop_fast_script(db: &Db, cfg: &Config, wait: Duration) -> String {
@@ -171,6 +180,47 @@ exit 0
 
 fn budget(remote: &dyn Remote, wait: Duration) -> Duration {
     remote.connect_timeout() + wait + Duration::from_secs(10)
+}
+
+/// The line that says why a start failed, from its error (which carries
+/// the last lines of the start log): the first PANIC, else the first
+/// FATAL, else the last line; at most 200 characters.
+pub fn start_failure_why(error: &str) -> String {
+    let lines: Vec<&str> = error
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let pick = lines
+        .iter()
+        .find(|l| l.contains("PANIC:"))
+        .or_else(|| lines.iter().find(|l| l.contains("FATAL:")))
+        .or(lines.last())
+        .copied()
+        .unwrap_or("");
+    pick.chars().take(200).collect()
+}
+
+/// The last `n` lines of the server's start log ([`START_LOG`]) and of its
+/// newest log file (see [`LOG_TAILS`]), for an
+/// error that must say why a server does what it does; empty when they
+/// cannot be read.
+pub fn start_log_tail(remote: &dyn Remote, db: &Db, cfg: &Config, n: u32) -> String {
+    let script = format!(
+        "{}{}\n",
+        prelude(db, cfg),
+        LOG_TAILS.replace("@N@", &n.to_string())
+    );
+    remote
+        .run_script(
+            &db.host,
+            &format!("tail {START_LOG} {}", db.pgdata),
+            &script,
+            None,
+            remote.connect_timeout() + Duration::from_secs(10),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default()
 }
 
 pub fn start(remote: &dyn Remote, db: &Db, cfg: &Config) -> Result<Output, CommandError> {
@@ -494,5 +544,31 @@ mod tests {
         other.kill().unwrap();
         let _ = other.wait();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_start_says_why() {
+        let err = "pg_ctl start /var/lib/postgresql/pgdata on pg01: exit status 1
+waiting for server to start.... stopped waiting
+--- last lines of /var/lib/postgresql/pgdata/clup_start.log:
+2026-12-06 07:00:01 UTC [81] LOG:  database system was interrupted; last known up at 07:00:00
+2026-12-06 07:00:01 UTC [81] FATAL:  the database system is starting up
+2026-12-06 07:00:01 UTC [81] PANIC:  could not write to file \"pg_wal/xlogtemp.81\": No space left on device
+2026-12-06 07:00:01 UTC [80] LOG:  startup process (PID 81) was terminated by signal 6: Aborted";
+        assert_eq!(
+            start_failure_why(err),
+            "2026-12-06 07:00:01 UTC [81] PANIC:  could not write to file \"pg_wal/xlogtemp.81\": No space left on device"
+        );
+        let fatal = "--- last lines:\nLOG: x\nFATAL:  data directory \"/d\" has invalid permissions\nLOG: y";
+        assert_eq!(
+            start_failure_why(fatal),
+            "FATAL:  data directory \"/d\" has invalid permissions"
+        );
+        assert_eq!(
+            start_failure_why("ssh: connect to host pg01 port 22: No route to host\n"),
+            "ssh: connect to host pg01 port 22: No route to host"
+        );
+        assert_eq!(start_failure_why(""), "");
+        assert_eq!(start_failure_why(&"x".repeat(500)).len(), 200);
     }
 }

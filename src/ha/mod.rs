@@ -65,6 +65,8 @@ pub struct Facts {
     pub write_vip: Option<VipSeen>,
     /// Restarts already tried for a database in its current incident.
     pub restarts: BTreeMap<u32, u32>,
+    /// Why the last restart of a database failed, if it did.
+    pub restart_why: BTreeMap<u32, String>,
     /// The highest LSN the primary was last seen at.
     pub primary_last_lsn: Option<u64>,
     /// The primary's synchronous_standby_names, as last seen.
@@ -653,8 +655,9 @@ fn primary_failed(
                     facts,
                     p,
                     format!(
-                        "database({}) did not come back after {tried} restart(s)",
-                        primary.addr()
+                        "database({}) did not come back after {tried} restart(s){}",
+                        primary.addr(),
+                        last_start(facts, primary.id)
                     ),
                 )
             }
@@ -763,9 +766,10 @@ fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decis
             let plan = fault_plan(cluster, d, facts);
             let reason = if *up {
                 format!(
-                    "database({}) did not come back after restarts, switch database({})...",
+                    "database({}) did not come back after restarts, switch database({})...{}",
                     d.addr(),
-                    d.addr()
+                    d.addr(),
+                    last_start(facts, d.id)
                 )
             } else {
                 words::host_not_ok(&d.host, &d.addr())
@@ -778,6 +782,16 @@ fn standby_failed(cluster: &Cluster, d: &Db, facts: &Facts, p: &Params) -> Decis
             }
         }
     }
+}
+
+/// Why the last restart of a database failed, for a reason string: a
+/// full disk, a broken config, said where the decision is logged.
+fn last_start(facts: &Facts, id: u32) -> String {
+    facts
+        .restart_why
+        .get(&id)
+        .map(|w| format!(" (the last start said: {w})"))
+        .unwrap_or_default()
 }
 
 /// Take a standby out of service: out of the cstlbs, the read VIP off its

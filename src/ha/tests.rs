@@ -243,6 +243,45 @@ fn standby_that_will_not_restart_becomes_fault() {
         "{}",
         d.reason
     );
+    assert!(!d.reason.contains("the last start said"), "{}", d.reason);
+}
+
+#[test]
+fn a_failed_restart_says_why_in_the_decision() {
+    let panic = "PANIC:  could not write to file \"pg_wal/xlogtemp.81\": No space left on device";
+    // A standby on a full disk: Fault, and the reason quotes its start log.
+    let f = facts(|f| {
+        f.seen.insert(3, down());
+        f.hosts.insert("192.168.56.43".into(), true);
+        f.restarts.insert(3, 2);
+        f.restart_why.insert(3, panic.into());
+    });
+    let d = decide(&cluster(), &f, &P, 0);
+    assert_eq!(d.kind, Kind::StandbyFault);
+    assert!(
+        d.reason
+            .ends_with(&format!("(the last start said: {panic})")),
+        "{}",
+        d.reason
+    );
+    // The primary: failed over after restart_tries, saying why.
+    let f = primary_down(|f| {
+        f.hosts.insert("192.168.56.41".into(), true);
+        f.running.insert(1, false);
+        f.restarts.insert(1, 2);
+        f.restart_why.insert(1, panic.into());
+        peers(f, false);
+        f.write_vip = Some(VipSeen::Free);
+    });
+    let d = decide(&cluster(), &f, &P, 0);
+    assert_eq!(d.kind, Kind::Failover);
+    assert!(
+        d.reason.contains(&format!(
+            "did not come back after 2 restart(s) (the last start said: {panic})"
+        )),
+        "{}",
+        d.reason
+    );
 }
 
 fn primary_down(edit: impl FnOnce(&mut Facts)) -> Facts {

@@ -36,8 +36,8 @@ pub(super) enum Acted {
     /// Nothing was done: more facts are wanted, this clupserver no longer
     /// leads, or the meta changed while the round probed.
     Held,
-    /// These databases were (re)started.
-    Restarted(Vec<u32>),
+    /// These databases were (re)started; why a start failed, if it did.
+    Restarted(Vec<(u32, Option<String>)>),
     /// A plan of this kind ran as a task.
     Ran(Kind),
     /// A repair --rewind of this database was started (its own task).
@@ -101,25 +101,33 @@ pub(super) fn act_on(
 /// Start the databases the plan names; returns their ids. A probe that
 /// failed for want of an answer (an overloaded server or network) finds
 /// the server running: pg_ctl leaves it be.
-fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<u32> {
-    let mut ids = Vec::new();
+fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<(u32, Option<String>)> {
+    let mut out = Vec::new();
     for a in plan {
         let Action::RestartDb { id } = a else {
             continue;
         };
-        ids.push(*id);
         let Some(db) = cluster.db(*id) else {
+            out.push((*id, None));
             continue;
         };
-        match pgctl::start(&shared.ssh, db, &shared.cfg) {
+        let why = match pgctl::start(&shared.ssh, db, &shared.cfg) {
             Ok(o) if o.stdout.contains("server is already running") => {
-                log::info!("Database({}) is running: not restarted.", db.addr())
+                log::info!("Database({}) is running: not restarted.", db.addr());
+                None
             }
-            Ok(_) => log::info!("Database({}) restarted.", db.addr()),
-            Err(e) => log::error!("Restart of database({}) failed: {e}", db.addr()),
-        }
+            Ok(_) => {
+                log::info!("Database({}) restarted.", db.addr());
+                None
+            }
+            Err(e) => {
+                log::error!("Restart of database({}) failed: {e}", db.addr());
+                Some(pgctl::start_failure_why(&e.to_string()))
+            }
+        };
+        out.push((*id, why));
     }
-    ids
+    out
 }
 
 /// Is the cluster's meta still what this round decided on?

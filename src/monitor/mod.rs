@@ -381,6 +381,9 @@ fn supervise(shared: &Arc<Shared>) {
 #[derive(Default)]
 struct Memory {
     restarts: BTreeMap<u32, u32>,
+    /// Why the last restart of a database failed (its start log's PANIC
+    /// or FATAL line), for the failover that follows the last try.
+    restart_why: BTreeMap<u32, String>,
     primary_last_lsn: Option<u64>,
     sync_names: Option<String>,
     sync_standbys: std::collections::BTreeSet<String>,
@@ -424,8 +427,12 @@ impl Memory {
             }
             Acted::Restarted(ids) => {
                 self.write_vip_seen_on = None;
-                for id in ids {
+                for (id, why) in ids {
                     *self.restarts.entry(*id).or_insert(0) += 1;
+                    match why {
+                        Some(w) => self.restart_why.insert(*id, w.clone()),
+                        None => self.restart_why.remove(id),
+                    };
                 }
             }
             Acted::Ran(kind) => {
@@ -433,6 +440,7 @@ impl Memory {
                 if *kind == Kind::Failover {
                     self.primary_last_lsn = None;
                     self.restarts.clear();
+                    self.restart_why.clear();
                     self.not_streaming_since.clear();
                     self.stalled_since.clear();
                     self.failing_since.clear();

@@ -169,6 +169,7 @@ pub(super) fn remember(
         }
         if p.ok {
             mem.restarts.remove(id);
+            mem.restart_why.remove(id);
             mem.probe_errors.remove(id);
         } else {
             shared
@@ -310,6 +311,7 @@ fn facts_of(probes: &BTreeMap<u32, DbProbe>, mem: &Memory) -> Facts {
     Facts {
         seen: probes.iter().map(|(id, p)| (*id, seen_of(p))).collect(),
         restarts: mem.restarts.clone(),
+        restart_why: mem.restart_why.clone(),
         primary_last_lsn: mem.primary_last_lsn,
         sync_names: mem.sync_names.clone(),
         sync_standbys: mem.sync_standbys.clone(),

@@ -175,3 +175,61 @@ pub fn signal_postgres(lab: &Lab, host: &str, sig: &str, postmaster_only: bool) 
         "kill -{sig} postgres on {host}: {out:?}"
     );
 }
+
+/// Where a scenario puts a db host's pg_wal: a tmpfs of its own.
+const WAL_FS: &str = "/var/lib/postgresql/walfs";
+
+/// A db host's pg_wal on a small filesystem of its own, as sites put it on
+/// a volume of its own: more WAL than it holds fills the disk. Undone
+/// when dropped, whatever happened (see [`wal_on_small_fs`]).
+pub struct SmallWalFs {
+    host: &'static str,
+}
+
+/// Move `host`'s pg_wal onto a tmpfs `headroom_mb` larger than what it
+/// holds now: postgres is stopped (fast) for the move and started again.
+/// Run before clupserver starts ([`super::scenario::Scenario::start_with`]).
+pub fn wal_on_small_fs(lab: &Lab, host: &'static str, headroom_mb: u64) -> SmallWalFs {
+    let script = format!(
+        r#"set -e
+cd /var/lib/postgresql/pgdata
+runuser -u postgres -- {bin}/pg_ctl -D . stop -m fast -w >/dev/null
+used=$(du -sm pg_wal | cut -f1)
+mkdir -p {WAL_FS}
+mount -t tmpfs -o size=$((used + {headroom_mb}))m,mode=0700 clup-walfs {WAL_FS}
+cp -a pg_wal/. {WAL_FS}/
+chown postgres:postgres {WAL_FS}
+rm -rf pg_wal
+ln -s {WAL_FS} pg_wal
+echo "pg_wal on a tmpfs of $((used + {headroom_mb})) MB ($used MB used)"
+"#,
+        bin = lab.pg_bin
+    );
+    let out = lab.exec(host, &["sh", "-c", &script]);
+    assert_eq!(out.code, 0, "pg_wal onto a small fs on {host}: {out:?}");
+    eprintln!("{host}: {}", out.stdout.trim());
+    lab.start_postgres(host);
+    SmallWalFs { host }
+}
+
+impl Drop for SmallWalFs {
+    /// pg_wal back on the host's own disk (postgres killed first if it
+    /// still runs on the small one), and the tmpfs unmounted.
+    fn drop(&mut self) {
+        let script = format!(
+            r#"cd /var/lib/postgresql/pgdata || exit 0
+if [ -L pg_wal ]; then
+  p=$(head -1 postmaster.pid 2>/dev/null) && kill -9 $p 2>/dev/null && sleep 0.3
+  rm pg_wal && mkdir -m 0700 pg_wal && cp -a {WAL_FS}/. pg_wal/ && chown postgres:postgres pg_wal
+fi
+mountpoint -q {WAL_FS} && umount -l {WAL_FS}
+true
+"#
+        );
+        let _ = Command::new(crate::lab::repo().join("scripts/lab"))
+            .args(["exec", self.host, "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -22,6 +22,7 @@
 
 mod clients;
 mod detector;
+mod disk;
 mod faults;
 mod gray;
 mod judge;

@@ -165,6 +165,17 @@ impl Scenario {
 
     /// As [`Scenario::start`], with `conf` appended to clup.conf.
     pub fn start_conf(name: &'static str, mode: Mode, conf: &str) -> Scenario {
+        Scenario::start_with(name, mode, conf, |_| {})
+    }
+
+    /// [`Scenario::start_conf`], with `prepare` run on the lab before
+    /// clupserver starts (a db host laid out differently, say).
+    pub fn start_with(
+        name: &'static str,
+        mode: Mode,
+        conf: &str,
+        prepare: impl FnOnce(&Lab),
+    ) -> Scenario {
         let mut lab = Lab::take_opts(1, mode == Mode::Sync);
         faults::clear_all();
         if !conf.is_empty() {
@@ -178,6 +189,7 @@ impl Scenario {
             lab.sql("cli", WRITE_VIP, "cs_sys_ha", q)
                 .unwrap_or_else(|e| panic!("{name}: {q}: {e}"));
         }
+        prepare(&lab);
         lab.start_server();
         for h in CSTLB_HOSTS {
             lab.start_cstlb(h);

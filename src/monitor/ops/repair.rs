@@ -341,8 +341,18 @@ fn wait_until_streaming(
             return Ok(());
         }
         if Instant::now() >= end {
+            let tail = pgctl::start_log_tail(&shared.ssh, db, cfg, 15);
+            let tail = if tail.trim().is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "the last lines of its {}:\n{}\n",
+                    pgctl::START_LOG,
+                    tail.trim_end()
+                )
+            };
             return Err(format!(
-                "{hp}: database({}) does not stream from the primary after {} s.\n{}",
+                "{hp}: database({}) does not stream from the primary after {} s.\n{tail}{}",
                 db.addr(),
                 STREAM_WAIT.as_secs(),
                 instructions(cfg, db, primary)
