@@ -307,7 +307,7 @@ fn hostile_values_arrive_as_one_literal_argument() {
         for version in [110000, 160000] {
             lab.clear();
             let conninfo = recovery::conninfo_for(&db, &cfg, "127.0.56.41", 5432);
-            recovery::write_files(&remote, &db, version, &conninfo).unwrap();
+            recovery::write_files(&remote, &db, version, &conninfo, None).unwrap();
             let calls = check_calls(&lab, "recovery files", &payload, &whole);
             assert!(has_arg(&calls, &user), "{calls:?}");
         }

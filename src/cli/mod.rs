@@ -23,7 +23,7 @@ use crate::model::report::{DelayRow, LsnRow};
 use crate::store::{open_store, FileStore, MetaDoc, MetaStore, StoreError, Task};
 
 mod text;
-pub use text::{delay_text, lsn_text, show_json, show_task_text, show_text};
+pub use text::{delay_text, lsn_text, show_json, show_task_text, show_text, slots_text};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
@@ -304,10 +304,24 @@ fn cmd_show(home: &Home, o: Opts) -> Result<String, Failure> {
     // With etcd: which clupserver leads (absent with the file store,
     // where the manual's layout is left as it is).
     let monitor = d["monitor"].as_str();
+    // With use_slots: the standbys' slots (absent otherwise, where the
+    // manual's layout is left as it is).
+    let slots: Option<Vec<crate::model::report::SlotRow>> = match d.get("slots") {
+        Some(_) => Some(field_of(&d, "slots")?),
+        None => None,
+    };
+    let text = || {
+        let mut out = show_text(&clusters);
+        if let Some(s) = &slots {
+            out.push('\n');
+            out.push_str(&slots_text(s));
+        }
+        out
+    };
     Ok(match (o.json, monitor) {
-        (true, m) => show_json(&clusters, m),
-        (false, None) => show_text(&clusters),
-        (false, Some(m)) => format!("{}\nmonitor: {m}\n", show_text(&clusters)),
+        (true, m) => show_json(&clusters, m, slots.as_deref()),
+        (false, None) => text(),
+        (false, Some(m)) => format!("{}\nmonitor: {m}\n", text()),
     })
 }
 

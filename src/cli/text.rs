@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::model::meta::{self, Cluster, Clusters};
-use crate::model::report::{DelayRow, LsnRow};
+use crate::model::report::{DelayRow, LsnRow, SlotRow};
 use crate::store::Task;
 use crate::util::table::{self, col, Align};
 
@@ -67,9 +67,53 @@ pub fn show_text(clusters: &Clusters) -> String {
     out
 }
 
-/// `clupadm show --json`: the same facts, state names spelled out, and
-/// with etcd which clupserver leads (`monitor`).
-pub fn show_json(clusters: &Clusters, monitor: Option<&str>) -> String {
+/// `clupadm show`'s extra section with use_slots: each standby's slot on
+/// its primary and the WAL it holds back there (N/A: no such slot, or the
+/// primary did not answer: then the reason follows the table).
+pub fn slots_text(rows: &[SlotRow]) -> String {
+    let mut out = table::title("slot list", '=');
+    let cols = [
+        col("cluster_name", 12, Align::Left),
+        col("id", 2, Align::Right),
+        col("host", 17, Align::Left),
+        col("slot_name", 20, Align::Left),
+        col("active", 6, Align::Left),
+        col("restart_lsn", 16, Align::Right),
+        col("retained_bytes", 14, Align::Right),
+    ];
+    let na = |o: Option<String>| o.unwrap_or_else(|| "N/A".to_string());
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.cluster_name.clone(),
+                r.id.to_string(),
+                r.host.clone(),
+                if r.exists {
+                    r.slot_name.clone()
+                } else {
+                    format!("{} (none)", r.slot_name)
+                },
+                na(r.active.map(|a| if a { "yes" } else { "no" }.to_string())),
+                na(r.restart_lsn.clone()),
+                na(r.retained_bytes.map(|b| b.to_string())),
+            ]
+        })
+        .collect();
+    out.push_str(&table::render(&cols, &table_rows));
+    let mut errors: Vec<String> = rows
+        .iter()
+        .filter_map(|r| Some(format!("{}: {}\n", r.cluster_name, r.error.as_ref()?)))
+        .collect();
+    errors.dedup();
+    errors.iter().for_each(|e| out.push_str(e));
+    out
+}
+
+/// `clupadm show --json`: the same facts, state names spelled out, with
+/// etcd which clupserver leads (`monitor`), and with use_slots the
+/// standbys' slots (`slots`).
+pub fn show_json(clusters: &Clusters, monitor: Option<&str>, slots: Option<&[SlotRow]>) -> String {
     let cl: Vec<Value> = clusters
         .iter()
         .map(|(name, c): (&String, &Cluster)| {
@@ -102,14 +146,14 @@ pub fn show_json(clusters: &Clusters, monitor: Option<&str>) -> String {
             })
         })
         .collect();
-    format!(
-        "{}\n",
-        serde_json::to_string_pretty(&match monitor {
-            None => json!({"clusters": cl, "dbs": dbs}),
-            Some(m) => json!({"clusters": cl, "dbs": dbs, "monitor": m}),
-        })
-        .expect("json")
-    )
+    let mut v = match monitor {
+        None => json!({"clusters": cl, "dbs": dbs}),
+        Some(m) => json!({"clusters": cl, "dbs": dbs, "monitor": m}),
+    };
+    if let Some(s) = slots {
+        v["slots"] = json!(s);
+    }
+    format!("{}\n", serde_json::to_string_pretty(&v).expect("json"))
 }
 
 /// `clupadm get_last_lsn` in the manual's layout.
@@ -239,11 +283,61 @@ cluster01     4 Fault            0 192.168.56.44     5432 192.168.56.44     post
     #[test]
     fn show_json_is_parseable_with_names() {
         let c = parse_clusters(SAMPLE_INIT).unwrap();
-        let v: Value = serde_json::from_str(&show_json(&c, None)).unwrap();
+        let v: Value = serde_json::from_str(&show_json(&c, None, None)).unwrap();
         assert_eq!(v["clusters"][0]["state"], "Normal");
         assert_eq!(v["dbs"].as_array().unwrap().len(), 4);
         assert_eq!(v["dbs"][0]["primary"], 1);
         assert_eq!(v["dbs"][3]["host"], "192.168.56.44");
+        assert!(v.get("slots").is_none());
+        let rows = slot_rows();
+        let v: Value = serde_json::from_str(&show_json(&c, None, Some(&rows))).unwrap();
+        assert_eq!(v["slots"][0]["slot_name"], "stb42");
+        assert_eq!(v["slots"][0]["retained_bytes"], 16777216);
+        assert_eq!(v["slots"][1]["exists"], false);
+    }
+
+    fn slot_rows() -> Vec<SlotRow> {
+        vec![
+            SlotRow {
+                cluster_name: "cluster01".into(),
+                id: 2,
+                host: "192.168.56.42".into(),
+                slot_name: "stb42".into(),
+                exists: true,
+                active: Some(true),
+                restart_lsn: Some("0/3000000".into()),
+                retained_bytes: Some(16 << 20),
+                error: None,
+            },
+            SlotRow {
+                cluster_name: "cluster01".into(),
+                id: 4,
+                host: "192.168.56.44".into(),
+                slot_name: "stb44".into(),
+                exists: false,
+                active: None,
+                restart_lsn: None,
+                retained_bytes: None,
+                error: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn slot_list_shows_each_standby_slot_and_its_wal() {
+        let want = "                   slot list
+==================================================
+cluster_name id        host            slot_name       active   restart_lsn    retained_bytes
+------------ -- ----------------- -------------------- ------ ---------------- --------------
+cluster01     2 192.168.56.42     stb42                yes           0/3000000       16777216
+cluster01     4 192.168.56.44     stb44 (none)         N/A                 N/A            N/A
+";
+        assert_eq!(slots_text(&slot_rows()), want);
+        let mut failed = slot_rows();
+        for r in &mut failed {
+            r.error = Some("connection refused".into());
+        }
+        assert!(slots_text(&failed).ends_with("N/A\ncluster01: connection refused\n"));
     }
 
     /// The manual's get_last_lsn and repl_delay outputs (§3.1.2), whose

@@ -21,6 +21,7 @@ pub mod pgver;
 pub mod pool;
 pub mod recovery;
 pub mod shell;
+pub mod slots;
 pub mod ssh;
 pub mod tls;
 pub mod vip;

@@ -97,7 +97,7 @@ fn bounded<T: Send + 'static>(
     }
 }
 
-fn simple(c: &mut Client, what: &str, sql: &str) -> Result<Results, PgError> {
+pub(crate) fn simple(c: &mut Client, what: &str, sql: &str) -> Result<Results, PgError> {
     let msgs = c
         .simple_query(sql)
         .map_err(|e| PgError::from_pg(what, &e))?;
@@ -133,7 +133,7 @@ fn affected(c: &mut Client, what: &str, sql: &str) -> Result<u64, PgError> {
 
 /// Run admin statements as ha_db_user on db's `postgres` database within
 /// `limit`; `f` gets the connection.
-fn admin<T: Send + 'static>(
+pub(crate) fn admin<T: Send + 'static>(
     db: &Db,
     cfg: &Config,
     action: &str,

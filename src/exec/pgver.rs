@@ -7,7 +7,9 @@
 //! recovery settings file a standby reads and whether a new
 //! primary_conninfo takes effect on reload; the synchronous_standby_names
 //! syntax; the flags clup gives pg_basebackup and pg_rewind and what
-//! pg_rewind does by itself; the parsing of server_version and PG_VERSION.
+//! pg_rewind does by itself; what replication slots take (the reserve
+//! argument, max_slot_wal_keep_size); the parsing of server_version and
+//! PG_VERSION.
 //! Must not: talk to a server or a host. Executors ask it; nothing else in
 //! clup compares version numbers.
 
@@ -58,7 +60,8 @@ pub struct PgVer {
     pub control_checkpoint_fn: bool,
     pub promote: Promote,
     pub recovery_file: RecoveryFile,
-    /// A new primary_conninfo takes effect on reload (13+).
+    /// A new primary_conninfo (and primary_slot_name, which goes in the
+    /// same file) takes effect on reload (13+).
     pub conninfo_reloads: bool,
     /// synchronous_standby_names takes `FIRST n (...)` and `ANY n (...)`
     /// (10+); 9.6 only has `n (...)` (priority), 9.5 only a plain list.
@@ -77,6 +80,13 @@ pub struct PgVer {
     /// state itself (runs `postgres --single`; 13+). Before 13 it refuses
     /// such a target, so clup does that first.
     pub rewind_recovers_target: bool,
+    /// pg_create_physical_replication_slot(name, immediately_reserve)
+    /// takes its second argument (9.6+); on 9.5 a new slot reserves WAL
+    /// only once a standby connects through it.
+    pub slot_reserve_arg: bool,
+    /// The max_slot_wal_keep_size setting exists (13+): how much WAL a
+    /// slot may hold back before it is invalidated.
+    pub slot_wal_keep_size: bool,
 }
 
 /// The oldest major clup knows.
@@ -138,6 +148,8 @@ impl PgVer {
             basebackup_flags: "-X stream --checkpoint=fast",
             rewind_flags: "",
             rewind_recovers_target: num >= 130000,
+            slot_reserve_arg: num >= 90600,
+            slot_wal_keep_size: num >= 130000,
         }
     }
 
@@ -147,6 +159,16 @@ impl PgVer {
             (self.num / 10000).to_string()
         } else {
             format!("{}.{}", self.num / 10000, self.num / 100 % 100)
+        }
+    }
+
+    /// The SQL that creates physical slot `name` (a plain name, see
+    /// [`slot_name`]) reserving WAL at once where the major can (9.6+).
+    pub fn create_slot_sql(&self, name_expr: &str) -> String {
+        if self.slot_reserve_arg {
+            format!("pg_create_physical_replication_slot({name_expr}, true)")
+        } else {
+            format!("pg_create_physical_replication_slot({name_expr})")
         }
     }
 
@@ -180,6 +202,19 @@ impl PgVer {
             _ => Ok(rest.to_string()),
         }
     }
+}
+
+/// The slot clup keeps for a standby: its repl_app_name in lower case with
+/// anything but `[a-z0-9_]` turned into `_`, at most 63 bytes (NAMEDATALEN).
+pub fn slot_name(repl_app_name: &str) -> String {
+    repl_app_name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .take(63)
+        .collect()
 }
 
 /// server_version_num from the `server_version` a server reports at
@@ -340,6 +375,29 @@ mod tests {
         assert_eq!(PgVer::of(90610).major(), "9.6");
         assert_eq!(PgVer::of(90500).major(), "9.5");
         assert_eq!(PgVer::of(150018).major(), "15");
+    }
+
+    #[test]
+    fn slots_by_major() {
+        let (v95, v96, v12, v13) = (
+            PgVer::of(90525),
+            PgVer::of(90610),
+            PgVer::of(120000),
+            PgVer::of(130000),
+        );
+        assert_eq!(
+            v95.create_slot_sql("'s'"),
+            "pg_create_physical_replication_slot('s')"
+        );
+        assert_eq!(
+            v96.create_slot_sql("'s'"),
+            "pg_create_physical_replication_slot('s', true)"
+        );
+        assert!(!v96.slot_wal_keep_size && !v12.slot_wal_keep_size);
+        assert!(v13.slot_wal_keep_size);
+        assert_eq!(slot_name("stb42"), "stb42");
+        assert_eq!(slot_name("Stb-4.2 x"), "stb_4_2_x");
+        assert_eq!(slot_name(&"a".repeat(80)).len(), 63);
     }
 
     #[test]

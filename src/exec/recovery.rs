@@ -1,6 +1,7 @@
 //! A standby's recovery settings: where it streams from.
 //!
-//! Owns: the text of `primary_conninfo` (libpq quoting), of `recovery.conf`
+//! Owns: the text of `primary_conninfo` (libpq quoting) and, with
+//! use_slots, of `primary_slot_name`; of `recovery.conf`
 //! (PG < 12) and of the lines clup keeps in `postgresql.auto.conf` (PG >= 12,
 //! with `standby.signal`), the matching `ALTER SYSTEM` statements, and
 //! applying them on a host. Must not: choose the primary, decide whether to
@@ -26,11 +27,26 @@ pub const MASK: &str = "******";
 
 /// Settings clup writes; on PG >= 12 other lines of postgresql.auto.conf that
 /// set them (or `standby_mode`, which PG >= 12 refuses) are replaced.
+/// primary_slot_name is clup's only with use_slots (see [`owned`]).
 const OWNED_KEYS: &[&str] = &[
     "primary_conninfo",
     "recovery_target_timeline",
     "standby_mode",
 ];
+
+/// Is `key` a setting clup replaces, with `slot` (use_slots) or without?
+fn owned(key: &str, slot: Option<&str>) -> bool {
+    OWNED_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
+        || (slot.is_some() && key.eq_ignore_ascii_case("primary_slot_name"))
+}
+
+/// The slot a standby streams through: its own (see
+/// [`pgver::slot_name`](crate::exec::pgver::slot_name)) with use_slots,
+/// else none.
+pub fn slot_for(db: &Db, cfg: &Config) -> Option<String> {
+    cfg.use_slots
+        .then(|| crate::exec::pgver::slot_name(&db.repl_app_name))
+}
 
 /// One libpq conninfo value, quoted when needed.
 pub fn conninfo_value(v: &str) -> String {
@@ -104,27 +120,34 @@ pub fn conf_value(v: &str) -> String {
 
 /// recovery.conf for PG < 12. clup regenerates the whole file on every
 /// switch (custom content is lost, as the manual warns).
-pub fn recovery_conf(conninfo: &str) -> String {
+pub fn recovery_conf(conninfo: &str, slot: Option<&str>) -> String {
     format!(
         "# Written by clup; regenerated on every switch.\n\
          standby_mode = 'on'\n\
          recovery_target_timeline = 'latest'\n\
-         primary_conninfo = {}\n",
-        conf_value(conninfo)
+         primary_conninfo = {}\n{}",
+        conf_value(conninfo),
+        slot_line(slot)
     )
 }
 
+fn slot_line(slot: Option<&str>) -> String {
+    slot.map(|s| format!("primary_slot_name = {}\n", conf_value(s)))
+        .unwrap_or_default()
+}
+
 /// The lines clup keeps in postgresql.auto.conf (PG >= 12).
-pub fn auto_conf_lines(conninfo: &str) -> String {
+pub fn auto_conf_lines(conninfo: &str, slot: Option<&str>) -> String {
     format!(
-        "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
-        conf_value(conninfo)
+        "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n{}",
+        conf_value(conninfo),
+        slot_line(slot)
     )
 }
 
 /// `existing` postgresql.auto.conf with clup's settings replaced by those
-/// for `conninfo`; every other line is kept as it was.
-pub fn edit_auto_conf(existing: &str, conninfo: &str) -> String {
+/// for `conninfo` (and `slot`); every other line is kept as it was.
+pub fn edit_auto_conf(existing: &str, conninfo: &str, slot: Option<&str>) -> String {
     let mut out = String::new();
     if existing.trim().is_empty() {
         out.push_str(
@@ -138,25 +161,32 @@ pub fn edit_auto_conf(existing: &str, conninfo: &str) -> String {
             .chars()
             .take_while(|c| !c.is_whitespace() && *c != '=')
             .collect();
-        if OWNED_KEYS.iter().any(|k| k.eq_ignore_ascii_case(&key)) {
+        if owned(&key, slot) {
             continue;
         }
         out.push_str(line);
         out.push('\n');
     }
-    out.push_str(&auto_conf_lines(conninfo));
+    out.push_str(&auto_conf_lines(conninfo, slot));
     out
 }
 
 /// The ALTER SYSTEM statements that set the same as [`auto_conf_lines`].
-pub fn alter_system_sql(conninfo: &str) -> Vec<String> {
-    vec![
+pub fn alter_system_sql(conninfo: &str, slot: Option<&str>) -> Vec<String> {
+    let mut v = vec![
         format!(
             "ALTER SYSTEM SET primary_conninfo = {}",
             pg::sql_literal(conninfo)
         ),
         "ALTER SYSTEM SET recovery_target_timeline = 'latest'".to_string(),
-    ]
+    ];
+    if let Some(s) = slot {
+        v.push(format!(
+            "ALTER SYSTEM SET primary_slot_name = {}",
+            pg::sql_literal(s)
+        ));
+    }
+    v
 }
 
 /// A remote script that replaces `path` atomically with its stdin, as
@@ -242,12 +272,18 @@ pub fn repoint(
         &cfg.pg_ssl,
     );
     let v = PgVer::of(version);
+    let slot = slot_for(db, cfg);
+    let slot = slot.as_deref();
+    let shown = match slot {
+        Some(s) => format!("{shown}', primary_slot_name = '{s}"),
+        None => shown,
+    };
     if v.recovery_file == RecoveryFile::StandbySignal && running {
         pg::alter_system(
             db,
             cfg,
             "set primary_conninfo on",
-            alter_system_sql(&conninfo),
+            alter_system_sql(&conninfo, slot),
         )?;
         log::info!("database({}): primary_conninfo = '{shown}'", db.addr());
         return Ok(if v.conninfo_reloads {
@@ -256,7 +292,7 @@ pub fn repoint(
             Applied::NeedsRestart
         });
     }
-    write_files(remote, db, version, &conninfo)?;
+    write_files(remote, db, version, &conninfo, slot)?;
     log::info!(
         "database({}): wrote recovery settings, primary_conninfo = '{shown}'",
         db.addr()
@@ -268,12 +304,14 @@ pub fn repoint(
     })
 }
 
-/// Write the recovery settings files for `conninfo` into db's pgdata.
+/// Write the recovery settings files for `conninfo` (and `slot`) into
+/// db's pgdata.
 pub fn write_files(
     remote: &dyn Remote,
     db: &Db,
     version: u32,
     conninfo: &str,
+    slot: Option<&str>,
 ) -> Result<(), Error> {
     let t = file_timeout(remote);
     if PgVer::of(version).recovery_file == RecoveryFile::RecoveryConf {
@@ -282,7 +320,7 @@ pub fn write_files(
             &db.host,
             &format!("write {path}"),
             &write_file_script(&db.os_user, &path),
-            Some(recovery_conf(conninfo).as_bytes()),
+            Some(recovery_conf(conninfo, slot).as_bytes()),
             t,
         )?;
         return Ok(());
@@ -301,7 +339,7 @@ pub fn write_files(
         &db.host,
         &format!("write {path}"),
         &write_file_script(&db.os_user, &path),
-        Some(edit_auto_conf(&existing, conninfo).as_bytes()),
+        Some(edit_auto_conf(&existing, conninfo, slot).as_bytes()),
         t,
     )?;
     let signal = format!("{}/standby.signal", db.pgdata);
@@ -392,7 +430,7 @@ mod tests {
     #[test]
     fn recovery_conf_for_pg11() {
         let c = conninfo("stb42", "repl", HOSTILE, "10.0.0.1", 5432, &DISABLE);
-        let text = recovery_conf(&c);
+        let text = recovery_conf(&c, None);
         assert_eq!(
             text,
             "# Written by clup; regenerated on every switch.\n\
@@ -400,6 +438,10 @@ mod tests {
              recovery_target_timeline = 'latest'\n\
              primary_conninfo = 'application_name=stb42 user=repl host=10.0.0.1 port=5432 \
              password=''p\\\\''a\\\\\\\\ss w\"rd$(id)`x`;'' sslmode=disable'\n"
+        );
+        assert_eq!(
+            recovery_conf(&c, Some("stb42")),
+            format!("{text}primary_slot_name = 'stb42'\n")
         );
         let line = text.lines().last().unwrap();
         let value = line.strip_prefix("primary_conninfo = ").unwrap();
@@ -420,7 +462,7 @@ mod tests {
                         Recovery_Target_Timeline = 'current'\n\
                         standby_mode = 'on'\n\
                         primary_slot_name = 'slot2'\n";
-        let new = edit_auto_conf(existing, &c);
+        let new = edit_auto_conf(existing, &c, None);
         assert_eq!(
             new,
             format!(
@@ -435,14 +477,23 @@ mod tests {
         );
         assert!(!new.contains("old"));
         // Idempotent.
-        assert_eq!(edit_auto_conf(&new, &c), new);
-        assert!(edit_auto_conf("", &c).starts_with("# Do not edit"));
+        assert_eq!(edit_auto_conf(&new, &c, None), new);
+        assert!(edit_auto_conf("", &c, None).starts_with("# Do not edit"));
+        // With use_slots, clup's slot replaces the one set before.
+        let slotted = edit_auto_conf(existing, &c, Some("stb02"));
+        assert!(!slotted.contains("slot2"), "{slotted}");
+        assert!(
+            slotted.ends_with("recovery_target_timeline = 'latest'\nprimary_slot_name = 'stb02'\n"),
+            "{slotted}"
+        );
+        assert_eq!(edit_auto_conf(&slotted, &c, Some("stb02")), slotted);
     }
 
     #[test]
     fn alter_system_statements() {
         let c = conninfo("stb02", "repl", HOSTILE, "127.0.0.1", 5433, &DISABLE);
-        let sql = alter_system_sql(&c);
+        let sql = alter_system_sql(&c, None);
+        assert_eq!(sql.len(), 2);
         assert_eq!(
             sql[0],
             format!(
@@ -459,7 +510,8 @@ mod tests {
             sql[1],
             "ALTER SYSTEM SET recovery_target_timeline = 'latest'"
         );
-        let plain = alter_system_sql(&conninfo("s", "r", "pw", "h", 1, &DISABLE));
+        let plain = alter_system_sql(&conninfo("s", "r", "pw", "h", 1, &DISABLE), Some("s"));
+        assert_eq!(plain[2], "ALTER SYSTEM SET primary_slot_name = 's'");
         assert_eq!(
             plain[0],
             "ALTER SYSTEM SET primary_conninfo = 'application_name=s user=r host=h port=1 password=pw sslmode=disable'"
@@ -493,7 +545,7 @@ mod tests {
         assert_eq!(existing, "max_connections = '50'\n");
 
         let c = conninfo("stb02", "repl", HOSTILE, "127.0.0.1", 5433, &DISABLE);
-        let content = edit_auto_conf(&existing, &c);
+        let content = edit_auto_conf(&existing, &c, None);
         let script = write_file_script(&me, &path);
         // No secret in the script: it travels on stdin.
         assert!(!script.contains("rd$(id)"));

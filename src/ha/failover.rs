@@ -87,7 +87,14 @@ pub(super) fn failover(
     }
     Decision {
         kind: Kind::Failover,
-        plan: failover_plan(cluster, primary, cand, facts, adopting, old_host_up),
+        plan: failover_plan(
+            cluster,
+            primary,
+            cand,
+            facts,
+            (adopting, old_host_up),
+            p.use_slots,
+        ),
         reason: failover_reason(&why, primary, cand, adopting),
         subject: Some(primary.id),
     }
@@ -272,18 +279,19 @@ pub(super) fn write_vip_taken(
     }
 }
 
-/// The failover's steps, in order: free the write VIP, the other standbys
-/// to the candidate, the last look, promote it (unless adopting one
-/// already promoted), give it the write VIP and the meta's primary, then
-/// bring the rest along: synchronous names, the cstlbs, the read VIP and
-/// the cluster state.
+/// The failover's steps, in order: free the write VIP, (with `use_slots`
+/// the standbys' slots on the candidate,) the other standbys to the
+/// candidate, the last look, promote it (unless `adopting` one already
+/// promoted), give it the write VIP and the meta's primary, then bring the
+/// rest along: synchronous names, the cstlbs, the read VIP and the cluster
+/// state.
 pub(super) fn failover_plan(
     cluster: &Cluster,
     primary: &Db,
     cand: &Db,
     facts: &Facts,
-    adopting: bool,
-    old_host_up: bool,
+    (adopting, old_host_up): (bool, bool),
+    use_slots: bool,
 ) -> Vec<Action> {
     let mut plan = Vec::new();
     if old_host_up {
@@ -302,7 +310,19 @@ pub(super) fn failover_plan(
     // candidate is promoted (the manual's order): an old primary that
     // comes back then has no standby left to acknowledge a synchronous
     // commit, which the new timeline would not have. They follow the
-    // candidate onto its new timeline.
+    // candidate onto its new timeline. Their slots come first, so that
+    // the new primary keeps their WAL from the moment they follow it.
+    let others: Vec<u32> = cluster
+        .normal_standbys()
+        .filter(|d| d.id != cand.id)
+        .map(|d| d.id)
+        .collect();
+    if use_slots && !others.is_empty() {
+        plan.push(Action::CreateSlots {
+            id: cand.id,
+            for_ids: others,
+        });
+    }
     for d in cluster.normal_standbys().filter(|d| d.id != cand.id) {
         plan.push(Action::Repoint {
             id: d.id,

@@ -129,6 +129,9 @@ pub struct Params {
     pub sync_fallback: SyncFallback,
     /// Rewind running Fault standbys without an operator.
     pub auto_rewind: bool,
+    /// Standbys stream through replication slots: a failover makes their
+    /// slots on the new primary before they follow it.
+    pub use_slots: bool,
 }
 
 /// How often one Fault standby is rewound by `auto_rewind` at most: a rewind
@@ -220,6 +223,13 @@ pub enum Action {
     AddWriteVip {
         id: u32,
     },
+    /// Best effort, never fails the plan: make on `id` (the new primary,
+    /// maybe still in recovery) the replication slots of the standbys
+    /// `for_ids`, before they are repointed to it (use_slots).
+    CreateSlots {
+        id: u32,
+        for_ids: Vec<u32>,
+    },
     /// Rewrite a standby's recovery settings to stream from `to`.
     Repoint {
         id: u32,
@@ -293,6 +303,10 @@ impl fmt::Display for Action {
             }
             Action::Promote { id } => write!(f, "promote db {id}"),
             Action::AddWriteVip { id } => write!(f, "add write vip on db {id}"),
+            Action::CreateSlots { id, for_ids } => {
+                let ids: Vec<String> = for_ids.iter().map(u32::to_string).collect();
+                write!(f, "create slots on db {id} for db {}", ids.join(", "))
+            }
             Action::Repoint { id, to } => write!(f, "repoint db {id} to db {to}"),
             Action::SetSyncNames { id, names } => {
                 write!(f, "set synchronous_standby_names on db {id} to '{names}'")
@@ -736,7 +750,14 @@ fn primary_stalled(
         return d;
     }
     let mut plan = vec![Action::KillDb { id: primary.id }];
-    plan.extend(failover_plan(cluster, primary, cand, facts, adopting, true));
+    plan.extend(failover_plan(
+        cluster,
+        primary,
+        cand,
+        facts,
+        (adopting, true),
+        p.use_slots,
+    ));
     Decision {
         kind: Kind::Failover,
         plan,

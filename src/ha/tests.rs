@@ -10,6 +10,7 @@ const P: Params = Params {
     hung_timeout: 20,
     sync_fallback: SyncFallback::Async,
     auto_rewind: false,
+    use_slots: false,
 };
 
 fn cluster() -> Cluster {
@@ -516,6 +517,54 @@ fn failover_promotes_the_standby_with_most_wal_then_reconfigures() {
     assert_eq!(
         d.reason,
         "Host(192.168.56.41) is not ok, switch database(192.168.56.41:5432)...\nFailover primary database(192.168.56.41:5432): switch to new host(192.168.56.44)..."
+    );
+}
+
+#[test]
+fn with_slots_a_failover_makes_the_standbys_slots_on_the_candidate_first() {
+    let f = primary_down(|f| {
+        peers(f, false);
+        f.seen.insert(2, ok_standby(900, 900));
+        f.seen.insert(3, ok_standby(1000, 950));
+        f.seen.insert(4, ok_standby(1000, 990));
+    });
+    let slots = Params {
+        use_slots: true,
+        ..P
+    };
+    let d = decide(&cluster(), &f, &slots, 0);
+    assert_eq!(d.kind, Kind::Failover);
+    assert_eq!(
+        d.plan[..5],
+        [
+            Action::EnsureWriteVipFree { id: 4 },
+            // On the candidate, before the standbys follow it.
+            Action::CreateSlots {
+                id: 4,
+                for_ids: vec![2, 3]
+            },
+            Action::Repoint { id: 2, to: 4 },
+            Action::Repoint { id: 3, to: 4 },
+            Action::ConfirmGone { id: 1, cand: 4 },
+        ]
+    );
+    assert_eq!(d.plan[1].to_string(), "create slots on db 4 for db 2, 3");
+    // Everything else is the plan without slots.
+    let without = decide(&cluster(), &f, &P, 0);
+    let mut rest = d.plan.clone();
+    rest.remove(1);
+    assert_eq!(rest, without.plan);
+    // A cluster of a primary and one standby has no slot to make.
+    let mut c = cluster();
+    c.db_list.retain(|d| d.id <= 2);
+    let d = decide(&c, &primary_down(|f| peers(f, false)), &slots, 0);
+    assert_eq!(d.kind, Kind::Failover, "{}", d.reason);
+    assert!(
+        !d.plan
+            .iter()
+            .any(|a| matches!(a, Action::CreateSlots { .. })),
+        "{:?}",
+        d.plan
     );
 }
 

@@ -144,6 +144,12 @@ pub const KEYS: &[Key] = &[
           doc: "When the standbys named in the primary's synchronous_standby_names do not acknowledge for 3 s (down, hung, cut off), every commit waits. async: the primary then names only the standbys that acknowledge (none: asynchronous), loudly logged and shown in /metrics (clup_sync_degraded), and the operator's setting is restored once enough of them acknowledge again. block: commits keep waiting, on purpose, and the log says so." },
     Key { name: "auto_rewind", kind: Kind::OnOff, default: Some("off"),
           doc: "on: a Fault standby that runs (left behind by a failover, its WAL past the new timeline, or back after an outage) is repaired with pg_rewind from the primary (repair --rewind) without an operator, at most every 10 minutes per node. off: it waits for repair." },
+    Key { name: "use_slots", kind: Kind::OnOff, default: Some("off"),
+          doc: "on: the primary keeps a physical replication slot for each standby (named after its repl_app_name, in [a-z0-9_]) and each standby streams through it (primary_slot_name beside primary_conninfo), so a standby that was stopped or cut off finds the WAL it needs when it comes back. Slots are made on a new primary before the standbys follow it (failover, switch, repair) and checked every few rounds; a failure to make one is logged and never stops a failover. off: clup neither makes nor drops slots (turning it off leaves the existing slots and primary_slot_name settings to the operator)." },
+    Key { name: "slot_keep_time", kind: Kind::Seconds, default: Some("1800"),
+          doc: "With use_slots: seconds a database may stay Fault before its slot on the primary is dropped (logged as an error), so that a dead standby cannot fill the primary's disk with WAL. It then needs repair --rebuild unless the WAL it needs is still there." },
+    Key { name: "max_slot_wal_keep_size", kind: Kind::Bytes, default: Some(""),
+          doc: "With use_slots: the primary's max_slot_wal_keep_size (PostgreSQL 13 and later; set with ALTER SYSTEM and a reload, in MB), the most WAL a slot may hold back before PostgreSQL gives it up. Empty: the server's own setting is left alone. On 9.5 to 12 the setting does not exist: logged once." },
     Key { name: "cstlb_timeout", kind: Kind::Seconds, default: Some("2"),
           doc: "Seconds a request to a cstlb management port may take." },
     Key { name: "log_level", kind: Kind::LogLevel, default: Some("info"),
@@ -200,6 +206,10 @@ pub struct Config {
     /// `sync_fallback = block` (else async).
     pub sync_block: bool,
     pub auto_rewind: bool,
+    pub use_slots: bool,
+    pub slot_keep_time: Duration,
+    /// max_slot_wal_keep_size in bytes; None: leave the server's.
+    pub max_slot_wal_keep_size: Option<u64>,
     pub cstlb_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub meta_store: StoreKind,
@@ -299,6 +309,9 @@ impl Config {
             hung_timeout: secs("hung_timeout"),
             sync_block: get("sync_fallback") == "block",
             auto_rewind: get("auto_rewind") == "on",
+            use_slots: get("use_slots") == "on",
+            slot_keep_time: secs("slot_keep_time"),
+            max_slot_wal_keep_size: parse_bytes(&get("max_slot_wal_keep_size")),
             cstlb_timeout: secs("cstlb_timeout"),
             log_level: get("log_level").parse().expect("checked"),
             meta_store: if get("meta_store") == "etcd" {
@@ -491,6 +504,7 @@ fn check_value(def: &Key, v: &str) -> Result<(), String> {
                 shown(def, v)
             )),
         },
+        Kind::Bytes if v.is_empty() && def.default == Some("") => Ok(()),
         Kind::Bytes => parse_bytes(v).map(|_| ()).ok_or_else(|| {
             format!(
                 "invalid value {}: expected a byte count such as 16777216, 512kB, 16MB or 1GB",
@@ -721,6 +735,18 @@ mod tests {
         assert_eq!(c.probe_retries, 1);
         assert_eq!(c.ha_rpc_pass.expose(), "csha_cluster_pass");
         assert!(c.ssh_options.is_empty());
+        assert!(!c.use_slots);
+        assert_eq!(c.slot_keep_time, Duration::from_secs(1800));
+        assert_eq!(c.max_slot_wal_keep_size, None);
+        let c = parse(&format!(
+            "{SAMPLE}use_slots = on\nslot_keep_time = 60\nmax_slot_wal_keep_size = 10GB\n"
+        ))
+        .unwrap();
+        assert!(c.use_slots);
+        assert_eq!(c.slot_keep_time, Duration::from_secs(60));
+        assert_eq!(c.max_slot_wal_keep_size, Some(10 << 30));
+        let e = parse(&format!("{SAMPLE}max_slot_wal_keep_size = 10 parsecs\n")).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("max_slot_wal_keep_size"));
     }
 
     #[test]

@@ -227,7 +227,10 @@ fn read_vip_host_after<'a>(cluster: &'a Cluster, d: &'a Decision) -> &'a str {
 fn commits(a: &Action) -> bool {
     !matches!(
         a,
-        Action::KillDb { .. } | Action::ConfirmGone { .. } | Action::DeleteWriteVip { .. }
+        Action::KillDb { .. }
+            | Action::ConfirmGone { .. }
+            | Action::DeleteWriteVip { .. }
+            | Action::CreateSlots { .. }
     )
 }
 
@@ -389,6 +392,19 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
         Action::DeleteWriteVip { host } => delete_write_vip(shared, cluster, host, t),
         Action::EnsureWriteVipFree { id } => ensure_write_vip_free(shared, cluster, *id),
         Action::Promote { id } => promote(shared, cluster, *id, pre, t),
+        Action::CreateSlots { id, for_ids } => {
+            // Never fails the plan: the upkeep makes what is missing.
+            let on = db_or_err(cluster, *id)?;
+            let dbs: Vec<&Db> = for_ids.iter().filter_map(|i| cluster.db(*i)).collect();
+            super::slots::create_logged(shared, on, &dbs, |ok, m| {
+                if ok {
+                    t.info(&format!("{pre}: {m}."));
+                } else {
+                    t.error(&format!("{pre}: {m}."));
+                }
+            });
+            Ok(())
+        }
         Action::AddWriteVip { id } => add_write_vip(shared, cluster, *id, pre, t),
         Action::SetSyncNames { id, names } => {
             let db = db_or_err(cluster, *id)?;

@@ -13,6 +13,7 @@ mod decide;
 pub mod leader;
 pub mod ops;
 mod probe;
+pub mod slots;
 pub mod task;
 mod upkeep;
 
@@ -285,6 +286,7 @@ impl Shared {
                 SyncFallback::Async
             },
             auto_rewind: self.cfg.auto_rewind,
+            use_slots: self.cfg.use_slots,
         }
     }
 
@@ -414,6 +416,8 @@ struct Memory {
     sync_unmet_since: Option<u64>,
     /// When a rewind of a Fault standby was last started (auto_rewind).
     rewound_at: BTreeMap<u32, u64>,
+    /// The replication slots' upkeep (use_slots).
+    slots: slots::SlotMemory,
 }
 
 impl Memory {
@@ -437,6 +441,7 @@ impl Memory {
             }
             Acted::Ran(kind) => {
                 self.write_vip_seen_on = None;
+                self.slots.checked_at = 0;
                 if *kind == Kind::Failover {
                     self.primary_last_lsn = None;
                     self.restarts.clear();

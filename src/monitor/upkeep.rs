@@ -1,6 +1,7 @@
 //! The round's last phase, on a calm round only (the primary healthy,
 //! nothing decided): bring every cstlb's backends in line with the healthy
-//! standbys, and make sure the primary's host holds the write VIP. It runs
+//! standbys, make sure the primary's host holds the write VIP and, with
+//! use_slots, that the standbys' replication slots are there. It runs
 //! after the round's observation is published, which it must not delay.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,9 @@ pub(super) fn upkeep(
     primary_ok: bool,
 ) {
     reconcile_cstlb(shared, name, cluster, facts, &mut mem.cstlb_errors);
+    if primary_ok && shared.cfg.use_slots {
+        super::slots::upkeep(shared, name, cluster, facts, &mut mem.slots);
+    }
     if primary_ok {
         let now = crate::now_secs();
         if now.saturating_sub(mem.write_vip_failed_at) >= VIP_RECHECK_SECS

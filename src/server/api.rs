@@ -225,7 +225,7 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
         Err(r) => return r,
     };
     match cmd {
-        "show" | "get_meta" => admin_show(ctx, &clusters, args),
+        "show" | "get_meta" => admin_show(ctx, &clusters, args, cmd == "show"),
         "froze" => admin_freeze(ctx, &clusters, args, true),
         "unfroze" => admin_freeze(ctx, &clusters, args, false),
         "change_meta" => admin_change_meta(ctx, args),
@@ -239,16 +239,25 @@ fn admin(ctx: &Ctx, cmd: &str, args: &Value) -> Resp {
     }
 }
 
-/// `show` and `get_meta`: the meta of one cluster or of all, and with etcd
-/// this clupserver's role.
-fn admin_show(ctx: &Ctx, clusters: &Clusters, args: &Value) -> Resp {
-    let mut v = match arg_str(args, "cluster") {
-        None => json!({ "clusters": clusters }),
+/// `show` and `get_meta`: the meta of one cluster or of all, with etcd
+/// this clupserver's role, and for `show` with use_slots the standbys'
+/// slots on their primaries, read now.
+fn admin_show(ctx: &Ctx, clusters: &Clusters, args: &Value, slots: bool) -> Resp {
+    let shown: Clusters = match arg_str(args, "cluster") {
+        None => clusters.clone(),
         Some(_) => match pick_cluster(clusters, args) {
-            Ok(name) => json!({ "clusters": { name.clone(): clusters[&name] } }),
+            Ok(name) => Clusters::from([(name.clone(), clusters[&name].clone())]),
             Err(r) => return r,
         },
     };
+    let mut v = json!({ "clusters": shown });
+    if let Some(m) = ctx.monitor.as_ref().filter(|_| slots && ctx.cfg.use_slots) {
+        let rows: Vec<_> = shown
+            .iter()
+            .flat_map(|(name, c)| crate::monitor::slots::rows(m, name, c))
+            .collect();
+        v["slots"] = json!(rows);
+    }
     if let Some(g) = ctx
         .monitor
         .as_ref()

@@ -312,6 +312,13 @@ fn rewrite_recovery_settings(
 ) -> Result<(), String> {
     let (primary, db) = (&f.primary, &f.db);
     t.info(&words::repair_recovery_begin(hp));
+    crate::monitor::slots::create_logged(shared, primary, &[db], |ok, m| {
+        if ok {
+            t.info(&format!("{hp}: {m}."));
+        } else {
+            t.error(&format!("{hp}: {m}."));
+        }
+    });
     repoint_db(shared, db, primary)
         .map_err(|e| format!("{hp}: {e}\n{}", instructions(&shared.cfg, db, primary)))?;
     t.info(&words::repair_recovery_done(hp));

@@ -289,6 +289,17 @@ fn repoint_to_new_primary(
         new.host
     ));
     let others: Vec<&Db> = f.c.normal_standbys().filter(|d| d.id != new.id).collect();
+    // The slots first, so that the new primary keeps their WAL from the
+    // moment they follow it; a failure is logged, the switch goes on.
+    let mut slotted = others.clone();
+    slotted.push(old);
+    crate::monitor::slots::create_logged(shared, new, &slotted, |ok, m| {
+        if ok {
+            t.info(&format!("{pre}: {m}."));
+        } else {
+            t.error(&format!("{pre}: {m}."));
+        }
+    });
     let errors: Vec<String> = thread::scope(|s| {
         let hs: Vec<_> = others
             .iter()
