@@ -25,4 +25,5 @@ mod meta_faults;
 mod metrics_server;
 mod pg_local;
 mod ship;
+mod status_page;
 mod store_crash;
