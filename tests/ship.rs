@@ -176,6 +176,7 @@ fn clupadm_8_documents_every_command_option_and_exit_code() {
         "X-Clup-Token",
         "X-Clup-Pass",
         "/health",
+        "/api/status",
         "401",
         "404",
         "413",

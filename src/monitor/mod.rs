@@ -10,6 +10,7 @@
 mod act;
 mod checks;
 mod decide;
+pub mod history;
 pub mod leader;
 pub mod ops;
 mod probe;
@@ -64,6 +65,8 @@ pub struct Shared {
     pub ssh: Ssh,
     pub stop: AtomicBool,
     pub observed: Mutex<BTreeMap<String, Observed>>,
+    /// The last rounds' samples of every database, for the status page.
+    pub history: Mutex<history::History>,
     pub counters: Counters,
     /// Whether this clupserver may act (the leader lease with etcd).
     pub gate: Arc<crate::monitor::leader::Gate>,
@@ -174,6 +177,7 @@ impl Shared {
             store,
             stop: AtomicBool::new(false),
             observed: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(history::History::new()),
             counters: Counters::default(),
             gate: Arc::new(crate::monitor::leader::Gate::always()),
             ifnames: Mutex::new(BTreeMap::new()),
@@ -504,7 +508,7 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     mem.after(&acted);
     mem.last_reason = d.reason.clone();
     let primary_ok = d.reason.starts_with("no action: primary");
-    publish(shared, name, probes, d.reason, t0);
+    publish(shared, name, cluster, probes, d.reason, t0);
     let decided = t0.elapsed();
 
     // A calm round ends by bringing cstlb and the write VIP in line; done
@@ -524,14 +528,26 @@ fn round(shared: &Arc<Shared>, name: &str, cluster: &Cluster, mem: &mut Memory) 
     }
 }
 
-/// Serve what this round saw to clupadm and the HTTP API.
+/// Serve what this round saw to clupadm and the HTTP API, and add it to
+/// the status page's history.
 fn publish(
     shared: &Shared,
     name: &str,
+    cluster: &Cluster,
     probes: BTreeMap<u32, DbProbe>,
     reason: String,
     t0: Instant,
 ) {
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    history::record(
+        &mut shared.history.lock().unwrap_or_else(|p| p.into_inner()),
+        name,
+        cluster,
+        &probes,
+        at_ms,
+    );
     shared
         .observed
         .lock()

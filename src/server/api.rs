@@ -5,11 +5,14 @@
 //!   `GET /<cluster>/primary|replica` ([`crate::server::health`]), `GET /metrics`
 //!   ([`crate::server::metrics`]), authenticated by `http_token` (query `token=`,
 //!   header `X-Clup-Token` or `Authorization: Bearer`), and `GET /health`;
+//! - browsers open the status page `GET /`, which polls `GET /api/status`
+//!   with the token ([`crate::server::status`]);
 //! - clupadm uses `POST /admin/<command>` with a JSON body, authenticated by
 //!   `ha_rpc_pass` in the `X-Clup-Pass` header (never in the URL).
 //!
-//! Every answer is JSON (but /metrics' text). Wrong or missing credentials get
-//! 401 and nothing else happens; bodies over [`MAX_BODY`] get 413.
+//! Every answer is JSON (but /metrics' text and the page). Wrong or missing
+//! credentials get 401 and nothing else happens; bodies over [`MAX_BODY`]
+//! get 413.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,7 +36,7 @@ pub struct Req<'a> {
     pub body: &'a [u8],
 }
 
-/// A response: status and JSON body, or (for /metrics) a text body with its
+/// A response: status and JSON body, or (for /metrics and the page) a text body with its
 /// own content type in `text`, which the server then sends instead of `body`.
 #[derive(Debug, PartialEq)]
 pub struct Resp {
@@ -100,6 +103,8 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             };
             admin(ctx, cmd, &args)
         }
+        ("GET", [""]) => crate::server::status::page(),
+        ("GET", ["api", "status"]) => crate::server::status::serve(ctx, req, &query),
         ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
         ("GET", ["metrics"]) => crate::server::metrics::serve(ctx, req, &query),
         ("GET", [cluster, what @ ("primary" | "replica")]) => {

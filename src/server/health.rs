@@ -21,32 +21,9 @@ use crate::monitor::Observed;
 use crate::server::api::{self, Ctx, Req, Resp};
 
 /// Bytes the standby `db` has still to replay to reach the primary's WAL
-/// position, from one observation: the primary's wal_lsn minus the standby's
-/// replay lsn (or, if its own probe has none, the primary's
-/// pg_stat_replication row for it). None when either side is unknown.
+/// position in one observation ([`crate::monitor::history::lag_bytes`]).
 pub fn lag_bytes(cluster: &Cluster, obs: &Observed, db: &Db) -> Option<u64> {
-    if db.is_primary() {
-        return None;
-    }
-    let primary = cluster.primary()?;
-    let pp = obs
-        .probes
-        .get(&primary.id)
-        .filter(|p| p.ok && p.in_recovery != Some(true))?;
-    let head = pp.wal_lsn?;
-    let replay = obs
-        .probes
-        .get(&db.id)
-        .filter(|p| p.ok)
-        .and_then(|p| p.replay_lsn)
-        .or_else(|| {
-            pp.replicas
-                .iter()
-                .find(|r| r.application_name == db.repl_app_name)
-                .and_then(|r| r.replay_lsn)
-        })?;
-    // The two probes run in parallel: a standby may look a little ahead.
-    Some(head.saturating_sub(replay))
+    crate::monitor::history::lag_bytes(cluster, &obs.probes, db)
 }
 
 /// `GET /<cluster>/primary`: 200 with `h:p` when the meta's primary is

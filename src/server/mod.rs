@@ -12,6 +12,7 @@ pub mod health;
 pub mod metrics;
 #[cfg(test)]
 mod obs_routes;
+pub mod status;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

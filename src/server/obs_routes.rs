@@ -213,3 +213,26 @@ fn get_lb_host_max_lag() {
     );
     assert_eq!(call(&c, "GET", &url("&max_lag=-1"), &[], "").status, 400);
 }
+
+#[test]
+fn status_page_and_its_json() {
+    let c = observed_ctx("status", 0);
+    let r = call(&c, "GET", "/", &[], "");
+    assert_eq!(r.status, 200);
+    let (ctype, text) = r.text.expect("the page");
+    assert_eq!(ctype, "text/html; charset=utf-8");
+    assert!(text.starts_with("<!DOCTYPE html>"));
+    assert_eq!(call(&c, "GET", "/api/status", &[], "").status, 401);
+    assert_eq!(
+        call(&c, "GET", "/api/status?token=nope", &[], "").status,
+        401
+    );
+    let r = call(&c, "GET", "/api/status", &[("X-Clup-Token", TOKEN)], "");
+    assert_eq!(r.status, 200, "{r:?}");
+    let n = &r.body["data"]["clusters"][0]["nodes"];
+    assert_eq!(n[0]["role"], "primary");
+    assert_eq!(n[2]["lag_bytes"], 500);
+    assert_eq!(n[3]["seen"], "down");
+    // The monitor was never started: no rounds, no history.
+    assert_eq!(n[0]["history"], serde_json::json!([]));
+}
