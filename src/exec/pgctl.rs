@@ -93,7 +93,8 @@ exit $rc
 /// a line that says where the log went.
 const LOG_TAILS: &str = r#"echo "--- last lines of $pgdata/clup_start.log:"; tail -n @N@ "$pgdata/clup_start.log"
 f=$(ls -t "$pgdata"/log/* "$pgdata"/pg_log/* 2>/dev/null | head -n 1)
-if [ -n "$f" ]; then echo "--- last lines of $f:"; tail -n @N@ "$f"; fi"#;
+if [ -n "$f" ]; then echo "--- last lines of $f:"; tail -n @N@ "$f"
+  echo "--- its last PANIC and FATAL lines:"; grep -E 'PANIC:|FATAL:' "$f" | grep -v 'the database system is' | tail -n 5; fi"#;
 
 /// `pg_ctl stop -m fast -w`; a stopped server is left alone.
 pub fn stop_fast_script(db: &Db, cfg: &Config, wait: Duration) -> String {
@@ -184,17 +185,20 @@ fn budget(remote: &dyn Remote, wait: Duration) -> Duration {
 
 /// The line that says why a start failed, from its error (which carries
 /// the last lines of the start log): the first PANIC, else the first
-/// FATAL, else the last line; at most 200 characters.
+/// FATAL (but "the database system is starting up" and its kin, said to
+/// clients), else the last line; at most 200 characters.
 pub fn start_failure_why(error: &str) -> String {
     let lines: Vec<&str> = error
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
+    // Clients turned away while it starts or stops say nothing of why.
+    let fatal = |l: &&&str| l.contains("FATAL:") && !l.contains("the database system is ");
     let pick = lines
         .iter()
         .find(|l| l.contains("PANIC:"))
-        .or_else(|| lines.iter().find(|l| l.contains("FATAL:")))
+        .or_else(|| lines.iter().find(fatal))
         .or(lines.last())
         .copied()
         .unwrap_or("");
@@ -569,6 +573,11 @@ waiting for server to start.... stopped waiting
             "ssh: connect to host pg01 port 22: No route to host"
         );
         assert_eq!(start_failure_why(""), "");
+        let probes = "LOG:  database system was interrupted\nFATAL:  the database system is starting up\nFATAL:  could not open file \"global/pg_filenode.map\": Permission denied\nFATAL:  the database system is starting up";
+        assert_eq!(
+            start_failure_why(probes),
+            "FATAL:  could not open file \"global/pg_filenode.map\": Permission denied"
+        );
         assert_eq!(start_failure_why(&"x".repeat(500)).len(), 200);
     }
 }
