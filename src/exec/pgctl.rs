@@ -93,7 +93,8 @@ exit $rc
 /// a line that says where the log went.
 const LOG_TAILS: &str = r#"echo "--- last lines of $pgdata/clup_start.log:"; tail -n @N@ "$pgdata/clup_start.log"
 f=$(ls -t "$pgdata"/log/* "$pgdata"/pg_log/* 2>/dev/null | head -n 1)
-if [ -n "$f" ]; then echo "--- last lines of $f:"; tail -n @N@ "$f"
+if [ -n "$f" ]; then echo "--- last lines of $f (but 'the database system is ...' said to clients):"
+  grep -v 'FATAL:  the database system is' "$f" | tail -n @N@
   echo "--- its last PANIC and FATAL lines:"; grep -E 'PANIC:|FATAL:' "$f" | grep -v 'the database system is' | tail -n 5; fi"#;
 
 /// `pg_ctl stop -m fast -w`; a stopped server is left alone.
