@@ -338,7 +338,7 @@ fn scenarios(major: &'static str, repair: Repair) {
             &[
                 "sh",
                 "-c",
-                "cd /var/lib/postgresql/pgdata && ls -la . && cat PG_VERSION && tail -n 40 clup_start.log server.log; grep -hv "the database system is starting up" pg_log/* log/* 2>/dev/null | tail -n 80",
+                "cd /var/lib/postgresql/pgdata && ls -la . && cat PG_VERSION && tail -n 40 clup_start.log server.log; grep -hv 'the database system is starting up' pg_log/* log/* 2>/dev/null | tail -n 80",
             ],
         );
         panic!(
