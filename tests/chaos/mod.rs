@@ -23,7 +23,7 @@
 mod clients;
 mod detector;
 mod disk;
-mod faults;
+pub(crate) mod faults;
 mod gray;
 mod judge;
 mod matrix;
