@@ -17,6 +17,7 @@ mod lab_etcd;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
+mod lab_logs;
 mod lab_rewind;
 mod lab_slots;
 mod lab_status;
