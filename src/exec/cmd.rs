@@ -203,6 +203,20 @@ pub fn run_unchecked(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Output, CommandError> {
+    run_unchecked_env(what, program, args, &[], stdin, timeout)
+}
+
+/// [`run_unchecked`] with these variables added to the environment (the
+/// way to hand a child details without putting them on its command line,
+/// where `ps` shows them).
+pub fn run_unchecked_env(
+    what: &str,
+    program: &str,
+    args: &[String],
+    env: &[(&str, String)],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output, CommandError> {
     let started = Instant::now();
     let io = |err| CommandError::Io {
         what: what.to_string(),
@@ -210,6 +224,7 @@ pub fn run_unchecked(
     };
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

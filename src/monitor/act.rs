@@ -24,7 +24,8 @@ use crate::exec::ssh as exssh;
 use crate::exec::wire::Handshake;
 use crate::exec::{cstlb, pgctl, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, VipSeen};
-use crate::model::meta::{Cluster, Db, DB_FAULT};
+use crate::model::event::{EventKind, NewEvent};
+use crate::model::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
 use crate::model::words;
 use crate::store::update;
 
@@ -74,7 +75,7 @@ pub(super) fn act_on(
         }
         Kind::Restart => {
             log::info!("{}", d.reason);
-            Acted::Restarted(restart(shared, cluster, &d.plan))
+            Acted::Restarted(restart(shared, name, cluster, &d.plan))
         }
         Kind::AutoRewind => match d.plan.first() {
             Some(&Action::RewindDb { id }) => {
@@ -101,7 +102,7 @@ pub(super) fn act_on(
 /// Start the databases the plan names; returns their ids. A probe that
 /// failed for want of an answer (an overloaded server or network) finds
 /// the server running: pg_ctl leaves it be.
-fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<u32> {
+fn restart(shared: &Shared, name: &str, cluster: &Cluster, plan: &[Action]) -> Vec<u32> {
     let mut ids = Vec::new();
     for a in plan {
         let Action::RestartDb { id } = a else {
@@ -111,13 +112,25 @@ fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<u32> {
         let Some(db) = cluster.db(*id) else {
             continue;
         };
-        match pgctl::start(&shared.ssh, db, &shared.cfg) {
+        let outcome = match pgctl::start(&shared.ssh, db, &shared.cfg) {
             Ok(o) if o.stdout.contains("server is already running") => {
-                log::info!("Database({}) is running: not restarted.", db.addr())
+                log::info!("Database({}) is running: not restarted.", db.addr());
+                "it was running: not restarted".to_string()
             }
-            Ok(_) => log::info!("Database({}) restarted.", db.addr()),
-            Err(e) => log::error!("Restart of database({}) failed: {e}", db.addr()),
-        }
+            Ok(_) => {
+                log::info!("Database({}) restarted.", db.addr());
+                "restarted".to_string()
+            }
+            Err(e) => {
+                log::error!("Restart of database({}) failed: {e}", db.addr());
+                format!("restart failed: {e}")
+            }
+        };
+        shared.emit(
+            NewEvent::new(EventKind::Restart, name)
+                .db(db.id, &db.host)
+                .reason(&outcome),
+        );
     }
     ids
 }
@@ -175,10 +188,20 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
         facts,
         pre,
         commit_lines,
+        reason: d.reason.lines().next().unwrap_or_default(),
         t: &t,
     };
+    let failover = (d.kind == Kind::Failover).then(|| failover_event(name, cluster, d));
+    if let Some(e) = &failover {
+        shared.emit(e.clone().reason(&d.reason));
+    }
     let ok = run_plan(&run, d);
     let ms = started.elapsed().as_millis() as u64;
+    if let Some(mut e) = failover {
+        e.kind = EventKind::FailoverEnd;
+        let how = if ok { "completed" } else { "failed" };
+        shared.emit(e.reason(&format!("failover {how} after {ms} ms (task {})", t.id)));
+    }
     if d.kind == Kind::Failover && ok {
         shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
         shared
@@ -188,6 +211,62 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
     }
     t.finish(&*shared.store, ok);
     task::unlock(&*shared.store, name, &holder);
+}
+
+/// A failover's begin event: the old primary (the decision's subject) and
+/// the standby the plan promotes.
+fn failover_event(name: &str, cluster: &Cluster, d: &Decision) -> NewEvent {
+    let old = d.subject.and_then(|id| cluster.db(id));
+    let new = d.plan.iter().find_map(|a| match a {
+        Action::Promote { id } | Action::AddWriteVip { id } => cluster.db(*id),
+        _ => None,
+    });
+    let mut e = NewEvent::new(EventKind::FailoverBegin, name).primaries(
+        &old.map(Db::addr).unwrap_or_default(),
+        &new.map(Db::addr).unwrap_or_default(),
+    );
+    if let Some(o) = old {
+        e = e.db(o.id, &o.host);
+    }
+    e
+}
+
+/// The event a step that succeeded makes, if any: fences, promotions and
+/// what the meta marks Fault.
+fn step_event(run: &Run, a: &Action) -> Option<NewEvent> {
+    let cluster = run.cluster;
+    let about = |kind, id: u32| {
+        let host = cluster.db(id).map(|d| d.host.clone()).unwrap_or_default();
+        NewEvent::new(kind, run.name).db(id, &host)
+    };
+    let addr = |id: u32| cluster.db(id).map(Db::addr).unwrap_or_default();
+    Some(match a {
+        Action::Fence { id } => about(EventKind::Fence, *id)
+            .reason("stopped (fast) and its write vip taken away so that it cannot take writes"),
+        Action::KillDb { id } => about(EventKind::Fence, *id).reason(
+            "killed (kill -9 of its postmaster and children) so that it cannot take writes",
+        ),
+        Action::Promote { id } => about(EventKind::Promote, *id)
+            .primaries(
+                &cluster.primary().map(Db::addr).unwrap_or_default(),
+                &addr(*id),
+            )
+            .reason(run.reason),
+        Action::MetaPrimary { id, old } => about(EventKind::Fault, *old)
+            .primaries(&addr(*old), &addr(*id))
+            .reason(&format!(
+                "marked Fault: database({}) is the primary now",
+                addr(*id)
+            )),
+        Action::MetaDbState { id, state } if *state == DB_FAULT => {
+            about(EventKind::Fault, *id).reason(run.reason)
+        }
+        Action::MetaClusterState { state } if *state == CLUSTER_FAULT => {
+            NewEvent::new(EventKind::Fault, run.name)
+                .reason(&format!("cluster marked Fault: {}", run.reason))
+        }
+        _ => return None,
+    })
 }
 
 /// Prefix for a plan's log lines, as the manual words them.
@@ -235,6 +314,8 @@ struct Run<'a> {
     pre: String,
     /// The reason's lines logged when the plan commits ([`commits`]).
     commit_lines: Vec<String>,
+    /// The reason's first line, for events.
+    reason: &'a str,
     t: &'a TaskHandle,
 }
 
@@ -277,6 +358,9 @@ fn run_plan(run: &Run, d: &Decision) -> bool {
             Ok(()) => {
                 if let Action::Promote { .. } = a {
                     promoted = true;
+                }
+                if let Some(e) = step_event(run, a) {
+                    shared.emit(e);
                 }
                 log::debug!("{pre}: step '{a}' done in {ms} ms");
             }
@@ -376,8 +460,10 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
         Action::Fence { id } => fence(shared, cluster, *id, pre, t),
         Action::KillDb { id } => kill(shared, cluster, *id, pre, t),
         Action::ConfirmGone { id, cand } => confirm_gone(run, *id, *cand),
-        Action::CstlbDelete { backend } => cstlb_change(shared, cluster, backend, false, pre, t),
-        Action::CstlbAdd { backend } => cstlb_change(shared, cluster, backend, true, pre, t),
+        Action::CstlbDelete { backend } => {
+            cstlb_change(shared, name, cluster, backend, false, pre, t)
+        }
+        Action::CstlbAdd { backend } => cstlb_change(shared, name, cluster, backend, true, pre, t),
         Action::DeleteWriteVip { host } => delete_write_vip(shared, cluster, host, t),
         Action::EnsureWriteVipFree { id } => ensure_write_vip_free(shared, cluster, *id),
         Action::Promote { id } => promote(shared, cluster, *id, pre, t),
@@ -597,6 +683,7 @@ fn log_positions(run: &Run, cand: u32, probes: &std::collections::BTreeMap<u32, 
 /// Add a backend to, or remove it from, every cstlb (never fatal).
 fn cstlb_change(
     shared: &Shared,
+    name: &str,
     cluster: &Cluster,
     backend: &str,
     add: bool,
@@ -605,11 +692,11 @@ fn cstlb_change(
 ) -> Result<(), String> {
     if add {
         t.info(&format!("{pre}: begin add host({backend}) to cstlb ..."));
-        cstlb_all(shared, cluster, backend, add, t);
+        cstlb_all(shared, name, cluster, backend, add, t);
         t.info(&format!("{pre}: add host({backend}) to cstlb finished."));
     } else {
         t.info(&words::cstlb_remove_begin(pre, backend));
-        cstlb_all(shared, cluster, backend, add, t);
+        cstlb_all(shared, name, cluster, backend, add, t);
         t.info(&words::cstlb_remove_done(pre, backend));
     }
     Ok(())
@@ -751,7 +838,14 @@ pub fn meta_update_cluster(
 
 /// Tell every cstlb of the cluster, in parallel; failures are logged and
 /// counted, never fatal, never slower than cstlb_timeout.
-pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t: &TaskHandle) {
+pub fn cstlb_all(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    backend: &str,
+    add: bool,
+    t: &TaskHandle,
+) {
     let cfg = &shared.cfg;
     let errors: Vec<String> = thread::scope(|s| {
         let hs: Vec<_> = cluster
@@ -772,6 +866,19 @@ pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t
             .filter_map(|h| h.join().ok().flatten())
             .collect()
     });
+    let failed = errors.len();
+    if failed < cluster.cstlb_list.len() {
+        shared.emit(
+            NewEvent::new(EventKind::CstlbChange, name)
+                .host(backend)
+                .reason(&format!(
+                    "backend {backend} {} {} of {} cstlb(s)",
+                    if add { "added to" } else { "removed from" },
+                    cluster.cstlb_list.len() - failed,
+                    cluster.cstlb_list.len()
+                )),
+        );
+    }
     for e in errors {
         shared
             .counters
