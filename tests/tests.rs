@@ -11,6 +11,7 @@ mod chaos;
 mod cli_server;
 mod compat;
 mod etcd_store;
+mod events;
 mod fuzz;
 mod inject;
 mod lab_etcd;
