@@ -15,6 +15,7 @@ mod events;
 mod fuzz;
 mod inject;
 mod lab_etcd;
+mod lab_events;
 mod lab_foundation;
 mod lab_ha;
 mod lab_lb;
