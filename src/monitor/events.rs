@@ -112,6 +112,20 @@ impl Events {
             .since(seq)
     }
 
+    /// At shutdown: no more hooks (the running one is killed; queued ones
+    /// are never run, here or after a restart), and the ring saved.
+    pub fn shutdown(&self) {
+        if let Some(h) = &self.hooks {
+            let left = h.stop();
+            if left > 0 {
+                log::warn!(
+                    "{left} event hook(s) not run (clupserver stops; they are not run after a restart): GET /events has their events"
+                );
+            }
+        }
+        self.save();
+    }
+
     /// Save the ring now (at shutdown; the saver thread calls it too).
     pub fn save(&self) {
         let Some(file) = &self.file else {
@@ -208,6 +222,9 @@ mod tests {
         }
         ev.save();
         drop(ev);
+        // Its saver thread may be saving still (it ends after that save):
+        // one hub per file, as in clupserver.
+        thread::sleep(std::time::Duration::from_millis(300));
         let again = Events::start(&cfg(""), &dir);
         let seqs = |v: Vec<Event>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(again.since(0)), [1, 2, 3]);

@@ -6,9 +6,10 @@
 //! thread, and the logging of what a hook printed. It must never make
 //! anyone wait: [`Hooks::enqueue`] only puts the event on an unbounded
 //! channel, so a hook that hangs delays later hooks, never a failover.
-//! Events still queued when clupserver stops are not run (nor later).
+//! At shutdown the running hook is killed and queued ones are dropped: they
+//! are not run after a restart either.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,6 +27,10 @@ const MAX_LINES: usize = 50;
 pub(super) struct Hooks {
     tx: crossbeam_channel::Sender<Event>,
     backlog: Arc<AtomicUsize>,
+    /// The running hook's process group (0: none), killed at shutdown.
+    running: Arc<AtomicI32>,
+    /// Set at shutdown: queued hooks are no longer run.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Hooks {
@@ -34,12 +39,17 @@ impl Hooks {
     pub fn start(command: String, timeout: Duration, secrets: Vec<String>) -> Hooks {
         let (tx, rx) = crossbeam_channel::unbounded::<Event>();
         let backlog = Arc::new(AtomicUsize::new(0));
-        let left = backlog.clone();
+        let running = Arc::new(AtomicI32::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (left, run, stop) = (backlog.clone(), running.clone(), stopping.clone());
         let spawned = thread::Builder::new()
             .name("event-hooks".into())
             .spawn(move || {
                 for ev in rx {
-                    for (level, line) in run_one(&command, timeout, &secrets, &ev) {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    for (level, line) in run_one(&command, timeout, &secrets, &ev, Some(&run)) {
                         log::log!(level, "{line}");
                     }
                     left.fetch_sub(1, Ordering::AcqRel);
@@ -48,7 +58,23 @@ impl Hooks {
         if let Err(e) = spawned {
             log::error!("cannot start the event hook thread, no event_command will run: {e}");
         }
-        Hooks { tx, backlog }
+        Hooks {
+            tx,
+            backlog,
+            running,
+            stopping,
+        }
+    }
+
+    /// At shutdown: run no more hooks and kill the running one's process
+    /// group. Returns how many events were left without their hook.
+    pub fn stop(&self) -> usize {
+        self.stopping.store(true, Ordering::Release);
+        let pgid = self.running.swap(0, Ordering::AcqRel);
+        if pgid > 0 {
+            cmd::kill_group(pgid);
+        }
+        self.backlog.load(Ordering::Acquire)
     }
 
     /// Queue `ev` for its hook; never blocks.
@@ -78,11 +104,20 @@ pub(super) fn run_one(
     timeout: Duration,
     secrets: &[String],
     ev: &Event,
+    running: Option<&AtomicI32>,
 ) -> Vec<(log::Level, String)> {
     let pre = format!("Event hook[{} {}]", ev.seq, ev.event);
     let args = ["-c".to_string(), command.to_string()];
     let t0 = Instant::now();
-    let res = cmd::run_unchecked_env("event_command", "sh", &args, &ev.env(), None, timeout);
+    let res = cmd::run_unchecked_env(
+        "event_command",
+        "sh",
+        &args,
+        &ev.env(),
+        None,
+        timeout,
+        running,
+    );
     let took = t0.elapsed().as_secs_f64();
     let mut out = Vec::new();
     let stream = |name: &str, text: &str, out: &mut Vec<(log::Level, String)>| {
@@ -167,6 +202,7 @@ mod tests {
             Duration::from_secs(5),
             &["s3cret-tok".to_string()],
             &event(7),
+            None,
         );
         let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
         assert_eq!(
@@ -194,7 +230,7 @@ mod tests {
             pidfile.display()
         );
         let t0 = Instant::now();
-        let lines = run_one(&cmd, Duration::from_secs(1), &[], &event(1));
+        let lines = run_one(&cmd, Duration::from_secs(1), &[], &event(1), None);
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         let (level, last) = lines.last().unwrap();
         assert_eq!(*level, log::Level::Warn);
@@ -219,6 +255,33 @@ mod tests {
                     .is_ok_and(|s| s.contains(") Z "))
         });
         assert!(gone, "sleep {pid} outlived the hook's timeout");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stopping_kills_the_running_hook_and_runs_no_more() {
+        let dir = temp("stop");
+        let file = dir.join("seen");
+        let cmd = format!("echo \"$CLUP_EVENT_SEQ\" >> {}; sleep 30", file.display());
+        let hooks = Hooks::start(cmd, Duration::from_secs(60), vec![]);
+        for seq in 1..=3 {
+            hooks.enqueue(event(seq));
+        }
+        assert!((0..250).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            hooks.running.load(Ordering::Acquire) > 0
+                && std::fs::read_to_string(&file).is_ok_and(|t| t == "1\n")
+        }));
+        let t0 = Instant::now();
+        assert_eq!(hooks.stop(), 3);
+        // The killed hook ends at once; the two queued ones never run.
+        assert!((0..250).any(|_| {
+            thread::sleep(Duration::from_millis(20));
+            hooks.backlog() == 2
+        }));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "1\n");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

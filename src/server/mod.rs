@@ -327,7 +327,7 @@ fn run(
         );
     }
     // Numbers go on after a restart; hooks still queued are not run.
-    events.save();
+    events.shutdown();
     log::info!("Program stopped.");
     Ok(())
 }
