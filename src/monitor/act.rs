@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::checks::write_vip_seen;
+use super::events;
 use super::probe::seen_of;
 use super::task::{self, TaskHandle};
 use super::Shared;
@@ -25,7 +26,7 @@ use crate::exec::wire::Handshake;
 use crate::exec::{cstlb, pgctl, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, VipSeen};
 use crate::model::event::{EventKind, NewEvent};
-use crate::model::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
+use crate::model::meta::{Cluster, Db, DB_FAULT};
 use crate::model::words;
 use crate::store::update;
 
@@ -191,7 +192,7 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
         reason: d.reason.lines().next().unwrap_or_default(),
         t: &t,
     };
-    let failover = (d.kind == Kind::Failover).then(|| failover_event(name, cluster, d));
+    let failover = (d.kind == Kind::Failover).then(|| events::failover_begin(name, cluster, d));
     if let Some(e) = &failover {
         shared.emit(e.clone().reason(&d.reason));
     }
@@ -211,62 +212,6 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
     }
     t.finish(&*shared.store, ok);
     task::unlock(&*shared.store, name, &holder);
-}
-
-/// A failover's begin event: the old primary (the decision's subject) and
-/// the standby the plan promotes.
-fn failover_event(name: &str, cluster: &Cluster, d: &Decision) -> NewEvent {
-    let old = d.subject.and_then(|id| cluster.db(id));
-    let new = d.plan.iter().find_map(|a| match a {
-        Action::Promote { id } | Action::AddWriteVip { id } => cluster.db(*id),
-        _ => None,
-    });
-    let mut e = NewEvent::new(EventKind::FailoverBegin, name).primaries(
-        &old.map(Db::addr).unwrap_or_default(),
-        &new.map(Db::addr).unwrap_or_default(),
-    );
-    if let Some(o) = old {
-        e = e.db(o.id, &o.host);
-    }
-    e
-}
-
-/// The event a step that succeeded makes, if any: fences, promotions and
-/// what the meta marks Fault.
-fn step_event(run: &Run, a: &Action) -> Option<NewEvent> {
-    let cluster = run.cluster;
-    let about = |kind, id: u32| {
-        let host = cluster.db(id).map(|d| d.host.clone()).unwrap_or_default();
-        NewEvent::new(kind, run.name).db(id, &host)
-    };
-    let addr = |id: u32| cluster.db(id).map(Db::addr).unwrap_or_default();
-    Some(match a {
-        Action::Fence { id } => about(EventKind::Fence, *id)
-            .reason("stopped (fast) and its write vip taken away so that it cannot take writes"),
-        Action::KillDb { id } => about(EventKind::Fence, *id).reason(
-            "killed (kill -9 of its postmaster and children) so that it cannot take writes",
-        ),
-        Action::Promote { id } => about(EventKind::Promote, *id)
-            .primaries(
-                &cluster.primary().map(Db::addr).unwrap_or_default(),
-                &addr(*id),
-            )
-            .reason(run.reason),
-        Action::MetaPrimary { id, old } => about(EventKind::Fault, *old)
-            .primaries(&addr(*old), &addr(*id))
-            .reason(&format!(
-                "marked Fault: database({}) is the primary now",
-                addr(*id)
-            )),
-        Action::MetaDbState { id, state } if *state == DB_FAULT => {
-            about(EventKind::Fault, *id).reason(run.reason)
-        }
-        Action::MetaClusterState { state } if *state == CLUSTER_FAULT => {
-            NewEvent::new(EventKind::Fault, run.name)
-                .reason(&format!("cluster marked Fault: {}", run.reason))
-        }
-        _ => return None,
-    })
 }
 
 /// Prefix for a plan's log lines, as the manual words them.
@@ -359,7 +304,7 @@ fn run_plan(run: &Run, d: &Decision) -> bool {
                 if let Action::Promote { .. } = a {
                     promoted = true;
                 }
-                if let Some(e) = step_event(run, a) {
+                if let Some(e) = events::of_step(run.name, cluster, run.reason, a) {
                     shared.emit(e);
                 }
                 log::debug!("{pre}: step '{a}' done in {ms} ms");

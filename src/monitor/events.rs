@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 
 use super::hooks::Hooks;
+use crate::ha::{Action, Decision};
 use crate::model::config::Config;
-use crate::model::event::{Event, NewEvent, Ring, RING_SIZE};
+use crate::model::event::{Event, EventKind, NewEvent, Ring, RING_SIZE};
+use crate::model::meta::{Cluster, Db, CLUSTER_FAULT, DB_FAULT};
 
 /// The file, under the data directory, that keeps the ring.
 pub const EVENTS_FILE: &str = "events.json";
@@ -143,6 +145,62 @@ impl Events {
     }
 }
 
+/// A failover's begin event: the old primary (the decision's subject) and
+/// the standby the plan promotes.
+pub(super) fn failover_begin(name: &str, cluster: &Cluster, d: &Decision) -> NewEvent {
+    let old = d.subject.and_then(|id| cluster.db(id));
+    let new = d.plan.iter().find_map(|a| match a {
+        Action::Promote { id } | Action::AddWriteVip { id } => cluster.db(*id),
+        _ => None,
+    });
+    let mut e = NewEvent::new(EventKind::FailoverBegin, name).primaries(
+        &old.map(Db::addr).unwrap_or_default(),
+        &new.map(Db::addr).unwrap_or_default(),
+    );
+    if let Some(o) = old {
+        e = e.db(o.id, &o.host);
+    }
+    e
+}
+
+/// The event a step of a plan for cluster `name` makes once it
+/// succeeded, if any: fences, promotions and what the meta marks Fault.
+/// `cluster` is the meta the plan was decided on; `reason` the decision's.
+pub(super) fn of_step(name: &str, cluster: &Cluster, reason: &str, a: &Action) -> Option<NewEvent> {
+    let about = |kind, id: u32| {
+        let host = cluster.db(id).map(|d| d.host.clone()).unwrap_or_default();
+        NewEvent::new(kind, name).db(id, &host)
+    };
+    let addr = |id: u32| cluster.db(id).map(Db::addr).unwrap_or_default();
+    Some(match a {
+        Action::Fence { id } => about(EventKind::Fence, *id)
+            .reason("stopped (fast) and its write vip taken away so that it cannot take writes"),
+        Action::KillDb { id } => about(EventKind::Fence, *id).reason(
+            "killed (kill -9 of its postmaster and children) so that it cannot take writes",
+        ),
+        Action::Promote { id } => about(EventKind::Promote, *id)
+            .primaries(
+                &cluster.primary().map(Db::addr).unwrap_or_default(),
+                &addr(*id),
+            )
+            .reason(reason),
+        Action::MetaPrimary { id, old } => about(EventKind::Fault, *old)
+            .primaries(&addr(*old), &addr(*id))
+            .reason(&format!(
+                "marked Fault: database({}) is the primary now",
+                addr(*id)
+            )),
+        Action::MetaDbState { id, state } if *state == DB_FAULT => {
+            about(EventKind::Fault, *id).reason(reason)
+        }
+        Action::MetaClusterState { state } if *state == CLUSTER_FAULT => {
+            NewEvent::new(EventKind::Fault, name)
+                .reason(&format!("cluster marked Fault: {}", reason))
+        }
+        _ => return None,
+    })
+}
+
 /// The ring saved in `file`; an empty one when there is none. A file that
 /// cannot be read is set aside (never deleted) and the ring starts empty.
 fn load(file: &std::path::Path) -> Ring {
@@ -242,6 +300,58 @@ mod tests {
         });
         assert!(saved);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failover_plan_maps_to_its_events() {
+        let clusters =
+            crate::model::meta::parse_clusters(include_str!("../../tests/data/init.json")).unwrap();
+        let c = &clusters["cluster01"];
+        let d = Decision {
+            kind: crate::ha::Kind::Failover,
+            plan: vec![
+                Action::Promote { id: 2 },
+                Action::MetaPrimary { id: 2, old: 1 },
+            ],
+            reason: "primary down\nswitch".to_string(),
+            subject: Some(1),
+        };
+        let begin = failover_begin("cluster01", c, &d);
+        assert_eq!(begin.kind, EventKind::FailoverBegin);
+        assert_eq!(begin.db_id, Some(1));
+        assert_eq!(
+            (begin.old_primary.as_str(), begin.new_primary.as_str()),
+            ("127.0.56.41:5432", "127.0.56.42:5432")
+        );
+        let promote = of_step("cluster01", c, "primary down", &d.plan[0]).unwrap();
+        assert_eq!(promote.kind, EventKind::Promote);
+        assert_eq!(
+            (promote.db_id, promote.host.as_str()),
+            (Some(2), "127.0.56.42")
+        );
+        assert_eq!(promote.old_primary, "127.0.56.41:5432");
+        assert_eq!(promote.reason, "primary down");
+        let fault = of_step("cluster01", c, "", &d.plan[1]).unwrap();
+        assert_eq!((fault.kind, fault.db_id), (EventKind::Fault, Some(1)));
+        let fence = of_step("cluster01", c, "", &Action::KillDb { id: 1 }).unwrap();
+        assert_eq!(
+            (fence.kind, fence.host.as_str()),
+            (EventKind::Fence, "127.0.56.41")
+        );
+        let standby_fault = Action::MetaDbState {
+            id: 3,
+            state: DB_FAULT,
+        };
+        assert_eq!(
+            of_step("cluster01", c, "down", &standby_fault).map(|e| (e.kind, e.db_id)),
+            Some((EventKind::Fault, Some(3)))
+        );
+        let normal = Action::MetaDbState {
+            id: 3,
+            state: crate::model::meta::DB_NORMAL,
+        };
+        assert!(of_step("cluster01", c, "", &normal).is_none());
+        assert!(of_step("cluster01", c, "", &Action::AddWriteVip { id: 2 }).is_none());
     }
 
     #[test]
