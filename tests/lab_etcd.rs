@@ -178,6 +178,22 @@ fn lab_etcd_leader_cut_off_from_etcd_stops_acting_and_the_follower_leads() {
     assert!(!lab
         .log_of(lead)
         .contains("Database(10.213.0.44:5432) restarted."));
+    // The new leader's events: its role change, then the restart.
+    let events = |l: &Lab| l.clup_on(follow, &["adm", "-q", "events"]).stdout;
+    assert!(
+        lab.wait(10, |l| events(l)
+            .contains(" restart cluster01 4 10.213.0.44 ")),
+        "{}",
+        events(&lab)
+    );
+    let listed = events(&lab);
+    let led = listed
+        .lines()
+        .position(|l| l.contains(" leader_change - - ") && l.contains("is now leader ("));
+    let restarted = listed
+        .lines()
+        .position(|l| l.contains(" restart cluster01 4 "));
+    assert!(led.is_some() && led < restarted, "{listed}");
     lab.lab(&["heal"]);
 }
 

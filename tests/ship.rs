@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clup::cli::{ADM_OPTIONS, COMMANDS, OPTION_DOCS};
+use clup::cli::{ADM_OPTIONS, COMMANDS, EXTRA_COMMANDS, OPTION_DOCS};
 use clup::model::config::{Config, KEYS};
 
 use crate::util::{Out, BIN};
@@ -136,7 +136,7 @@ fn clup_conf_5_documents_every_key_with_its_default() {
 #[test]
 fn clupadm_8_documents_every_command_option_and_exit_code() {
     let page = plain_roff(&read("man/clupadm.8"));
-    for (cmd, _) in COMMANDS {
+    for (cmd, _) in COMMANDS.iter().chain(EXTRA_COMMANDS) {
         assert!(
             page.lines()
                 .any(|l| l.starts_with(&format!(".B {cmd} ")) || l == format!(".B {cmd}")),
@@ -172,6 +172,9 @@ fn clupadm_8_documents_every_command_option_and_exit_code() {
         "run/clupserver.pid",
         "data/meta.json",
         "data/tasks/N.log",
+        "data/events.json",
+        "GET /events",
+        "CLUP_OLD_PRIMARY",
         "get_lb_host",
         "X-Clup-Token",
         "X-Clup-Pass",
@@ -195,7 +198,11 @@ fn bash_completion_agrees_with_adm_options() {
         .expect("_clupadm_commands=\"...\" line")
         .split_whitespace()
         .collect();
-    let want: BTreeSet<&str> = COMMANDS.iter().map(|(c, _)| *c).collect();
+    let want: BTreeSet<&str> = COMMANDS
+        .iter()
+        .chain(EXTRA_COMMANDS)
+        .map(|(c, _)| *c)
+        .collect();
     assert_eq!(commands, want, "completion commands differ from COMMANDS");
     for (cmd, opts) in ADM_OPTIONS {
         let prefix = format!("{cmd}) echo \"");

@@ -22,6 +22,7 @@ use crate::model::meta::{self, Clusters};
 use crate::model::report::{DelayRow, LsnRow};
 use crate::store::{open_store, FileStore, MetaDoc, MetaStore, StoreError, Task};
 
+mod events;
 mod text;
 pub use text::{delay_text, lsn_text, show_json, show_task_text, show_text, slots_text};
 
@@ -49,6 +50,13 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("task_log", "show task log."),
 ];
 
+/// Commands added since 1.x: in `--help` and clupadm(8), not in the
+/// manual's usage text (which 1.x scripts may compare).
+pub const EXTRA_COMMANDS: &[(&str, &str)] = &[(
+    "events",
+    "show the events clupserver recorded (state changes); -f follows.",
+)];
+
 /// The usage text clupadm prints when called without a command: the
 /// manual's, word for word (1.x ran as `clup_adm.py`, and said so).
 pub fn usage() -> String {
@@ -63,8 +71,12 @@ pub fn usage() -> String {
 
 /// `clupadm --help`: the usage, then the options common to all commands.
 pub fn help() -> String {
+    let mut extra = String::new();
+    for (name, desc) in EXTRA_COMMANDS {
+        extra.push_str(&format!("      {name:<15} : {desc}\n"));
+    }
     format!(
-        "{}    common options: -c CLUSTER, --json (machine-readable output, no banner),\n    \
+        "{}{extra}    common options: -c CLUSTER, --json (machine-readable output, no banner),\n    \
          -q/--quiet (no banner line), -h (help of a command)\n",
         usage().replacen("clup_adm.py", "clupadm", 1)
     )
@@ -111,7 +123,8 @@ pub const OPTION_DOCS: &[(&str, &str, &str, &str)] = &[
     ("--force", "", "", "init: replace an existing meta (task records are kept)"),
     ("--rewind", "", "", "repair: run pg_rewind from the current primary first"),
     ("--rebuild", "", "", "repair: rebuild the node with pg_basebackup (the old data directory is moved aside, never deleted)"),
-    ("--follow", "", "", "task_log: keep following the log until the task ends"),
+    ("--follow", "", "", "task_log: keep following the log until the task ends; events (also -f): print new events as they come, until interrupted"),
+    ("--since", "", "SEQ", "events: only the events numbered above SEQ (default 0: every event kept)"),
     ("--no-follow", "", "", "log, repair, switch: print and return instead of following"),
 ];
 
@@ -133,6 +146,7 @@ pub const ADM_OPTIONS: &[(&str, &[&str])] = &[
     ("get_meta", &["-c", "--json"]),
     ("show_task", &["-c", "--json"]),
     ("task_log", &["-t", "--follow"]),
+    ("events", &["-c", "--since", "--follow", "--json"]),
 ];
 
 /// Parsed options; each command reads only its own.
@@ -149,6 +163,7 @@ struct Opts {
     rebuild: bool,
     follow: bool,
     no_follow: bool,
+    since: Option<u64>,
 }
 
 fn number<T: std::str::FromStr>(p: &mut lexopt::Parser, what: &str) -> Result<T, Failure> {
@@ -179,6 +194,12 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
         if name == "-h" || name == "--help" {
             return Err(fail(0, help()));
         }
+        // As with tail -f: for events, -f follows (it reads no file).
+        let name = if cmd == "events" && name == "-f" {
+            "--follow".to_string()
+        } else {
+            name
+        };
         let canonical = OPTION_DOCS
             .iter()
             .find(|(c, long, _, _)| *c == name || (!long.is_empty() && *long == name))
@@ -197,6 +218,7 @@ fn parse_opts(p: &mut lexopt::Parser, cmd: &str) -> Result<Opts, Failure> {
             "--rebuild" => o.rebuild = true,
             "--follow" => o.follow = true,
             "--no-follow" => o.no_follow = true,
+            "--since" => o.since = Some(number(p, "sequence number")?),
             _ => unreachable!("every OPTION_DOCS entry is handled"),
         }
     }
@@ -279,6 +301,7 @@ fn run(home: &Home, cmd: &str, p: &mut lexopt::Parser) -> Result<String, Failure
         "get_last_lsn" => cmd_get_last_lsn(home, parse_opts(p, cmd)?),
         "repl_delay" => cmd_repl_delay(home, parse_opts(p, cmd)?),
         "switch" | "repair" => cmd_switch_or_repair(home, cmd, parse_opts(p, cmd)?),
+        "events" => events::cmd_events(home, parse_opts(p, cmd)?),
         other => Err(fail(
             EXIT_USAGE,
             format!("unknown command '{other}'\n{}", usage()),
@@ -697,14 +720,17 @@ mod tests {
 
     #[test]
     fn option_tables_agree() {
-        for (cmd, _) in COMMANDS {
+        for (cmd, _) in COMMANDS.iter().chain(EXTRA_COMMANDS) {
             assert!(
                 ADM_OPTIONS.iter().any(|(c, _)| c == cmd),
                 "{cmd} has no options entry"
             );
         }
         for (cmd, opts) in ADM_OPTIONS {
-            assert!(COMMANDS.iter().any(|(c, _)| c == cmd), "{cmd}");
+            assert!(
+                COMMANDS.iter().chain(EXTRA_COMMANDS).any(|(c, _)| c == cmd),
+                "{cmd}"
+            );
             for o in *opts {
                 assert!(
                     OPTION_DOCS.iter().any(|(c, ..)| c == o),

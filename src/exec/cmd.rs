@@ -10,6 +10,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -203,6 +204,22 @@ pub fn run_unchecked(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Output, CommandError> {
+    run_unchecked_env(what, program, args, &[], stdin, timeout, None)
+}
+
+/// [`run_unchecked`] with these variables added to the environment (the
+/// way to hand a child details without putting them on its command line,
+/// where `ps` shows them). While the child runs, its process group is in
+/// `running` (0 otherwise), so that another thread can kill it early.
+pub fn run_unchecked_env(
+    what: &str,
+    program: &str,
+    args: &[String],
+    env: &[(&str, String)],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    running: Option<&AtomicI32>,
+) -> Result<Output, CommandError> {
     let started = Instant::now();
     let io = |err| CommandError::Io {
         what: what.to_string(),
@@ -210,6 +227,7 @@ pub fn run_unchecked(
     };
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -221,6 +239,9 @@ pub fn run_unchecked(
         .spawn()
         .map_err(io)?;
     let pgid = child.id() as libc::pid_t;
+    if let Some(r) = running {
+        r.store(pgid, Ordering::Release);
+    }
 
     if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let data = data.to_vec();
@@ -245,6 +266,9 @@ pub fn run_unchecked(
             }
         }
     };
+    if let Some(r) = running {
+        r.store(0, Ordering::Release);
+    }
     let Some(status) = status else {
         kill_group(pgid);
         let _ = child.wait();
@@ -269,7 +293,8 @@ pub fn run_unchecked(
     Ok(out)
 }
 
-fn kill_group(pgid: libc::pid_t) {
+/// SIGKILL to process group `pgid` (a child started here leads its own).
+pub fn kill_group(pgid: libc::pid_t) {
     if pgid > 1 {
         // SAFETY: kill(2) with a negative pid signals the process group we
         // created for this child (process_group(0) makes pgid == pid).

@@ -6,6 +6,7 @@
 //! reading the files it is given.
 
 pub mod config;
+pub mod event;
 pub mod home;
 pub mod meta;
 pub mod report;

@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::checks::write_vip_seen;
+use super::events;
 use super::probe::seen_of;
 use super::task::{self, TaskHandle};
 use super::Shared;
@@ -24,6 +25,7 @@ use crate::exec::ssh as exssh;
 use crate::exec::wire::Handshake;
 use crate::exec::{cstlb, pgctl, vip};
 use crate::ha::{self, Action, Decision, Facts, Kind, VipSeen};
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::meta::{Cluster, Db, DB_FAULT};
 use crate::model::words;
 use crate::store::update;
@@ -74,7 +76,7 @@ pub(super) fn act_on(
         }
         Kind::Restart => {
             log::info!("{}", d.reason);
-            Acted::Restarted(restart(shared, cluster, &d.plan))
+            Acted::Restarted(restart(shared, name, cluster, &d.plan))
         }
         Kind::AutoRewind => match d.plan.first() {
             Some(&Action::RewindDb { id }) => {
@@ -101,7 +103,12 @@ pub(super) fn act_on(
 /// Start the databases the plan names; returns their ids. A probe that
 /// failed for want of an answer (an overloaded server or network) finds
 /// the server running: pg_ctl leaves it be.
-fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<(u32, Option<String>)> {
+fn restart(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    plan: &[Action],
+) -> Vec<(u32, Option<String>)> {
     let mut out = Vec::new();
     for a in plan {
         let Action::RestartDb { id } = a else {
@@ -111,20 +118,27 @@ fn restart(shared: &Shared, cluster: &Cluster, plan: &[Action]) -> Vec<(u32, Opt
             out.push((*id, None));
             continue;
         };
-        let why = match pgctl::start(&shared.ssh, db, &shared.cfg) {
+        let (why, outcome) = match pgctl::start(&shared.ssh, db, &shared.cfg) {
             Ok(o) if o.stdout.contains("server is already running") => {
                 log::info!("Database({}) is running: not restarted.", db.addr());
-                None
+                (None, "it was running: not restarted".to_string())
             }
             Ok(_) => {
                 log::info!("Database({}) restarted.", db.addr());
-                None
+                (None, "restarted".to_string())
             }
             Err(e) => {
                 log::error!("Restart of database({}) failed: {e}", db.addr());
-                Some(pgctl::start_failure_why(&e.to_string()))
+                let why = pgctl::start_failure_why(&e.to_string());
+                let outcome = format!("restart failed: {why}");
+                (Some(why), outcome)
             }
         };
+        shared.emit(
+            NewEvent::new(EventKind::Restart, name)
+                .db(db.id, &db.host)
+                .reason(&outcome),
+        );
         out.push((*id, why));
     }
     out
@@ -183,10 +197,20 @@ fn run_as_task(shared: &Arc<Shared>, name: &str, cluster: &Cluster, d: &Decision
         facts,
         pre,
         commit_lines,
+        reason: d.reason.lines().next().unwrap_or_default(),
         t: &t,
     };
+    let failover = (d.kind == Kind::Failover).then(|| events::failover_begin(name, cluster, d));
+    if let Some(e) = &failover {
+        shared.emit(e.clone().reason(&d.reason));
+    }
     let ok = run_plan(&run, d);
     let ms = started.elapsed().as_millis() as u64;
+    if let Some(mut e) = failover {
+        e.kind = EventKind::FailoverEnd;
+        let how = if ok { "completed" } else { "failed" };
+        shared.emit(e.reason(&format!("failover {how} after {ms} ms (task {})", t.id)));
+    }
     if d.kind == Kind::Failover && ok {
         shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
         shared
@@ -246,6 +270,8 @@ struct Run<'a> {
     pre: String,
     /// The reason's lines logged when the plan commits ([`commits`]).
     commit_lines: Vec<String>,
+    /// The reason's first line, for events.
+    reason: &'a str,
     t: &'a TaskHandle,
 }
 
@@ -288,6 +314,9 @@ fn run_plan(run: &Run, d: &Decision) -> bool {
             Ok(()) => {
                 if let Action::Promote { .. } = a {
                     promoted = true;
+                }
+                if let Some(e) = events::of_step(run.name, cluster, run.reason, a) {
+                    shared.emit(e);
                 }
                 log::debug!("{pre}: step '{a}' done in {ms} ms");
             }
@@ -387,8 +416,10 @@ fn step(run: &Run, a: &Action) -> Result<(), String> {
         Action::Fence { id } => fence(shared, cluster, *id, pre, t),
         Action::KillDb { id } => kill(shared, cluster, *id, pre, t),
         Action::ConfirmGone { id, cand } => confirm_gone(run, *id, *cand),
-        Action::CstlbDelete { backend } => cstlb_change(shared, cluster, backend, false, pre, t),
-        Action::CstlbAdd { backend } => cstlb_change(shared, cluster, backend, true, pre, t),
+        Action::CstlbDelete { backend } => {
+            cstlb_change(shared, name, cluster, backend, false, pre, t)
+        }
+        Action::CstlbAdd { backend } => cstlb_change(shared, name, cluster, backend, true, pre, t),
         Action::DeleteWriteVip { host } => delete_write_vip(shared, cluster, host, t),
         Action::EnsureWriteVipFree { id } => ensure_write_vip_free(shared, cluster, *id),
         Action::Promote { id } => promote(shared, cluster, *id, pre, t),
@@ -621,6 +652,7 @@ fn log_positions(run: &Run, cand: u32, probes: &std::collections::BTreeMap<u32, 
 /// Add a backend to, or remove it from, every cstlb (never fatal).
 fn cstlb_change(
     shared: &Shared,
+    name: &str,
     cluster: &Cluster,
     backend: &str,
     add: bool,
@@ -629,11 +661,11 @@ fn cstlb_change(
 ) -> Result<(), String> {
     if add {
         t.info(&format!("{pre}: begin add host({backend}) to cstlb ..."));
-        cstlb_all(shared, cluster, backend, add, t);
+        cstlb_all(shared, name, cluster, backend, add, t);
         t.info(&format!("{pre}: add host({backend}) to cstlb finished."));
     } else {
         t.info(&words::cstlb_remove_begin(pre, backend));
-        cstlb_all(shared, cluster, backend, add, t);
+        cstlb_all(shared, name, cluster, backend, add, t);
         t.info(&words::cstlb_remove_done(pre, backend));
     }
     Ok(())
@@ -775,7 +807,14 @@ pub fn meta_update_cluster(
 
 /// Tell every cstlb of the cluster, in parallel; failures are logged and
 /// counted, never fatal, never slower than cstlb_timeout.
-pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t: &TaskHandle) {
+pub fn cstlb_all(
+    shared: &Shared,
+    name: &str,
+    cluster: &Cluster,
+    backend: &str,
+    add: bool,
+    t: &TaskHandle,
+) {
     let cfg = &shared.cfg;
     let errors: Vec<String> = thread::scope(|s| {
         let hs: Vec<_> = cluster
@@ -796,6 +835,19 @@ pub fn cstlb_all(shared: &Shared, cluster: &Cluster, backend: &str, add: bool, t
             .filter_map(|h| h.join().ok().flatten())
             .collect()
     });
+    let failed = errors.len();
+    if failed < cluster.cstlb_list.len() {
+        shared.emit(
+            NewEvent::new(EventKind::CstlbChange, name)
+                .host(backend)
+                .reason(&format!(
+                    "backend {backend} {} {} of {} cstlb(s)",
+                    if add { "added to" } else { "removed from" },
+                    cluster.cstlb_list.len() - failed,
+                    cluster.cstlb_list.len()
+                )),
+        );
+    }
     for e in errors {
         shared
             .counters

@@ -20,6 +20,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::model::config::{Config, StoreKind};
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::home::Home;
 use crate::store::etcd::{self, Campaign, Elected, EtcdStore, Leader};
 use crate::store::{open_store, MetaDoc, MetaStore, StoreError};
@@ -277,6 +278,7 @@ pub fn start(
     gate: Arc<Gate>,
     stop: Arc<AtomicBool>,
     run_dir: std::path::PathBuf,
+    events: Arc<crate::monitor::events::Events>,
 ) -> Option<thread::JoinHandle<()>> {
     gate.campaign.as_ref()?;
     let role_file = run_dir.join(ROLE_FILE);
@@ -291,6 +293,11 @@ pub fn start(
                     if let Err(e) = crate::store::write_atomic(&role_file, role.as_bytes()) {
                         log::warn!("cannot write {}: {e}", role_file.display());
                     }
+                    events.emit(
+                        NewEvent::new(EventKind::LeaderChange, "")
+                            .host(gate.id())
+                            .reason(&format!("this clupserver is now {role}")),
+                    );
                     shown = role;
                 }
                 let end = std::time::Instant::now() + wait;

@@ -10,7 +10,9 @@
 mod act;
 mod checks;
 mod decide;
+pub mod events;
 pub mod history;
+mod hooks;
 pub mod leader;
 pub mod ops;
 mod probe;
@@ -70,6 +72,8 @@ pub struct Shared {
     pub counters: Counters,
     /// Whether this clupserver may act (the leader lease with etcd).
     pub gate: Arc<crate::monitor::leader::Gate>,
+    /// Where state changes are recorded (GET /events, event_command).
+    pub events: Arc<events::Events>,
     /// The interface in `network` of hosts looked at lately, and when:
     /// spares the VIP step of a failover one ssh call.
     ifnames: Mutex<BTreeMap<String, (String, Instant)>>,
@@ -180,6 +184,7 @@ impl Shared {
             history: Mutex::new(history::History::new()),
             counters: Counters::default(),
             gate: Arc::new(crate::monitor::leader::Gate::always()),
+            events: events::Events::off(),
             ifnames: Mutex::new(BTreeMap::new()),
             early_gathers: Arc::new(AtomicUsize::new(0)),
             last_ahead: Mutex::new(None),
@@ -277,6 +282,17 @@ impl Shared {
     pub fn with_gate(mut self, gate: Arc<crate::monitor::leader::Gate>) -> Shared {
         self.gate = gate;
         self
+    }
+
+    /// As [`Shared::new`], recording events in `events`.
+    pub fn with_events(mut self, events: Arc<events::Events>) -> Shared {
+        self.events = events;
+        self
+    }
+
+    /// Record a state change (see [`events::Events::emit`]).
+    pub fn emit(&self, e: crate::model::event::NewEvent) {
+        self.events.emit(e);
     }
 
     pub fn params(&self) -> Params {

@@ -12,6 +12,7 @@ use std::thread;
 use super::{task, Memory, Shared};
 use crate::exec::{cstlb, vip};
 use crate::ha::Facts;
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::meta::{Cluster, Db};
 
 /// Run the upkeep of a calm round; `primary_ok`: the primary answered as
@@ -225,6 +226,17 @@ fn reconcile_cstlb(
                         "Cluster({name}): cstlb({mgr}) backends reconciled: {}",
                         changed.join(" ")
                     );
+                    for c in &changed {
+                        let (verb, backend) = match c.strip_prefix('+') {
+                            Some(b) => ("added to", b),
+                            None => ("removed from", c.trim_start_matches('-')),
+                        };
+                        shared.emit(
+                            NewEvent::new(EventKind::CstlbChange, name)
+                                .host(backend)
+                                .reason(&format!("backend {backend} {verb} cstlb({mgr}) (upkeep: it differed from the meta)")),
+                        );
+                    }
                 }
             }
             Err(e) => {

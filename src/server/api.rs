@@ -3,7 +3,7 @@
 //! Two audiences share one port:
 //! - programs (cstlb, proxies, Prometheus) use `GET /<cluster>/get_lb_host`,
 //!   `GET /<cluster>/primary|replica` ([`crate::server::health`]), `GET /metrics`
-//!   ([`crate::server::metrics`]), authenticated by `http_token` (query `token=`,
+//!   ([`crate::server::metrics`]), `GET /events?since=N`, authenticated by `http_token` (query `token=`,
 //!   header `X-Clup-Token` or `Authorization: Bearer`), and `GET /health`;
 //! - browsers open the status page `GET /`, which polls `GET /api/status`
 //!   with the token ([`crate::server::status`]);
@@ -20,6 +20,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use crate::model::config::{clip, constant_time_eq, Config};
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::meta::{self, Clusters, CLUSTER_FROZEN, CLUSTER_NORMAL};
 use crate::store::{update, MetaStore, UpdateError};
 use crate::util::url::split_url;
@@ -106,6 +107,7 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
         ("GET", [""]) => crate::server::status::page(),
         ("GET", ["api", "status"]) => crate::server::status::serve(ctx, req, &query),
         ("GET", ["health"]) => Resp::ok(json!({"status": "ok"})),
+        ("GET", ["events"]) => events(ctx, req, &query),
         ("GET", ["metrics"]) => crate::server::metrics::serve(ctx, req, &query),
         ("GET", [cluster, what @ ("primary" | "replica")]) => {
             crate::server::health::route(ctx, req, &query, cluster, what)
@@ -136,6 +138,26 @@ pub fn route(ctx: &Ctx, req: &Req) -> Resp {
             format!("no such endpoint: {} {}", clip(req.method), clip(path)),
         ),
     }
+}
+
+/// `GET /events?since=N`: the recorded events numbered above N (all kept
+/// ones without `since`), oldest first, and the last number handed out so
+/// far, for the next `since`. Authenticated by `http_token`.
+fn events(ctx: &Ctx, req: &Req, query: &BTreeMap<String, String>) -> Resp {
+    if let Some(r) = check_token(ctx, req, query) {
+        return r;
+    }
+    let since = match query.get("since").map(|v| v.parse::<u64>()) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return Resp::err(400, "since must be a whole number (a sequence number)"),
+    };
+    let Some(m) = &ctx.monitor else {
+        return Resp::err(503, "the monitor is not running");
+    };
+    let events = m.events.since(since);
+    let last = events.last().map_or(since, |e| e.seq);
+    Resp::ok(json!({ "events": events, "last": last }))
 }
 
 /// `http_token` from `X-Clup-Token`, `Authorization: Bearer` (Prometheus)
@@ -302,6 +324,17 @@ fn admin_freeze(ctx: &Ctx, clusters: &Clusters, args: &Value, freeze: bool) -> R
     match res {
         Ok(_) => {
             log::info!("Cluster({name}) {verb} by clupadm.");
+            if let Some(m) = &ctx.monitor {
+                let kind = if freeze {
+                    EventKind::Froze
+                } else {
+                    EventKind::Unfroze
+                };
+                m.emit(NewEvent::new(kind, &name).reason(&format!(
+                    "{verb} by clupadm {}",
+                    if freeze { "froze" } else { "unfroze" }
+                )));
+            }
             Resp::ok(json!({ "cluster": name, "state": meta::cluster_state_name(to) }))
         }
         Err(e) => refused(e),

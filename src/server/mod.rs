@@ -252,9 +252,18 @@ fn run(
 
     // The lease is given back only after the probe threads stopped acting.
     let lead_stop = Arc::new(AtomicBool::new(false));
-    let leader_thread =
-        crate::monitor::leader::start(gate.clone(), lead_stop.clone(), home.run_dir());
-    let monitor = Arc::new(Shared::new(cfg.clone(), home.clone(), store.clone()).with_gate(gate));
+    let events = crate::monitor::events::Events::start(&cfg, &home.data_dir());
+    let leader_thread = crate::monitor::leader::start(
+        gate.clone(),
+        lead_stop.clone(),
+        home.run_dir(),
+        events.clone(),
+    );
+    let monitor = Arc::new(
+        Shared::new(cfg.clone(), home.clone(), store.clone())
+            .with_gate(gate)
+            .with_events(events.clone()),
+    );
     log::info!("Start ha checking thread... ");
     let supervisor = monitor::start(&monitor);
     log::info!("Start health checking thread... ");
@@ -318,6 +327,8 @@ fn run(
             STOP_GRACE.as_secs()
         );
     }
+    // Numbers go on after a restart; hooks still queued are not run.
+    events.shutdown();
     log::info!("Program stopped.");
     Ok(())
 }

@@ -164,6 +164,10 @@ pub const KEYS: &[Key] = &[
           doc: "Seconds a request to one etcd member may take before the next member is tried (a request that may have been applied is not tried again)." },
     Key { name: "leader_ttl", kind: Kind::Seconds, default: Some("10"),
           doc: "Seconds of the etcd lease behind the leader key: a leader that cannot renew it stops acting before it expires, and another monitor may take over after it expires. At least 3 times etcd_timeout." },
+    Key { name: "event_command", kind: Kind::Text, default: Some(""),
+          doc: "Shell command run (sh -c, as the user running clupserver) for every event: fault, restart, failover_begin, failover_end, promote, fence, switch, repair, froze, unfroze, cstlb_change, leader_change. The details are in environment variables (CLUP_EVENT, CLUP_EVENT_SEQ, CLUP_CLUSTER, CLUP_DB_ID, CLUP_HOST, CLUP_OLD_PRIMARY, CLUP_NEW_PRIMARY, CLUP_REASON, CLUP_TIME), never on its command line. Hooks run one at a time, in order, on a thread of their own: a slow hook delays later hooks, never a failover. Their output is logged as 'Event hook' lines. Empty: no hook (events are still recorded and served by GET /events)." },
+    Key { name: "event_timeout", kind: Kind::Seconds, default: Some("30"),
+          doc: "Seconds an event_command may run; then its whole process group is killed and the next event's hook runs." },
 ];
 
 /// Where the meta lives.
@@ -218,6 +222,9 @@ pub struct Config {
     pub etcd_prefix: String,
     pub etcd_timeout: Duration,
     pub leader_ttl: Duration,
+    /// Empty: no event hook.
+    pub event_command: String,
+    pub event_timeout: Duration,
 }
 
 /// A problem in clup.conf, with enough context to fix it.
@@ -326,6 +333,8 @@ impl Config {
             etcd_prefix: get("etcd_prefix"),
             etcd_timeout: secs("etcd_timeout"),
             leader_ttl: secs("leader_ttl"),
+            event_command: get("event_command"),
+            event_timeout: secs("event_timeout"),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::exec::pgver::PgVer;
 use crate::exec::shell::quote;
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, recovery};
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::meta::{Cluster, Db, DB_NORMAL};
 use crate::model::words;
 use crate::monitor::task::TaskHandle;
@@ -56,8 +57,20 @@ pub fn start_repair(
     }
     let name = format!("repair {cluster}(dbid={id})");
     let cl = cluster.to_string();
+    let event = NewEvent::new(EventKind::Repair, cluster).db(id, &db.host);
+    let how = match mode {
+        RepairMode::Plain => "repair",
+        RepairMode::Rewind => "repair --rewind",
+        RepairMode::Rebuild => "repair --rebuild",
+    };
     spawn_task(shared, cluster, name, move |s, t| {
-        repair(s, &cl, id, mode, t)
+        let res = repair(s, &cl, id, mode, t);
+        let end = match &res {
+            Ok(()) => format!("{how} completed (task {})", t.id),
+            Err(e) => format!("{how} failed (task {}): {e}", t.id),
+        };
+        s.emit(event.reason(&end));
+        res
     })
 }
 
@@ -386,7 +399,7 @@ fn mark_normal(
         d.is_primary = 0;
         Ok(())
     })?;
-    cstlb_all(shared, &f.c, &f.db.addr(), true, t);
+    cstlb_all(shared, name, &f.c, &f.db.addr(), true, t);
     Ok(())
 }
 

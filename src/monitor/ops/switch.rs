@@ -13,6 +13,7 @@ use crate::exec::pg::{self, format_lsn, parse_lsn, DbProbe};
 use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, vip};
 use crate::ha;
+use crate::model::event::{EventKind, NewEvent};
 use crate::model::meta::{Cluster, Db};
 use crate::monitor::task::TaskHandle;
 use crate::monitor::{self, cstlb_all, repoint_db, vip_of, Shared};
@@ -53,12 +54,25 @@ pub fn start_switch(
     }
     let name = format!("switch {cluster} to dbid={target}");
     let cl = cluster.to_string();
-    spawn_task(shared, cluster, name, move |s, t| switch(s, &cl, target, t))
+    let event = NewEvent::new(EventKind::Switch, cluster)
+        .db(target, &db.host)
+        .primaries(&c.primary().map(Db::addr).unwrap_or_default(), &db.addr());
+    spawn_task(shared, cluster, name, move |s, t| {
+        let res = switch(s, &cl, target, t);
+        let how = match &res {
+            Ok(()) => format!("switchover completed (task {})", t.id),
+            Err(e) => format!("switchover failed (task {}): {e}", t.id),
+        };
+        s.emit(event.reason(&how));
+        res
+    })
 }
 
 /// What a switch found out before it changed anything: every later step
 /// works from these, so that all of them act on the same cluster view.
 struct SwitchFacts {
+    /// The cluster's name.
+    name: String,
     /// The cluster as read when the task started.
     c: Cluster,
     /// The primary to switch from.
@@ -87,8 +101,8 @@ fn switch(shared: &Arc<Shared>, name: &str, target: u32, t: &TaskHandle) -> Resu
 
     set_sync_names_on_new_primary(shared, &f, t, &pre);
     repoint_to_new_primary(shared, &f, t, &pre)?;
-    cstlb_all(shared, &f.c, &f.new.addr(), false, t);
-    cstlb_all(shared, &f.c, &f.old.addr(), true, t);
+    cstlb_all(shared, name, &f.c, &f.new.addr(), false, t);
+    cstlb_all(shared, name, &f.c, &f.old.addr(), true, t);
     if f.c.read_vip_host == f.new.host {
         move_read_vip_to_old_primary(shared, name, &f, t, &pre)?;
     }
@@ -138,6 +152,7 @@ fn switch_preflight(
     }
     let write_vip = vip_of(&c.write_vip)?;
     Ok(SwitchFacts {
+        name: name.to_string(),
         c,
         old,
         new,
@@ -248,6 +263,12 @@ fn promote_new_primary(
         "{pre}: Promote standby database({}) to primary completed.",
         new.host
     ));
+    shared.emit(
+        NewEvent::new(EventKind::Promote, &f.name)
+            .db(new.id, &new.host)
+            .primaries(&f.old.addr(), &new.addr())
+            .reason("switchover requested with clupadm switch"),
+    );
     let (ifname, _) =
         vip::find_interface(ssh, &new.host, cfg.network, write_vip).map_err(|e| e.to_string())?;
     vip::add(ssh, &new.host, write_vip, &ifname).map_err(|e| e.to_string())?;
