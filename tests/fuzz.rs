@@ -641,6 +641,25 @@ fn check_resp(d: &Decoded, r: &api::Resp, authed_pass: bool) -> Result<(), Strin
     if !matches!(r.status, 200 | 400 | 401 | 404 | 405 | 409 | 413 | 500) {
         return Err(format!("unexpected status {}", r.status));
     }
+    // The status page (GET /): the one answer that is not JSON. It holds
+    // no secret and no data (the page fetches those with the token).
+    if let Some((ctype, page)) = &r.text {
+        let path = d.url.split(['?', '#']).next().unwrap_or("");
+        if !(d.method == "GET"
+            && (path == "/" || path.is_empty())
+            && r.status == 200
+            && ctype.starts_with("text/html"))
+        {
+            return Err(format!(
+                "a {ctype} answer with status {} to {} {}",
+                r.status, d.method, d.url
+            ));
+        }
+        if let Some(s) = ALL_SECRETS.iter().find(|s| page.contains(*s)) {
+            return Err(format!("secret {s} in the status page"));
+        }
+        return Ok(());
+    }
     let text = r.body.to_string();
     let ok = r.body["ok"].as_bool().ok_or("answer without ok")?;
     if ok != (r.status == 200) {
