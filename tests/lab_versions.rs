@@ -341,6 +341,15 @@ fn scenarios(major: &'static str, repair: Repair) {
                 "cd /var/lib/postgresql/pgdata && ls -la . && cat PG_VERSION && tail -n 40 clup_start.log server.log; grep -hv 'the database system is starting up' pg_log/* log/* 2>/dev/null | tail -n 80",
             ],
         );
+        // CLUP_LAB_HOLD=SECS keeps the lab (and its lock) as it failed,
+        // to look at it with `scripts/lab exec`.
+        if let Some(s) = std::env::var("CLUP_LAB_HOLD")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            eprintln!("repair {flag} failed: holding the lab for {s} s");
+            std::thread::sleep(std::time::Duration::from_secs(s));
+        }
         panic!(
             "repair {flag}: {out:?}\n--- pg01:\n{}\n{}\n--- clupserver:\n{}",
             logs.stdout,
