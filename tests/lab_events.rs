@@ -21,6 +21,67 @@ fn hook_blocks(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Seconds since the epoch of a clupserver log line's timestamp
+/// ("2026-12-06 07:24:28,068 INFO ..."), by date(1).
+fn log_time(line: &str) -> f64 {
+    let ts = line.get(..23).unwrap_or_default().replace(',', ".");
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &ts, "+%s.%N"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no time in {line:?}"))
+}
+
+/// The hook's latency: from the log line that records an event (froze, on
+/// a freeze asked by clupadm) to the hook's first command, in ms.
+fn hook_latency(lab: &Lab, out: &std::path::Path) {
+    for i in 1..=5 {
+        for cmd in ["froze", "unfroze"] {
+            assert_eq!(lab.adm(&["-q", cmd, "-c", "cluster01"]).code, 0);
+            let ran = lab.wait(5, |_| {
+                std::fs::read_to_string(out)
+                    .unwrap_or_default()
+                    .matches(&format!("CLUP_EVENT={cmd}\n"))
+                    .count()
+                    >= i
+            });
+            assert!(ran, "no {cmd} hook:\n{}", lab.log());
+        }
+    }
+    let text = std::fs::read_to_string(out).unwrap();
+    let log = lab.log();
+    let mut lat = Vec::new();
+    for b in text.split("--\n").filter(|b| b.contains("CLUP_EVENT=")) {
+        let at: f64 = b
+            .lines()
+            .find_map(|l| l.strip_prefix("HOOK_AT="))
+            .and_then(|v| v.parse().ok())
+            .expect("HOOK_AT");
+        let seq = b
+            .lines()
+            .find_map(|l| l.strip_prefix("CLUP_EVENT_SEQ="))
+            .expect("CLUP_EVENT_SEQ");
+        let line = log
+            .lines()
+            .find(|l| l.contains(&format!(" INFO Event {seq} ")))
+            .unwrap_or_else(|| panic!("no log line of event {seq}:\n{log}"));
+        lat.push((at - log_time(line)) * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    assert_eq!(lat.len(), 10, "{text}");
+    // The log line is written right after the event is queued: a hook can
+    // start before it, never long after.
+    assert!(lat[0] > -50.0 && lat[9] < 2000.0, "{lat:?}");
+    eprintln!(
+        "hook latency (event logged -> hook's first command), 10 events: median {:.0} ms, max {:.0} ms",
+        lat[5], lat[9]
+    );
+    let _ = std::fs::remove_file(out);
+}
+
 #[test]
 fn lab_events_a_hook_sleeping_60_s_never_delays_the_failover() {
     let mut lab = Lab::take(1);
@@ -32,13 +93,14 @@ fn lab_events_a_hook_sleeping_60_s_never_delays_the_failover() {
     std::fs::write(
         lab.home.join("conf/clup.conf"),
         format!(
-            "{conf}\nevent_command = (env | grep '^CLUP_' | sort; echo --) >> {}; if [ \"$CLUP_EVENT\" = failover_begin ]; then sleep 60; fi\nevent_timeout = 30\n",
+            "{conf}\nevent_command = (echo \"HOOK_AT=$(date +%s.%N)\"; env | grep '^CLUP_' | sort; echo --) >> {}; if [ \"$CLUP_EVENT\" = failover_begin ]; then sleep 60; fi\nevent_timeout = 30\n",
             out.display()
         ),
     )
     .unwrap();
     lab.start_server();
     assert!(lab.wait(10, |l| l.log().contains("3 standby(s) ok")));
+    hook_latency(&lab, &out);
 
     let t0 = Instant::now();
     assert_eq!(lab.lab(&["poweroff", "pg01"]).code, 0);

@@ -64,7 +64,10 @@ fn lab_logs_rotation_during_failover_loses_no_line() {
                     d.flatten().any(|e| {
                         std::fs::read_to_string(e.path())
                             .unwrap_or_default()
-                            .contains("all completed.")
+                            .lines()
+                            .any(|l| {
+                                l.contains("switch to new host(") && l.ends_with(") completed.")
+                            })
                     })
                 })
                 .unwrap_or(false)
