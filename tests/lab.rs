@@ -300,24 +300,31 @@ impl Lab {
 
     /// Start postgres on a db host by hand, as an operator would after a reboot.
     pub fn start_postgres(&self, host: &str) {
-        let pg_ctl = format!("{}/pg_ctl", self.pg_bin);
-        let out = self.exec(
-            host,
-            &[
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                &pg_ctl,
-                "-D",
-                "/var/lib/postgresql/pgdata",
-                "start",
-                "-w",
-                "-l",
-                "/var/lib/postgresql/pgdata/server.log",
-            ],
-        );
+        let log = "/var/lib/postgresql/pgdata/server.log";
+        let out = self.pg_ctl(host, &["start", "-w", "-l", log]);
         assert_eq!(out.code, 0, "start postgres on {host}: {out:?}");
+    }
+
+    /// Stop postgres on a db host by hand (fast, waiting), as an operator.
+    pub fn stop_postgres(&self, host: &str) {
+        let out = self.pg_ctl(host, &["-m", "fast", "-w", "stop"]);
+        assert_eq!(out.code, 0, "pg_ctl stop on {host}: {out:?}");
+    }
+
+    /// The lab's pg_ctl on `host`'s data directory, as postgres.
+    pub fn pg_ctl(&self, host: &str, args: &[&str]) -> Out {
+        let pg_ctl = format!("{}/pg_ctl", self.pg_bin);
+        let mut all = vec![
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            &pg_ctl,
+            "-D",
+            "/var/lib/postgresql/pgdata",
+        ];
+        all.extend_from_slice(args);
+        self.exec(host, &all)
     }
 
     /// kill -9 the postmaster of a db host and its children, by pid.

@@ -42,27 +42,6 @@ fn sql(lab: &Lab, host: &str, q: &str) -> String {
         .unwrap_or_else(|e| panic!("{host}: {q}: {e}"))
 }
 
-fn pg_ctl_stop(lab: &Lab, host: &str) {
-    let pg_ctl = format!("{}/pg_ctl", lab.pg_bin);
-    let out = lab.exec(
-        host,
-        &[
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            &pg_ctl,
-            "-D",
-            "/var/lib/postgresql/pgdata",
-            "-m",
-            "fast",
-            "-w",
-            "stop",
-        ],
-    );
-    assert_eq!(out.code, 0, "pg_ctl stop on {host}: {out:?}");
-}
-
 fn server_log(lab: &Lab, host: &str) -> String {
     lab.exec(
         host,
@@ -118,7 +97,7 @@ fn slots_on(major: Option<&'static str>) {
 
     // Without a slot: pg04, stopped while the WAL is written, cannot
     // catch up when it starts again.
-    pg_ctl_stop(&lab, "pg04");
+    lab.stop_postgres("pg04");
     burn_wal(&lab, &w);
     lab.start_postgres("pg04");
     assert!(
@@ -165,7 +144,7 @@ fn slots_on(major: Option<&'static str>) {
     // pg02 stopped (the cluster frozen, so that clup does not start it)
     // while more than max_wal_size is written: its slot keeps the WAL.
     assert_eq!(lab.adm(&["froze", "-c", "cluster01"]).code, 0);
-    pg_ctl_stop(&lab, "pg02");
+    lab.stop_postgres("pg02");
     burn_wal(&lab, &w);
     let target = sql(&lab, "pg01", &format!("select {}", w.current));
     let held: u64 = sql(

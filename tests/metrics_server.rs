@@ -2,33 +2,9 @@
 //! content type, and series that follow the meta (froze/unfroze) and the
 //! monitor's probes of the fake 127.0.56.x hosts (refused at once).
 
-use crate::util::{free_port, sample_conf, wait_for, TestHome, SAMPLE_INIT};
+use crate::util::{free_port, http_get as get, sample_conf, wait_for, TestHome, SAMPLE_INIT};
 
 const TOKEN: &str = "540cd628-d74e-11e7-992e-60f81dd129c2";
-
-/// GET with optional extra header: status, Content-Type, body.
-fn get(port: u16, path: &str, header: Option<(&str, &str)>) -> (u16, String, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut req = agent.get(&format!("http://127.0.0.1:{port}{path}"));
-    if let Some((k, v)) = header {
-        req = req.header(k, v);
-    }
-    let mut r = req.call().unwrap();
-    let ctype = r
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    (
-        r.status().as_u16(),
-        ctype,
-        r.body_mut().read_to_string().unwrap(),
-    )
-}
 
 #[test]
 fn metrics_scrape_follows_meta_and_probes() {

@@ -156,3 +156,27 @@ pub fn wait_every(secs: u64, ms: u64, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// GET on 127.0.0.1:`port` with an optional header: status, Content-Type, body.
+pub fn http_get(port: u16, path: &str, header: Option<(&str, &str)>) -> (u16, String, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.get(&format!("http://127.0.0.1:{port}{path}"));
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    let mut r = req.call().unwrap();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (
+        r.status().as_u16(),
+        ctype,
+        r.body_mut().read_to_string().unwrap(),
+    )
+}
