@@ -67,8 +67,24 @@ pub fn start(params: &wire::Params, what: &str, deadline: Deadline, fresh: Durat
 /// a new connection is not ok, whatever its kept session said, and is
 /// marked `stalled` (its postmaster lives but does not serve); one that
 /// refuses new connections while a kept session works is not ok either.
+///
+/// A server that answers a new session while the probe's own statements
+/// got no answer in time (the probe writes: its commit waits on a WAL
+/// disk that is frozen or dying) is `stalled` too: the link between them
+/// just carried a whole handshake, so it is not the network.
 pub fn judge(mut p: DbProbe, pending: Pending, deadline: Deadline) -> DbProbe {
+    let timed_out = !p.ok && p.error.contains("no answer within");
     let Some(rx) = pending.rx else {
+        // A handshake answered within the probe interval stands for this one.
+        if timed_out {
+            let servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+            if servers
+                .get(&pending.key)
+                .is_some_and(|s| s.answered.is_some())
+            {
+                p.stalled = true;
+            }
+        }
         return p;
     };
     // The handshake ends by the same deadline; a little slack for its thread.
@@ -79,7 +95,10 @@ pub fn judge(mut p: DbProbe, pending: Pending, deadline: Deadline) -> DbProbe {
     let seen = servers.entry(pending.key).or_default();
     seen.in_flight = None;
     match outcome {
-        Some(Handshake::Answered) => seen.answered = Some(Instant::now()),
+        Some(Handshake::Answered) => {
+            seen.answered = Some(Instant::now());
+            p.stalled |= timed_out;
+        }
         Some(Handshake::Stalled(why)) => {
             seen.answered = None;
             p.stalled = true;
@@ -145,6 +164,61 @@ mod tests {
             again,
             Deadline::after(Duration::from_millis(300)),
         );
+    }
+
+    /// A server whose backend answers the startup packet (an
+    /// authentication request) on every new connection.
+    fn answering_server() -> u16 {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 512];
+                let _ = c.read(&mut buf);
+                // AuthenticationCleartextPassword.
+                let _ = c.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_server_that_answers_new_sessions_but_not_the_probe_is_stalled() {
+        let port = answering_server();
+        let timed_out = || DbProbe {
+            ok: false,
+            error: "probe 127.0.0.1: no answer within 2.0s".to_string(),
+            ..DbProbe::default()
+        };
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
+        assert!(pending.rx.is_some());
+        let p = judge(timed_out(), pending, deadline);
+        assert!(p.stalled, "{p:?}");
+        // The next probe within `fresh` reuses that answer: still stalled.
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
+        assert!(pending.rx.is_none());
+        assert!(judge(timed_out(), pending, deadline).stalled);
+        // A probe that failed otherwise (refused, an error) is no stall.
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
+        let refused = DbProbe {
+            ok: false,
+            error: "probe 127.0.0.1: Connection refused (os error 111)".to_string(),
+            ..DbProbe::default()
+        };
+        assert!(!judge(refused, pending, deadline).stalled);
+        // An ok probe stays ok and unstalled.
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
+        let ok = DbProbe {
+            ok: true,
+            ..DbProbe::default()
+        };
+        let p = judge(ok, pending, deadline);
+        assert!(p.ok && !p.stalled, "{p:?}");
     }
 
     #[test]

@@ -157,18 +157,32 @@ if [ -n "$pid" ]; then
 else
   echo "no postmaster of $pgdata runs"
 fi
-i=0; alive=
+# A child stuck in uninterruptible I/O (a frozen or dying disk) with
+# SIGKILL pending never runs again: it dies the moment its I/O returns,
+# before it could answer anyone. After a second such children no longer
+# hold the fence; the postmaster itself must be gone.
+doomed_p() {{
+  case "$2" in D*) ;; *) return 1 ;; esac
+  for m in $(awk '/^(ShdPnd|SigPnd):/ {{print $2}}' "/proc/$1/status" 2>/dev/null); do
+    [ $(( 0x$m & 0x100 )) -ne 0 ] && return 0
+  done
+  return 1
+}}
+i=0; alive=; doomed=
 while [ $i -lt 50 ]; do
-  alive=
+  alive=; doomed=
   for p in $pid $kids; do
     # A zombie is gone for good; it only waits to be reaped.
     st=$(ps -o stat= -p "$p" 2>/dev/null)
-    case "$st" in ''|Z*) ;; *) alive="$alive $p($st)" ;; esac
+    case "$st" in ''|Z*) continue ;; esac
+    if [ $i -ge 10 ] && [ "$p" != "$pid" ] && doomed_p "$p" "$st"; then doomed="$doomed $p($st)"; continue; fi
+    alive="$alive $p($st)"
   done
   [ -z "$alive" ] && break
   sleep 0.1; i=$((i+1))
 done
 if [ -n "$alive" ]; then echo "clup: still alive 5 s after kill -9:$alive (D: stuck in uninterruptible I/O)" >&2; exit 1; fi
+[ -z "$doomed" ] || echo "stuck in uninterruptible I/O with SIGKILL pending (they die when it returns, never to run again):$doomed"
 if command -v ss >/dev/null 2>&1 && ss -ltn 2>/dev/null | awk '{{print $4}}' | grep -q "[:.]$port\$"; then
   echo "clup: something still listens on port $port" >&2; exit 1
 fi

@@ -316,11 +316,24 @@ pub fn look(
     vip: Ipv4Addr,
     peer: Option<(&str, u16)>,
 ) -> Result<Look, CommandError> {
+    look_within(remote, host, vip, peer, remote.connect_timeout())
+}
+
+/// [`look`], its ARP probe and peer check bounded by `wait` (at most 1 s):
+/// the last look before a promotion waits no longer than its own budget
+/// (an ARP answer on a LAN takes milliseconds).
+pub fn look_within(
+    remote: &dyn Remote,
+    host: &str,
+    vip: Ipv4Addr,
+    peer: Option<(&str, u16)>,
+    wait: Duration,
+) -> Result<Look, CommandError> {
     let label = match peer {
         Some((h, p)) => format!("who has {vip}, can {h}:{p} be reached from here"),
         None => format!("who has {vip}"),
     };
-    let script = look_script(vip, peer, remote.connect_timeout());
+    let script = look_script(vip, peer, wait);
     let out = remote.run_script(host, &label, &script, None, timeout(remote))?;
     let look = parse_look(&out.stdout);
     if look.addrs.is_empty() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::checks::write_vip_seen;
+use super::checks::{write_vip_seen, write_vip_seen_within};
 use super::events;
 use super::probe::seen_of;
 use super::task::{self, TaskHandle};
@@ -562,7 +562,8 @@ fn confirm_gone(run: &Run, id: u32, cand: u32) -> Result<(), String> {
         let old_host_up = run.facts.hosts.get(&old.host) == Some(&true)
             || run.facts.stalled_since.contains_key(&old.id);
         let v = s.spawn(move || {
-            (!old_host_up).then(|| write_vip_seen(shared, cluster, &cand_db.host, None).0)
+            (!old_host_up)
+                .then(|| write_vip_seen_within(shared, cluster, &cand_db.host, None, wait).0)
         });
         let probes = pg::probe_many(&standbys, cfg, &mut pg::ProbeConns::default());
         let vip = v.join();

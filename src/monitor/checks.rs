@@ -5,9 +5,10 @@
 //! asks once more, unshared, right before it promotes.
 
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Shared;
+use crate::exec::ssh::Remote;
 use crate::exec::{pgctl, vip};
 use crate::ha::{Action, Facts, VipSeen};
 use crate::model::meta::Cluster;
@@ -21,11 +22,23 @@ pub(super) fn write_vip_seen(
     via: &str,
     peer: Option<(&str, u16)>,
 ) -> (Result<VipSeen, String>, Option<bool>) {
+    let wait = shared.ssh.connect_timeout();
+    write_vip_seen_within(shared, cluster, via, peer, wait)
+}
+
+/// [`write_vip_seen`], its ARP probe bounded by `wait`.
+pub(super) fn write_vip_seen_within(
+    shared: &Shared,
+    cluster: &Cluster,
+    via: &str,
+    peer: Option<(&str, u16)>,
+    wait: Duration,
+) -> (Result<VipSeen, String>, Option<bool>) {
     let v = match super::act::vip_of(&cluster.write_vip) {
         Ok(v) => v,
         Err(e) => return (Err(e), None),
     };
-    let look = match vip::look(&shared.ssh, via, v, peer) {
+    let look = match vip::look_within(&shared.ssh, via, v, peer, wait) {
         Ok(l) => l,
         Err(e) => return (Err(e.to_string()), None),
     };

@@ -184,32 +184,79 @@ const WAL_FS: &str = "/var/lib/postgresql/walfs";
 /// when dropped, whatever happened (see [`wal_on_small_fs`]).
 pub struct SmallWalFs {
     host: &'static str,
+    /// An ext4 image on a loop device ([`wal_on_loop_fs`]), else a tmpfs.
+    loop_dev: Option<(String, String)>,
 }
 
 /// Move `host`'s pg_wal onto a tmpfs `headroom_mb` larger than what it
 /// holds now: postgres is stopped (fast) for the move and started again.
 /// Run before clupserver starts ([`super::scenario::Scenario::start_with`]).
 pub fn wal_on_small_fs(lab: &Lab, host: &'static str, headroom_mb: u64) -> SmallWalFs {
+    let mount =
+        format!("mount -t tmpfs -o size=$((used + {headroom_mb}))m,mode=0700 clup-walfs {WAL_FS}");
+    move_wal(lab, host, &mount);
+    SmallWalFs {
+        host,
+        loop_dev: None,
+    }
+}
+
+/// `host`'s pg_wal on an ext4 filesystem of its own, on a loop device
+/// (a 1 GB sparse image under the lab's directory): one that `fsfreeze`
+/// can freeze, as a dying disk or a snapshot tool does.
+pub fn wal_on_loop_fs(lab: &Lab, host: &'static str) -> SmallWalFs {
+    let img = format!("{LAB_DIR}/walfs-{host}.img");
+    let sh = |c: &str| {
+        let o = Command::new("sh").args(["-c", c]).output().expect("sh");
+        assert!(o.status.success(), "{c}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    sh(&format!(
+        "rm -f {img} && truncate -s 1G {img} && mkfs.ext4 -q -F {img}"
+    ));
+    let dev = sh(&format!("losetup -f --show {img}"));
+    move_wal(lab, host, &format!("mount {dev} {WAL_FS}"));
+    SmallWalFs {
+        host,
+        loop_dev: Some((dev, img)),
+    }
+}
+
+/// Stop postgres on `host`, mount a filesystem at WAL_FS (`mount`, with
+/// `$used`, the MB pg_wal holds now), move pg_wal there and start again.
+fn move_wal(lab: &Lab, host: &str, mount: &str) {
     let script = format!(
         r#"set -e
 cd /var/lib/postgresql/pgdata
 runuser -u postgres -- {bin}/pg_ctl -D . stop -m fast -w >/dev/null
 used=$(du -sm pg_wal | cut -f1)
 mkdir -p {WAL_FS}
-mount -t tmpfs -o size=$((used + {headroom_mb}))m,mode=0700 clup-walfs {WAL_FS}
+{mount}
 cp -a pg_wal/. {WAL_FS}/
 chown postgres:postgres {WAL_FS}
+chmod 0700 {WAL_FS}
 rm -rf pg_wal
 ln -s {WAL_FS} pg_wal
-echo "pg_wal on a tmpfs of $((used + {headroom_mb})) MB ($used MB used)"
+echo "pg_wal on a filesystem of its own ($used MB used): $(df -m {WAL_FS} | tail -n 1)"
 "#,
         bin = lab.pg_bin
     );
     let out = lab.exec(host, &["sh", "-c", &script]);
-    assert_eq!(out.code, 0, "pg_wal onto a small fs on {host}: {out:?}");
+    assert_eq!(
+        out.code, 0,
+        "pg_wal onto a fs of its own on {host}: {out:?}"
+    );
     eprintln!("{host}: {}", out.stdout.trim());
     lab.start_postgres(host);
-    SmallWalFs { host }
+}
+
+impl SmallWalFs {
+    /// fsfreeze the filesystem (freeze) or thaw it.
+    pub fn freeze(&self, lab: &Lab, freeze: bool) {
+        let flag = if freeze { "-f" } else { "-u" };
+        let out = lab.exec(self.host, &["fsfreeze", flag, WAL_FS]);
+        assert_eq!(out.code, 0, "fsfreeze {flag} on {}: {out:?}", self.host);
+    }
 }
 
 impl Drop for SmallWalFs {
@@ -217,7 +264,8 @@ impl Drop for SmallWalFs {
     /// still runs on the small one), and the tmpfs unmounted.
     fn drop(&mut self) {
         let script = format!(
-            r#"cd /var/lib/postgresql/pgdata || exit 0
+            r#"fsfreeze -u {WAL_FS} 2>/dev/null
+cd /var/lib/postgresql/pgdata || exit 0
 if [ -L pg_wal ]; then
   p=$(head -1 postmaster.pid 2>/dev/null) && kill -9 $p 2>/dev/null && sleep 0.3
   rm pg_wal && mkdir -m 0700 pg_wal && cp -a {WAL_FS}/. pg_wal/ && chown postgres:postgres pg_wal
@@ -231,5 +279,10 @@ true
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        if let Some((dev, img)) = &self.loop_dev {
+            let _ = Command::new("sh")
+                .args(["-c", &format!("losetup -d {dev}; rm -f {img}")])
+                .status();
+        }
     }
 }

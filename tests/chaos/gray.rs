@@ -17,6 +17,7 @@ both_modes!(
     hung_primary_all_processes,
     lag_best_standby_promoted;
     on_demand_async:
+    hung_primary_fs_frozen,
     flapping_primary_random_cuts,
     hung_primary_postmaster_only,
     flapping_primary_cut_from_monitor,
@@ -137,6 +138,52 @@ fn hung_primary(name: &'static str, mode: Mode, postmaster_only: bool) {
         sc.lab.log()
     );
     repair(&sc, "pg01", &["--rewind"]);
+    sc.finish(Some(3), (HUNG_TIMEOUT + 5) as f64);
+}
+
+/// pg01's pg_wal on a filesystem of its own, frozen (fsfreeze) for 30 s:
+/// its backends hang in uninterruptible I/O, the write probe never
+/// finishes, and after hung_timeout the fence kills it (the postmaster
+/// dies; its children, stuck with SIGKILL pending, die at the thaw) and a
+/// standby is promoted; after the thaw, one primary.
+fn hung_primary_fs_frozen(mode: Mode) {
+    let conf = format!("hung_timeout = {HUNG_TIMEOUT}\n");
+    let mut fs = None;
+    let mut sc = Scenario::start_with(
+        "hung primary: its pg_wal fs frozen 30 s",
+        mode,
+        &conf,
+        |lab| {
+            fs = Some(faults::wal_on_loop_fs(lab, "pg01"));
+        },
+    );
+    let fs = fs.expect("the loop fs");
+    sc.fault();
+    fs.freeze(&sc.lab, true);
+    let resumed = sc.wait(HUNG_TIMEOUT + 5, |s| s.writes_after(s.fault_at) >= 3);
+    let left = 30.0 - (epoch() - sc.fault_at);
+    sleep(left.max(0.0));
+    fs.freeze(&sc.lab, false);
+    assert!(
+        resumed,
+        "writes did not resume within {} s:\n{}",
+        HUNG_TIMEOUT + 5,
+        sc.lab.log()
+    );
+    assert_ne!(
+        meta_primary(&sc.lab),
+        "pg01",
+        "not failed over:\n{}",
+        sc.lab.log()
+    );
+    assert!(
+        sc.wait(10, |_| node_sql("pg01", "select pg_is_in_recovery()")
+            .is_err()),
+        "the thawed old primary was not fenced:\n{}",
+        sc.lab.log()
+    );
+    repair(&sc, "pg01", &["--rebuild"]);
+    drop(fs);
     sc.finish(Some(3), (HUNG_TIMEOUT + 5) as f64);
 }
 
