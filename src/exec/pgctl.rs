@@ -159,7 +159,7 @@ else
 fi
 # A child stuck in uninterruptible I/O (a frozen or dying disk) with
 # SIGKILL pending never runs again: it dies the moment its I/O returns,
-# before it could answer anyone. After a second such children no longer
+# before it could answer anyone. After 0.3 s such children no longer
 # hold the fence; the postmaster itself must be gone.
 doomed_p() {{
   case "$2" in D*) ;; *) return 1 ;; esac
@@ -169,13 +169,15 @@ doomed_p() {{
   return 1
 }}
 i=0; alive=; doomed=
-while [ $i -lt 50 ]; do
+list=$(echo $pid $kids | tr ' ' ',')
+while [ -n "$list" ] && [ $i -lt 50 ]; do
   alive=; doomed=
-  for p in $pid $kids; do
+  # One ps for all of them (a killed server may leave hundreds of backends).
+  for ps_line in $(ps -o pid=,stat= -p "$list" 2>/dev/null | awk '{{print $1 ":" $2}}'); do
+    p=${{ps_line%%:*}}; st=${{ps_line#*:}}
     # A zombie is gone for good; it only waits to be reaped.
-    st=$(ps -o stat= -p "$p" 2>/dev/null)
-    case "$st" in ''|Z*) continue ;; esac
-    if [ $i -ge 10 ] && [ "$p" != "$pid" ] && doomed_p "$p" "$st"; then doomed="$doomed $p($st)"; continue; fi
+    case "$st" in Z*) continue ;; esac
+    if [ $i -ge 3 ] && [ "$p" != "$pid" ] && doomed_p "$p" "$st"; then doomed="$doomed $p($st)"; continue; fi
     alive="$alive $p($st)"
   done
   [ -z "$alive" ] && break

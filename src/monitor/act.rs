@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::checks::{write_vip_seen, write_vip_seen_within};
+use super::checks::write_vip_seen_within;
 use super::events;
 use super::probe::seen_of;
 use super::task::{self, TaskHandle};
@@ -701,7 +701,9 @@ fn delete_write_vip(
 /// a shared answer).
 fn ensure_write_vip_free(shared: &Shared, cluster: &Cluster, id: u32) -> Result<(), String> {
     let db = db_or_err(cluster, id)?;
-    match write_vip_seen(shared, cluster, &db.host, None).0 {
+    // An ARP answer on a LAN takes milliseconds: no need to wait a second.
+    let wait = shared.cfg.probe_timeout.min(CONFIRM_WAIT);
+    match write_vip_seen_within(shared, cluster, &db.host, None, wait).0 {
         Ok(VipSeen::Free | VipSeen::HeldBy(_)) => Ok(()),
         Ok(VipSeen::Answered) => Err(format!(
             "another host still answers ARP for the write vip({}): refusing to promote (split brain guard)",
