@@ -72,7 +72,7 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 /// cores, each scenario about a minute with the lab's rebuild) runs every
 /// synchronous scenario and the asynchronous twins of the primary's power-off
 /// and isolation, flapping, a partition healing mid-failover, a hung
-/// primary and lagging standbys.
+/// primary, lagging standbys and the full disks (tests/chaos/disk.rs).
 macro_rules! both_modes {
     ($($(#[$m:meta])* $name:ident),* $(,)? $(; on_demand_async: $($od:ident),* $(,)?)?) => {
         pub mod chaos_sync {
