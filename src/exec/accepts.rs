@@ -29,6 +29,9 @@ use crate::exec::wire::{self, Deadline, Handshake};
 struct Seen {
     answered: Option<Instant>,
     in_flight: Option<Instant>,
+    /// The last probe of it got no answer in time: the next one asks anew,
+    /// whatever answered before (that answer may predate a power-off).
+    timed_out: bool,
 }
 
 static SERVERS: Mutex<BTreeMap<String, Seen>> = Mutex::new(BTreeMap::new());
@@ -50,7 +53,9 @@ pub fn start(params: &wire::Params, what: &str, deadline: Deadline, fresh: Durat
         let recent = |t: Option<Instant>, within: Duration| {
             t.is_some_and(|t| now.saturating_duration_since(t) < within)
         };
-        if recent(seen.answered, fresh) || recent(seen.in_flight, deadline.limit) {
+        if (recent(seen.answered, fresh) && !seen.timed_out)
+            || recent(seen.in_flight, deadline.limit)
+        {
             return Pending { key, rx: None };
         }
         seen.in_flight = Some(now);
@@ -75,16 +80,10 @@ pub fn start(params: &wire::Params, what: &str, deadline: Deadline, fresh: Durat
 pub fn judge(mut p: DbProbe, pending: Pending, deadline: Deadline) -> DbProbe {
     let timed_out = !p.ok && p.error.contains("no answer within");
     let Some(rx) = pending.rx else {
-        // A handshake answered within the probe interval stands for this one.
-        if timed_out {
-            let servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
-            if servers
-                .get(&pending.key)
-                .is_some_and(|s| s.answered.is_some())
-            {
-                p.stalled = true;
-            }
-        }
+        // An earlier answer stood for this probe: it tells nothing of a
+        // timeout now (the host may have died since); the next probe asks.
+        let mut servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+        servers.entry(pending.key).or_default().timed_out = timed_out;
         return p;
     };
     // The handshake ends by the same deadline; a little slack for its thread.
@@ -94,6 +93,7 @@ pub fn judge(mut p: DbProbe, pending: Pending, deadline: Deadline) -> DbProbe {
     let mut servers = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
     let seen = servers.entry(pending.key).or_default();
     seen.in_flight = None;
+    seen.timed_out = timed_out;
     match outcome {
         Some(Handshake::Answered) => {
             seen.answered = Some(Instant::now());
@@ -196,10 +196,11 @@ mod tests {
         assert!(pending.rx.is_some());
         let p = judge(timed_out(), pending, deadline);
         assert!(p.stalled, "{p:?}");
-        // The next probe within `fresh` reuses that answer: still stalled.
+        // After a timed-out probe the next one asks anew, even within
+        // `fresh` (an earlier answer may predate a power-off): still stalled.
         let deadline = Deadline::after(Duration::from_millis(500));
         let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
-        assert!(pending.rx.is_none());
+        assert!(pending.rx.is_some());
         assert!(judge(timed_out(), pending, deadline).stalled);
         // A probe that failed otherwise (refused, an error) is no stall.
         let deadline = Deadline::after(Duration::from_millis(500));
@@ -219,6 +220,12 @@ mod tests {
         };
         let p = judge(ok, pending, deadline);
         assert!(p.ok && !p.stalled, "{p:?}");
+        // A probe that times out right after an answered handshake (a
+        // power-off between them) reuses that answer: not a stall.
+        let deadline = Deadline::after(Duration::from_millis(500));
+        let pending = start(&params(port), "probe z", deadline, Duration::from_secs(5));
+        assert!(pending.rx.is_none());
+        assert!(!judge(timed_out(), pending, deadline).stalled);
     }
 
     #[test]
